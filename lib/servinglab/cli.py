@@ -1,0 +1,148 @@
+"""``servinglab``: run a study, publish its report, stop what it left running."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from .errors import ParamsError, ServinglabError
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+def _study_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("study", help="the study file, e.g. params/local.yaml")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one value, e.g. --set workloads.smoke.max_tokens=8 (repeatable; applied last)",
+    )  # fmt: skip
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="servinglab",
+        description="Deploy LLM serving layers, measure them, and publish the comparison report.",
+        epilog="Values merge as: schema defaults < study file < $SERVINGLAB_OVERRIDES file < --set.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="execute the study's notebooks with papermill, then tear down")
+    _study_args(run)
+    run.add_argument("--only", metavar="NOTEBOOK", help="execute one notebook (e.g. 20_smoke) into --run-dir")
+    run.add_argument("--run-dir", help="an existing run directory to add to (with --only)")
+    run.add_argument("--keep-servers", action="store_true", help="leave the servers running at the end")
+    run.add_argument("--no-progress", action="store_true", help="no per-cell progress bar")
+
+    check = sub.add_parser("check", help="validate a study and print it as merged, starting nothing")
+    _study_args(check)
+
+    teardown = sub.add_parser("teardown", help="stop every layer the study left running")
+    _study_args(teardown)
+    teardown.add_argument("--layer", action="append", default=[], help="only this layer (repeatable)")
+
+    status = sub.add_parser("status", help="list the study's running servers")
+    _study_args(status)
+
+    build = sub.add_parser("build-model", help="build (or find in the cache) the study's local model")
+    _study_args(build)
+
+    report = sub.add_parser("report", help="render a run directory into reports/ (no re-run, no cluster)")
+    report.add_argument("run_dir", help="runs/<study>/<run-id>")
+    report.add_argument("--out", help="reports folder (default: the study's paths.reports_dir)")
+    return parser
+
+
+def _run(args) -> int:
+    from .runner import run_study
+
+    result = run_study(
+        args.study, args.overrides, only=args.only, run_dir=args.run_dir,
+        keep_servers=args.keep_servers, progress=not args.no_progress,
+    )  # fmt: skip
+    if result.report_path:
+        print(result.report_path)
+    else:
+        print(f"no report was published; results are in {result.run_dir}")
+    return 0
+
+
+def _check(args) -> int:
+    from .config import load_study
+
+    study = load_study(args.study, args.overrides)
+    print(f"# {' < '.join(study.sources)}")
+    print(yaml.safe_dump(study.resolved(), sort_keys=False), end="")
+    return 0
+
+
+def _teardown(args) -> int:
+    from .config import load_study
+    from .platforms import get_platform
+
+    study = load_study(args.study, args.overrides)
+    if args.layer:
+        study.select_layers(args.layer)
+    stopped = get_platform(study).teardown(args.layer or None)
+    for line in stopped:
+        print(f"stopped {line}")
+    if not stopped:
+        print(f"nothing of study {study.study} was running")
+    return 0
+
+
+def _status(args) -> int:
+    from .config import load_study
+    from .platforms import get_platform
+
+    study = load_study(args.study, args.overrides)
+    entries = get_platform(study).running()
+    for e in entries:
+        print(f"{e.layer}\t{e.state}\t{e.base_url}\tpid {e.pid}\tstarted {e.started_at}\tlog {e.log_path}")
+    if not entries:
+        print(f"nothing of study {study.study} is running")
+    return 0
+
+
+def _build_model(args) -> int:
+    from .config import load_study
+    from .platforms import get_platform
+
+    study = load_study(args.study, args.overrides)
+    directory, extra = get_platform(study).model_dir()
+    print(directory)
+    return 0
+
+
+def _report(args) -> int:
+    from .report import publish
+
+    print(publish(Path(args.run_dir), args.out))
+    return 0
+
+
+COMMANDS = {"run": _run, "check": _check, "teardown": _teardown, "status": _status,
+            "build-model": _build_model, "report": _report}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ParamsError as exc:
+        print(f"servinglab: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ServinglabError as exc:
+        print(f"servinglab: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("servinglab: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,560 @@
+"""The study file: one YAML document that says what to deploy, where, and how to measure it.
+
+This module is the one place that holds defaults and the one place that rejects bad input. Values are
+merged in a single order:
+
+1. the schema's defaults (the classes below);
+2. the study file (``params/<study>.yaml``);
+3. an override file named by the environment variable ``SERVINGLAB_OVERRIDES`` (how tests and CI shrink
+   a study without touching notebooks);
+4. ``--set dotted.key=value`` items, in the order given (values are read as YAML scalars or lists).
+
+Every problem (unknown or misspelt key, wrong type, impossible value, unknown layer, missing file,
+invalid YAML) raises :class:`~servinglab.errors.ParamsError` with the file, the key and the reason, before
+anything is built, deployed or started.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from .errors import ParamsError
+
+OVERRIDES_ENV = "SERVINGLAB_OVERRIDES"
+
+# Kubernetes object names are built from these, so they follow DNS-1123 label rules.
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+# Engine arguments the platform sets itself; a study that sets them would fight the platform.
+MANAGED_ENGINE_ARGS = {"model", "served-model-name", "host", "port", "api-key"}
+
+
+class StrictModel(BaseModel):
+    """A schema node that rejects keys it does not define."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# ---------------------------------------------------------------------------------------------- platform
+
+
+class LocalPlatform(StrictModel):
+    """Serve each layer as a vLLM OpenAI server process on this machine."""
+
+    kind: Literal["local"]
+    host: str = Field("127.0.0.1", description="address the engine binds to")
+    python: str | None = Field(
+        None, description="interpreter that runs the engine; empty means the one running servinglab"
+    )
+    ready_timeout_s: float = Field(900.0, gt=0, description="deadline for /health and /v1/models")
+    stop_grace_s: float = Field(30.0, gt=0, description="SIGTERM to SIGKILL grace period")
+    kv_cache_space_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE (whole GiB) for the CPU build")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment for the engine")
+
+
+class KubernetesPlatform(StrictModel):
+    """Deploy each layer as Kubernetes objects on a cluster."""
+
+    kind: Literal["kubernetes"]
+    kubeconfig: str | None = Field(None, description="kubeconfig path; empty: KUBECONFIG or in-cluster")
+    context: str | None = None
+    namespace: str = Field("servinglab", pattern=NAME_PATTERN)
+    create_namespace: bool = False
+    kubernetes_version: str = Field("1.33", pattern=r"^1\.\d+$")
+    ready_timeout_s: float = Field(1800.0, gt=0)
+
+
+Platform = Annotated[Union[LocalPlatform, KubernetesPlatform], Field(discriminator="kind")]
+
+# ------------------------------------------------------------------------------------------------- model
+
+
+class BuiltSource(StrictModel):
+    """The small Qwen2 model the project builds from a seed (random weights, its own tokenizer)."""
+
+    kind: Literal["built"]
+    shape: Literal["tiny"] = "tiny"
+    seed: int = Field(0, ge=0)
+
+
+class DummySource(StrictModel):
+    """A config-only model served with ``--load-format dummy``: a known shape, or a directory."""
+
+    kind: Literal["dummy"]
+    shape: Literal["tiny", "qwen2.5-0.5b"] | None = None
+    path: str | None = None
+    seed: int = Field(0, ge=0, description="seed of the tokenizer's corpus when a shape is built")
+
+    @model_validator(mode="after")
+    def _one_of_shape_or_path(self) -> DummySource:
+        if (self.shape is None) == (self.path is None):
+            raise ValueError("give exactly one of 'shape' (built here) or 'path' (a config-only directory)")
+        return self
+
+
+class LocalDirSource(StrictModel):
+    """A Hugging Face model directory on this machine."""
+
+    kind: Literal["local"]
+    path: str
+
+
+class UriSource(StrictModel):
+    """Weights a cluster reads: a PVC, a Hugging Face id or an OCI model image."""
+
+    kind: Literal["uri"]
+    uri: str = Field(pattern=r"^(pvc|hf|oci)://.+", description="pvc://claim/path, hf://org/model, oci://image")
+
+
+ModelSource = Annotated[
+    Union[BuiltSource, DummySource, LocalDirSource, UriSource], Field(discriminator="kind")
+]
+
+EngineArgValue = Union[bool, int, float, str, list[Union[int, float, str]]]
+
+
+class Model(StrictModel):
+    """The one model spec every layer is deployed from."""
+
+    name: str = Field(min_length=1, description="the model's own name, for the report")
+    served_name: str = Field(min_length=1, description="the name clients put in 'model'")
+    source: ModelSource
+    engine_args: dict[str, EngineArgValue] = Field(
+        default_factory=dict,
+        description="vLLM server arguments without the leading dashes, e.g. max-model-len: 2048",
+    )
+
+    @field_validator("engine_args")
+    @classmethod
+    def _normalise_engine_args(cls, args: dict[str, EngineArgValue]) -> dict[str, EngineArgValue]:
+        normalised: dict[str, EngineArgValue] = {}
+        for key, value in args.items():
+            flag = key.lstrip("-").replace("_", "-")
+            if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", flag):
+                raise ValueError(f"'{key}' is not a vLLM argument name")
+            if flag in MANAGED_ENGINE_ARGS:
+                raise ValueError(f"'{key}' is set by the platform from the model spec; remove it")
+            if flag in normalised:
+                raise ValueError(f"'{key}' is given twice (as {flag})")
+            normalised[flag] = value
+        return normalised
+
+    @model_validator(mode="after")
+    def _dummy_owns_load_format(self) -> Model:
+        if self.source.kind == "dummy" and "load-format" in self.engine_args:
+            raise ValueError("a dummy source sets load-format itself; remove engine_args.load-format")
+        return self
+
+
+# ------------------------------------------------------------------------------------------------ layers
+
+
+class RawVllmLayer(StrictModel):
+    """vLLM's OpenAI server with nothing in front: a process locally, a Deployment on a cluster."""
+
+    kind: Literal["raw-vllm"]
+    replicas: int = Field(1, ge=1)
+
+
+class KServeLayer(StrictModel):
+    """A KServe ``InferenceService``."""
+
+    kind: Literal["kserve"]
+    mode: Literal["Standard", "Knative"] = "Standard"
+    predictor: Literal["custom", "runtime"] = Field(
+        "custom", description="custom: kserve-container runs the args verbatim; runtime: model + ServingRuntime"
+    )
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> KServeLayer:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+
+class LlmdLayer(StrictModel):
+    """A KServe ``LLMInferenceService`` (llm-d)."""
+
+    kind: Literal["llm-d"]
+    api_version: Literal["v1alpha1", "v1alpha2"] = "v1alpha2"
+    scheduler: bool = Field(True, description="route through the inference scheduler")
+    replicas: int = Field(1, ge=1)
+
+
+Layer = Annotated[Union[RawVllmLayer, KServeLayer, LlmdLayer], Field(discriminator="kind")]
+LAYER_KINDS = ("raw-vllm", "kserve", "llm-d")
+
+# --------------------------------------------------------------------------------------------- workloads
+
+
+class SmokeWorkload(StrictModel):
+    """The requests of the smoke test (the source page's "Confirmed behavior")."""
+
+    prompt: str = Field("Say hello in one short sentence.", min_length=1)
+    max_tokens: int = Field(16, ge=1)
+    timeout_s: float = Field(120.0, gt=0)
+
+
+class Workloads(StrictModel):
+    smoke: SmokeWorkload = Field(default_factory=SmokeWorkload)
+
+
+class Slos(StrictModel):
+    """Service level objectives; the report tests measurements against them. Empty means no objective."""
+
+    ttft_ms_p95: float | None = Field(None, gt=0)
+    tpot_ms_p95: float | None = Field(None, gt=0)
+    e2e_ms_p95: float | None = Field(None, gt=0)
+    time_to_ready_s: float | None = Field(None, gt=0)
+    cold_start_s: float | None = Field(None, gt=0)
+
+
+class Auth(StrictModel):
+    """Where the API key comes from. Only the source is ever recorded, never the key."""
+
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    api_key_file: str | None = None
+
+    @model_validator(mode="after")
+    def _at_most_one(self) -> Auth:
+        if self.api_key_env and self.api_key_file:
+            raise ValueError("give api_key_env or api_key_file, not both")
+        return self
+
+
+class RunSettings(StrictModel):
+    """How ``servinglab run`` executes the notebooks."""
+
+    notebooks: list[str] | None = Field(None, description="notebook names in order; empty: all, sorted")
+    parameters: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per-notebook parameters, checked against its parameters cell"
+    )
+    teardown: Literal["always", "never"] = Field("always", description="stop every layer when the batch ends")
+
+
+class Paths(StrictModel):
+    """Where results go. Relative paths are relative to the project folder (the one holding params/)."""
+
+    runs_dir: str = "runs"
+    reports_dir: str = "reports"
+    cache_dir: str = Field("~/.cache/servinglab", description="built models and the local server registry")
+
+
+class Study(StrictModel):
+    """A whole study: what to deploy, on which platform, and how to measure it."""
+
+    study: str = Field(pattern=NAME_PATTERN, max_length=40)
+    description: str = ""
+    platform: Platform
+    model: Model
+    layers: dict[str, Layer] = Field(min_length=1)
+    workloads: Workloads = Field(default_factory=Workloads)
+    slos: Slos = Field(default_factory=Slos)
+    auth: Auth = Field(default_factory=Auth)
+    run: RunSettings = Field(default_factory=RunSettings)
+    paths: Paths = Field(default_factory=Paths)
+
+    _source_file: Path = PrivateAttr(default=Path("."))
+    _sources: list[str] = PrivateAttr(default_factory=list)
+
+    @field_validator("layers")
+    @classmethod
+    def _layer_names(cls, layers: dict[str, Any]) -> dict[str, Any]:
+        for name in layers:
+            if not re.fullmatch(NAME_PATTERN, name) or len(name) > 40:
+                raise ValueError(f"layer name '{name}' must be lowercase letters, digits and '-', at most 40")
+        return layers
+
+    @model_validator(mode="after")
+    def _source_fits_platform(self) -> Study:
+        if self.platform.kind == "local" and self.model.source.kind == "uri":
+            raise ValueError(
+                f"model.source uri '{self.model.source.uri}' needs platform: kubernetes; "
+                "on the local platform use kind built, dummy or local"
+            )
+        return self
+
+    # --- derived values (never stored in the file) ---------------------------------------------------
+
+    @property
+    def source_file(self) -> Path:
+        return self._source_file
+
+    @property
+    def sources(self) -> list[str]:
+        """Where the values came from, in merge order (file paths and ``--set`` items)."""
+        return list(self._sources)
+
+    @property
+    def project_dir(self) -> Path:
+        """The folder relative paths are resolved against: the parent of ``params/``."""
+        parent = self._source_file.parent
+        return parent.parent if parent.name == "params" else parent
+
+    def resolve_path(self, value: str) -> Path:
+        path = Path(os.path.expanduser(value))
+        return path if path.is_absolute() else (self.project_dir / path).resolve()
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.resolve_path(self.paths.runs_dir)
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.resolve_path(self.paths.reports_dir)
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.resolve_path(self.paths.cache_dir)
+
+    def select_layers(self, names: list[str] | tuple[str, ...] | None = None) -> dict[str, Any]:
+        """The layers named (all when empty), in study order; an unknown name is a ParamsError."""
+        if not names:
+            return dict(self.layers)
+        unknown = [n for n in names if n not in self.layers]
+        if unknown:
+            raise ParamsError(
+                f"{self._source_file}: layers: unknown layer {', '.join(repr(n) for n in unknown)}; "
+                f"the study defines {', '.join(self.layers)}"
+            )
+        return {n: self.layers[n] for n in self.layers if n in names}
+
+    def api_key(self) -> str | None:
+        """The API key, read now from its source. Never store or print the value."""
+        if self.auth.api_key_env:
+            return os.environ.get(self.auth.api_key_env)
+        if self.auth.api_key_file:
+            return self.resolve_path(self.auth.api_key_file).read_text(encoding="utf-8").strip()
+        return None
+
+    def resolved(self) -> dict[str, Any]:
+        """The merged study as plain data (what run.json records); holds no secret by construction."""
+        return self.model_dump(mode="json")
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def _read_yaml(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise ParamsError(f"{path}: {what} not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ParamsError(f"{path}: invalid YAML{where}: {problem}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: the top level must be a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def parse_set_items(items: list[str] | tuple[str, ...]) -> list[tuple[str, dict[str, Any]]]:
+    """``["a.b=1"]`` → ``[("--set a.b=1", {"a": {"b": 1}})]``; values are YAML scalars or lists."""
+    parsed = []
+    for item in items:
+        label = f"--set {item}"
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ParamsError(f"{label}: expected dotted.key=value")
+        parts = key.strip().split(".")
+        if any(not p for p in parts):
+            raise ParamsError(f"{label}: '{key}' has an empty part between dots")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"{label}: the value is not valid YAML ({exc})") from exc
+        tree: dict[str, Any] = {parts[-1]: value}
+        for part in reversed(parts[:-1]):
+            tree = {part: tree}
+        parsed.append((label, tree))
+    return parsed
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Mappings merge key by key; anything else in ``top`` replaces what ``base`` had."""
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _defines(data: Any, path: tuple[str, ...]) -> bool:
+    for part in path:
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+def _field_names(tp: Any) -> list[str]:
+    return list(tp.model_fields) if isinstance(tp, type) and issubclass(tp, BaseModel) else []
+
+
+def _unwrap(tp: Any) -> Any:
+    while typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    return tp
+
+
+def _union_variants(tp: Any) -> dict[str, type[BaseModel]]:
+    """For a discriminated union: tag value → model class."""
+    variants = {}
+    for arg in typing.get_args(_unwrap(tp)):
+        if isinstance(arg, type) and issubclass(arg, BaseModel) and "kind" in arg.model_fields:
+            for tag in typing.get_args(arg.model_fields["kind"].annotation):
+                variants[tag] = arg
+    return variants
+
+
+def _walk(loc: tuple[Any, ...]) -> tuple[list[str], Any]:
+    """Follow a pydantic error location through the schema: (display path, type at the end)."""
+    tp: Any = Study
+    shown: list[str] = []
+    for part in loc:
+        tp = _unwrap(tp)
+        variants = _union_variants(tp)
+        if variants and part in variants:
+            tp = variants[part]  # pydantic puts the union's tag into the location; the file does not
+            continue
+        shown.append(str(part))
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = tp.model_fields.get(str(part))
+            tp = field.annotation if field else None
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+        elif typing.get_origin(tp) is list:
+            tp = typing.get_args(tp)[0]
+        elif typing.get_origin(tp) is Union:
+            members = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp = members[0] if len(members) == 1 else None
+        else:
+            tp = None
+    return shown, _unwrap(tp)
+
+
+def _describe(error: dict[str, Any]) -> tuple[list[str], str]:
+    loc = tuple(error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        shown, _ = _walk(loc)
+        _, parent = _walk(loc[:-1])
+        known = _field_names(parent)
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else (f"; known keys: {', '.join(known)}" if known else "")
+        return shown, f"unknown key{hint}"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        shown, tp = _walk(loc)
+        tags = ", ".join(_union_variants(tp)) or ", ".join(LAYER_KINDS)
+        shown = shown + ["kind"]
+        if kind == "union_tag_not_found":
+            return shown, f"required key is missing; expected one of {tags}"
+        given = error.get("ctx", {}).get("tag", "?")
+        what = "layer kind" if shown[:1] == ["layers"] else "kind"
+        return shown, f"unknown {what} {given}; expected one of {tags}"
+    shown, _ = _walk(loc)
+    message = error["msg"]
+    if kind == "missing":
+        message = "required key is missing"
+    elif kind == "value_error":
+        message = message.removeprefix("Value error, ")
+    if "input" in error and kind not in ("missing", "value_error") and not isinstance(error["input"], dict):
+        message += f" (got {error['input']!r})"
+    return shown, message
+
+
+def load_study(
+    path: str | os.PathLike,
+    overrides: list[str] | tuple[str, ...] = (),
+    override_file: str | os.PathLike | None = None,
+) -> Study:
+    """Read, merge and validate a study.
+
+    Parameters
+    ----------
+    path : path
+        The study file, for example ``params/local.yaml``.
+    overrides : list of str
+        ``dotted.key=value`` items applied last, as ``--set`` does on the command line.
+    override_file : path, optional
+        A YAML file merged over the study file. Defaults to the file named by ``SERVINGLAB_OVERRIDES``.
+
+    Raises
+    ------
+    ParamsError
+        Naming the file (or ``--set`` item), the key and the problem, for every problem found.
+    """
+    study_path = Path(path).resolve()
+    sources: list[tuple[str, dict[str, Any]]] = [(str(study_path), _read_yaml(study_path, "study file"))]
+    if override_file is None and os.environ.get(OVERRIDES_ENV):
+        override_file = os.environ[OVERRIDES_ENV]
+    if override_file:
+        override_path = Path(override_file).resolve()
+        label = f"{OVERRIDES_ENV}" if str(override_file) == os.environ.get(OVERRIDES_ENV) else "override file"
+        sources.append((str(override_path), _read_yaml(override_path, f"override file (from {label})")))
+    sources.extend(parse_set_items(overrides))
+
+    merged: dict[str, Any] = {}
+    for _, data in sources:
+        merged = deep_merge(merged, data)
+
+    try:
+        study = Study.model_validate(merged)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            shown, message = _describe(error)
+            origin = _origin(sources, tuple(shown))
+            key = ".".join(shown) or "(top level)"
+            lines.append(f"{origin}: {key}: {message}")
+        raise ParamsError("invalid study\n  " + "\n  ".join(lines)) from None
+
+    study._source_file = study_path
+    study._sources = [label for label, _ in sources]
+    _check_files(study, sources)
+    return study
+
+
+def _origin(sources: list[tuple[str, dict[str, Any]]], path: tuple[str, ...]) -> str:
+    """The last source in merge order that sets ``path``; the study file when none does."""
+    for label, data in reversed(sources):
+        if _defines(data, path):
+            return label
+    return sources[0][0]
+
+
+def _check_files(study: Study, sources: list[tuple[str, dict[str, Any]]]) -> None:
+    """Files and variables the study points at must exist now, not halfway through a run."""
+    source = study.model.source
+    if source.kind in ("local", "dummy") and getattr(source, "path", None):
+        directory = study.resolve_path(source.path)
+        if not (directory / "config.json").is_file():
+            problem = "directory not found" if not directory.exists() else "no config.json in it"
+            origin = _origin(sources, ("model", "source", "path"))
+            raise ParamsError(f"{origin}: model.source.path: {directory}: {problem}")
+    if study.auth.api_key_file and not study.resolve_path(study.auth.api_key_file).is_file():
+        origin = _origin(sources, ("auth", "api_key_file"))
+        raise ParamsError(
+            f"{origin}: auth.api_key_file: {study.resolve_path(study.auth.api_key_file)}: file not found"
+        )
+    if study.auth.api_key_env and not os.environ.get(study.auth.api_key_env):
+        origin = _origin(sources, ("auth", "api_key_env"))
+        raise ParamsError(
+            f"{origin}: auth.api_key_env: environment variable {study.auth.api_key_env} is not set or empty"
+        )

@@ -1,0 +1,47 @@
+"""Ensure every layer of a study on its platform and record the outcome per layer."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from . import results
+from .config import Study
+from .errors import ServinglabError
+from .platforms import Deployment, Platform
+
+
+def deploy_layers(
+    study: Study, platform: Platform, run_dir: str | os.PathLike, layers: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """Ensure each layer (all when ``layers`` is empty) and append one record per layer.
+
+    A layer the platform cannot host is recorded as ``unsupported`` with the reason; a layer that fails
+    to start is recorded as ``failed`` with the error, and the remaining layers are still tried. Each
+    record is written as soon as its layer is done, so an interruption keeps the ones before it.
+
+    Returns the records; use :func:`assert_deployed` to stop when a hostable layer failed.
+    """
+    records = []
+    for name, layer in study.select_layers(layers).items():
+        reason = platform.unsupported_reason(name)
+        if reason:
+            outcome = Deployment(name, layer.kind, platform.name, "unsupported", reason=reason)
+        else:
+            try:
+                outcome = platform.ensure(name, run_dir)
+            except ServinglabError as exc:
+                outcome = Deployment(name, layer.kind, platform.name, "failed", reason=str(exc))
+        record = outcome.to_record() | {"recorded_at": results.utc_now()}
+        results.append_records(run_dir, "deployments", [record])
+        records.append(record)
+    return records
+
+
+def assert_deployed(records: list[dict[str, Any]]) -> None:
+    """Raise when any layer the platform can host did not become ready."""
+    failed = [r for r in records if r["status"] == "failed"]
+    if failed:
+        raise ServinglabError(
+            "layers failed to deploy:\n  " + "\n  ".join(f"{r['layer']}: {r['reason']}" for r in failed)
+        )

@@ -1,0 +1,57 @@
+"""What the platform offers before anything is deployed: hardware, engine, which layers it can host."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from . import modelbuild, results
+from .config import Study
+from .platforms import Platform
+
+
+def layer_support(study: Study, platform: Platform) -> list[dict[str, Any]]:
+    """One row per layer of the study: can this platform host it, and if not, why."""
+    rows = []
+    for name, layer in study.layers.items():
+        reason = platform.unsupported_reason(name)
+        rows.append({"layer": name, "kind": layer.kind, "hostable": reason is None, "reason": reason})
+    return rows
+
+
+def model_facts(study: Study, platform: Platform) -> dict[str, Any]:
+    """Facts of the model directory the platform will serve (built now if it is the project's model)."""
+    if study.model.source.kind == "uri":
+        return {"source": study.model.source.uri, "note": "read by the cluster, not by this machine"}
+    directory, extra_args = platform.model_dir()
+    facts = modelbuild.model_dir_facts(directory).to_dict()
+    facts["load_format"] = "dummy" if "dummy" in extra_args else "weights"
+    facts["source_kind"] = study.model.source.kind
+    return facts
+
+
+def run_preflight(study: Study, platform: Platform, run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Gather the platform's facts, record them in the run directory, and return them.
+
+    Parameters
+    ----------
+    study : Study
+        The loaded study.
+    platform : Platform
+        The study's platform (``servinglab.platforms.get_platform(study)``).
+    run_dir : path
+        Where ``data/preflight.jsonl`` and run.json's ``platform``/``hardware``/``engine`` go.
+    """
+    facts = platform.facts()
+    support = layer_support(study, platform)
+    model = model_facts(study, platform)
+    record = {"at": results.utc_now(), "facts": facts, "layers": support, "model": model}
+    results.append_records(run_dir, "preflight", [record])
+    results.update_context(
+        run_dir,
+        platform={"name": facts["platform"], "accelerator": facts.get("accelerator")},
+        hardware=facts.get("hardware", {}),
+        engine=facts.get("engine", {}),
+        model={"served_name": study.model.served_name, "name": study.model.name} | model,
+    )
+    return record

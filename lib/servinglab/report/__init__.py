@@ -1,0 +1,153 @@
+"""The comparison report: decision table, advice, figures, rendered from a run directory alone."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from .. import __version__
+from ..errors import RunDirError
+from .advice import derive_advice
+from .plots import figures
+from .rundata import RunData, load_run
+from .table import decision_table, table_frame
+
+KIND_TITLES = {"raw-vllm": "raw vLLM", "kserve": "KServe InferenceService", "llm-d": "LLMInferenceService (llm-d)"}
+
+
+def _warnings(run: RunData) -> list[str]:
+    warnings = []
+    for d in run.deployments:
+        if d["status"] == "failed":
+            warnings.append(f"layer {d['layer']} failed to deploy: {(d['reason'] or '').splitlines()[0]}")
+    for layer in run.layers:
+        for check in run.smoke_of(layer):
+            if not check["passed"]:
+                warnings.append(f"layer {layer} failed smoke check {check['check']}: observed {check['observed']!r}")
+        record = run.last_deployment(layer)
+        if record and record["status"] == "ready" and record["reused"] and not run.fresh_starts(layer):
+            warnings.append(
+                f"layer {layer} reused a server started at {record['started_at']}: its time to ready is not from this run"
+            )
+    if run.preflight and not run.preflight[-1]["model"].get("vocabulary_covered", True):
+        warnings.append("the tokenizer does not cover the model's vocabulary: streamed chunks may carry empty text")
+    for nb in run.context.get("notebooks", []):
+        if nb.get("status") not in ("ok", "running", "interactive"):
+            warnings.append(f"notebook {nb['name']} {nb.get('status')}: {nb.get('error', '')}".rstrip(": "))
+    status = run.context.get("status")
+    if status and status not in ("ok", "running", "interactive"):
+        warnings.append(f"the run ended as {status}")
+    return warnings
+
+
+def _server_args(run: RunData) -> str:
+    for d in reversed(run.deployments):
+        command = d.get("command") or []
+        if "--model" in command:
+            return " ".join(command[command.index("--model") :])
+    return ""
+
+
+def render_html(run_dir: str | os.PathLike) -> str:
+    """The report of one run as a self-contained HTML document (same data, same bytes)."""
+    run = load_run(run_dir)
+    table = decision_table(run)
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("servinglab.report", "templates"),
+        autoescape=True,
+        undefined=jinja2.ChainableUndefined,
+        keep_trailing_newline=True,
+    )
+    data_files = sorted(str(p.relative_to(run.run_dir)) for p in (run.run_dir / "data").glob("*.jsonl"))
+    return env.get_template("report.html.j2").render(
+        version=__version__,
+        ctx=run.context,
+        params=run.params,
+        platform=run.context.get("platform", {}),
+        hardware=run.context.get("hardware", {}),
+        engine=run.context.get("engine", {}),
+        model=run.context.get("model", {}),
+        git=run.context.get("git", {}),
+        server_args=_server_args(run),
+        load_pattern="smoke requests only; the latency experiments are not part of this suite yet",
+        warnings=_warnings(run),
+        table=table,
+        kind_titles=KIND_TITLES,
+        advice=derive_advice(run, table),
+        figures=figures(run),
+        preflight=run.preflight[-1] if run.preflight else None,
+        deployments=run.deployments,
+        smoke=run.smoke,
+        data_files=data_files,
+    )
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+
+
+def write_index(reports_dir: Path) -> Path:
+    """``reports/index.html``: every published report, newest first per study."""
+    entries = sorted(
+        (p.name for p in reports_dir.glob("*.html") if p.name != "index.html"), reverse=True
+    )
+    items = "\n".join(f'<li><a href="{name}">{name.removesuffix(".html")}</a></li>' for name in entries)
+    html = (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        "<title>servinglab reports</title><style>body{font:15px/1.5 system-ui,sans-serif;max-width:760px;"
+        "margin:0 auto;padding:16px}</style></head><body><h1>servinglab reports</h1>"
+        "<p>Each study's newest report is <code>&lt;study&gt;.html</code>; "
+        "<code>&lt;study&gt;-&lt;run-id&gt;.html</code> are the runs.</p>"
+        f"<ul>\n{items}\n</ul></body></html>\n"
+    )
+    path = reports_dir / "index.html"
+    _write_if_changed(path, html)
+    return path
+
+
+def publish(run_dir: str | os.PathLike, reports_dir: str | os.PathLike | None = None) -> Path:
+    """Render a run into ``<reports_dir>/<study>-<run-id>.html``, refresh ``<study>.html`` and the index.
+
+    Parameters
+    ----------
+    run_dir : path
+        A run directory (``runs/<study>/<run-id>``).
+    reports_dir : path, optional
+        Where reports go; defaults to the study's ``paths.reports_dir`` resolved from the run's project.
+
+    Returns the path of the run's report.
+    """
+    run = load_run(run_dir)
+    if reports_dir is None:
+        project = run.context.get("project_dir")
+        configured = run.params.get("paths", {}).get("reports_dir", "reports")
+        if not project and not Path(configured).is_absolute():
+            raise RunDirError(f"{run_dir}: run.json has no project_dir; pass reports_dir")
+        reports_dir = Path(project or "/") / os.path.expanduser(configured)
+    reports_dir = Path(reports_dir)
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    html = render_html(run_dir)
+    path = reports_dir / f"{run.study}-{run.run_id}.html"
+    _write_if_changed(path, html)
+    own = re.compile(rf"^{re.escape(run.study)}-\d{{8}}T\d{{6}}Z(-\d+)?\.html$")
+    newest = sorted(p for p in reports_dir.glob(f"{run.study}-*.html") if own.match(p.name))[-1]
+    shutil.copyfile(newest, reports_dir / f"{run.study}.html")
+    write_index(reports_dir)
+    return path
+
+
+def table_for(run_dir: str | os.PathLike) -> Any:
+    """The decision table of a run as a DataFrame, for display in a notebook."""
+    return table_frame(decision_table(load_run(run_dir)))
+
+
+__all__ = ["publish", "render_html", "table_for", "write_index"]
