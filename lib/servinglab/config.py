@@ -24,7 +24,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ParamsError
 
@@ -275,14 +284,16 @@ class Study(StrictModel):
                 raise ValueError(f"layer name '{name}' must be lowercase letters, digits and '-', at most 40")
         return layers
 
-    @model_validator(mode="after")
-    def _source_fits_platform(self) -> Study:
-        if self.platform.kind == "local" and self.model.source.kind == "uri":
+    @field_validator("model")
+    @classmethod
+    def _source_fits_platform(cls, model: Model, info: ValidationInfo) -> Model:
+        platform = info.data.get("platform")
+        if platform is not None and platform.kind == "local" and model.source.kind == "uri":
             raise ValueError(
-                f"model.source uri '{self.model.source.uri}' needs platform: kubernetes; "
-                "on the local platform use kind built, dummy or local"
+                f"source uri '{model.source.uri}' needs platform: kubernetes; "
+                "on the local platform use source kind built, dummy or local"
             )
-        return self
+        return model
 
     # --- derived values (never stored in the file) ---------------------------------------------------
 
@@ -532,10 +543,11 @@ def load_study(
 
 
 def _origin(sources: list[tuple[str, dict[str, Any]]], path: tuple[str, ...]) -> str:
-    """The last source in merge order that sets ``path``; the study file when none does."""
-    for label, data in reversed(sources):
-        if _defines(data, path):
-            return label
+    """The last source in merge order that sets ``path`` (or, for a missing key, its nearest parent)."""
+    for length in range(len(path), 0, -1):
+        for label, data in reversed(sources):
+            if _defines(data, path[:length]):
+                return label
     return sources[0][0]
 
 

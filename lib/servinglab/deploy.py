@@ -45,3 +45,18 @@ def assert_deployed(records: list[dict[str, Any]]) -> None:
         raise ServinglabError(
             "layers failed to deploy:\n  " + "\n  ".join(f"{r['layer']}: {r['reason']}" for r in failed)
         )
+
+
+def records_frame(records: list[dict[str, Any]]):
+    """The deployment outcomes as a table."""
+    import pandas as pd
+
+    columns = ["layer", "kind", "status", "reused", "time_to_ready_s", "base_url", "reason"]
+    return pd.DataFrame(records, columns=columns)
+
+
+def phases_frame(records: list[dict[str, Any]]):
+    """Seconds per start-up phase (rows) for each fresh start (columns)."""
+    import pandas as pd
+
+    return pd.DataFrame({r["layer"]: r["phases_s"] for r in records if r.get("phases_s")})

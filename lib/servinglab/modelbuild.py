@@ -16,6 +16,7 @@ temporary directory and renamed into place, so concurrent builders never see a h
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -149,22 +150,27 @@ def train_tokenizer(seed: int, vocab_target: int = TOKENIZER_VOCAB_TARGET):
     return tokenizer
 
 
-def _byte_level_string(text: str) -> str:
-    """``text`` spelled in the ByteLevel alphabet, as a BPE vocabulary entry must be."""
+@functools.lru_cache(maxsize=1)
+def _byte_to_symbol() -> dict[int, str]:
+    """GPT-2's byte-to-unicode table, the alphabet ByteLevel vocabularies are spelled in."""
     from tokenizers import pre_tokenizers
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    # GPT-2's byte-to-unicode table, rebuilt from the alphabet the tokenizers package reports.
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    table = {}
-    extra = 0
+    table, extra = {}, 0
     for b in range(256):
         if b in printable:
             table[b] = chr(b)
         else:
             table[b] = chr(256 + extra)
             extra += 1
-    assert set(table.values()) == set(alphabet)
+    if set(table.values()) != set(pre_tokenizers.ByteLevel.alphabet()):
+        raise ModelBuildError("the tokenizers package uses another byte-level alphabet than expected")
+    return table
+
+
+def _byte_level_string(text: str) -> str:
+    """``text`` spelled in the ByteLevel alphabet, as a BPE vocabulary entry must be."""
+    table = _byte_to_symbol()
     return "".join(table[b] for b in text.encode("utf-8"))
 
 

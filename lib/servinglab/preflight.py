@@ -55,3 +55,25 @@ def run_preflight(study: Study, platform: Platform, run_dir: str | os.PathLike) 
         model={"served_name": study.model.served_name, "name": study.model.name} | model,
     )
     return record
+
+
+def facts_frame(found: dict[str, Any]):
+    """Hardware and engine facts of a preflight record, one row per fact."""
+    import pandas as pd
+
+    facts = found["facts"]
+    return pd.Series(facts.get("hardware", {}) | facts.get("engine", {}), name="value").to_frame()
+
+
+def layers_frame(found: dict[str, Any]):
+    """Which layers the platform can host, and why not."""
+    import pandas as pd
+
+    return pd.DataFrame(found["layers"])
+
+
+def model_frame(found: dict[str, Any]):
+    """Facts of the model directory."""
+    import pandas as pd
+
+    return pd.Series(found["model"], name="value").to_frame()

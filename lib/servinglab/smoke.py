@@ -154,3 +154,10 @@ def assert_passed(rows: list[dict[str, Any]]) -> None:
     if failed:
         lines = [f"{r['layer']}: {r['check']}: expected {r['expected']}, observed {r['observed']!r}" for r in failed]
         raise SmokeCheckError("smoke checks failed:\n  " + "\n  ".join(lines))
+
+
+def rows_frame(rows: list[dict[str, Any]]):
+    """The smoke checks as a table."""
+    import pandas as pd
+
+    return pd.DataFrame(rows, columns=["layer", "check", "passed", "expected", "observed", "latency_ms"])

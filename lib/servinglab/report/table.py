@@ -18,9 +18,9 @@ from typing import Callable
 
 from .rundata import RunData
 
-LATENCY_PENDING = "pending: measured by the latency experiments (30_latency), not yet part of this suite"
-LIFECYCLE_PENDING = "pending: measured by the lifecycle experiments (40_lifecycle), not yet part of this suite"
-RENDER_PENDING = "pending: counted from the rendered manifests once the layer renderers are part of this suite"
+LATENCY_PENDING = "measured by the latency experiments (30_latency), not yet part of this suite"
+LIFECYCLE_PENDING = "measured by the lifecycle experiments (40_lifecycle), not yet part of this suite"
+RENDER_PENDING = "counted from the rendered manifests once the layer renderers are part of this suite"
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def _lifecycle(run: RunData, layer: str, kind: str) -> Cell:
         return Cell(
             "measured",
             f"start to ready: {label}{value:.1f} s (process start → /v1/models lists the model); "
-            "model update: " + LIFECYCLE_PENDING.removeprefix("pending: "),
+            "model update: " + LIFECYCLE_PENDING,
             trials=len(fresh),
             evidence="#deployments",
         )
@@ -123,7 +123,7 @@ def _control(run: RunData, layer: str, kind: str) -> Cell:
             trials=1,
             evidence="#deployments",
         )
-    return Cell("pending", "pending: control-plane inventory comes from the cluster preflight")
+    return Cell("pending", "control-plane inventory comes from the cluster preflight")
 
 
 def _prereqs(run: RunData, layer: str, kind: str) -> Cell:
