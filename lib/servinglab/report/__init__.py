@@ -138,8 +138,9 @@ def publish(run_dir: str | os.PathLike, reports_dir: str | os.PathLike | None = 
     html = render_html(run_dir)
     path = reports_dir / f"{run.study}-{run.run_id}.html"
     _write_if_changed(path, html)
-    own = re.compile(rf"^{re.escape(run.study)}-\d{{8}}T\d{{6}}Z(-\d+)?\.html$")
-    newest = sorted(p for p in reports_dir.glob(f"{run.study}-*.html") if own.match(p.name))[-1]
+    own = re.compile(rf"^{re.escape(run.study)}-(\d{{8}}T\d{{6}}Z)(?:-(\d+))?\.html$")
+    runs = [(m.group(1), int(m.group(2) or 1), p) for p in reports_dir.iterdir() if (m := own.match(p.name))]
+    newest = max(runs)[2]
     shutil.copyfile(newest, reports_dir / f"{run.study}.html")
     write_index(reports_dir)
     return path

