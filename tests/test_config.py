@@ -72,6 +72,16 @@ def test_set_values_are_yaml(tmp_path, no_env_overrides):
     assert study.slos.ttft_ms_p95 == 1.5
 
 
+def test_a_new_kind_replaces_the_mapping_below_it(tmp_path, no_env_overrides):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    path = write(tmp_path / "s.yaml", minimal())
+    study = load_study(path, ["model.source.kind=local", f"model.source.path={tmp_path / 'm'}"])
+    assert study.model.source.kind == "local"  # shape and seed of the built source are gone
+    study = load_study(path, ["model.source.seed=5"])
+    assert (study.model.source.kind, study.model.source.seed) == ("built", 5)  # same kind: merged
+
+
 def test_layers_of_the_same_kind_sit_side_by_side(tmp_path, no_env_overrides):
     layers = {"std": {"kind": "kserve", "mode": "Standard"}, "kn": {"kind": "kserve", "mode": "Knative"}}
     study = load_study(write(tmp_path / "s.yaml", minimal(layers=layers)))

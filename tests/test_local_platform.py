@@ -17,9 +17,10 @@ from servinglab.config import load_study
 from servinglab.errors import ServerStartError, UnsupportedLayerError
 from servinglab.platforms.processes import Registry, ServerEntry
 
-pytestmark = pytest.mark.engine
 
 
+
+@pytest.mark.engine
 def test_server_is_ready_and_measured(engine):
     d = engine.deployment
     assert d.status == "ready" and d.layer == "raw" and d.kind == "raw-vllm"
@@ -33,6 +34,7 @@ def test_server_is_ready_and_measured(engine):
     assert [m["id"] for m in models["data"]] == ["tiny"]
 
 
+@pytest.mark.engine
 def test_server_runs_in_its_own_process_group(engine):
     pid = engine.deployment.pid
     assert psutil.Process(pid).is_running()
@@ -41,6 +43,7 @@ def test_server_runs_in_its_own_process_group(engine):
     assert os.getpgid(pid) == pid != os.getpgrp()
 
 
+@pytest.mark.engine
 def test_ensure_reuses_a_ready_server_with_the_same_spec(engine):
     again = engine.platform.ensure("raw", engine.run_dir)
     assert again.reused and again.pid == engine.deployment.pid and again.base_url == engine.deployment.base_url
@@ -48,6 +51,7 @@ def test_ensure_reuses_a_ready_server_with_the_same_spec(engine):
     assert [e.spec_hash for e in entries] == [engine.platform.spec_hash("raw")]
 
 
+@pytest.mark.engine
 def test_a_new_kernel_finds_the_server_through_the_registry(engine):
     """What a second notebook does: load the study afresh in another process and ask for the endpoint."""
     code = (
@@ -59,12 +63,14 @@ def test_a_new_kernel_finds_the_server_through_the_registry(engine):
     assert out.stdout.strip() == engine.deployment.base_url
 
 
+@pytest.mark.engine
 def test_status_lists_the_running_server(engine):
     done = run_cli("status", str(PARAMS / "local.yaml"), timeout=120)
     assert done.returncode == 0, done.stderr
     assert engine.deployment.base_url in done.stdout and "ready" in done.stdout
 
 
+@pytest.mark.engine
 def test_smoke_checks_pass_and_are_recorded(engine):
     rows = smoke.run_smoke(
         engine.study, engine.platform.endpoint("raw"), engine.run_dir, engine.platform.engine_version()
@@ -80,6 +86,7 @@ def test_smoke_checks_pass_and_are_recorded(engine):
     assert recorded[-3:] == rows
 
 
+@pytest.mark.engine
 def test_layers_the_platform_cannot_host_are_refused_not_imitated(engine):
     for name in ("kserve", "llm-d"):
         assert engine.platform.unsupported_reason(name) == "needs platform: kubernetes"
@@ -87,6 +94,7 @@ def test_layers_the_platform_cannot_host_are_refused_not_imitated(engine):
             engine.platform.ensure(name, engine.run_dir)
 
 
+@pytest.mark.engine
 def test_entries_of_dead_processes_are_cleaned_up(engine, tmp_path):
     registry = Registry(engine.study.cache_dir)
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -102,6 +110,7 @@ def test_entries_of_dead_processes_are_cleaned_up(engine, tmp_path):
     assert not list(registry.directory.glob(f"{engine.study.study}--old--*"))
 
 
+@pytest.mark.engine
 def test_a_server_that_fails_to_start_leaves_nothing(private_overrides, monkeypatch):
     monkeypatch.setenv("SERVINGLAB_OVERRIDES", str(private_overrides({"model": {"engine_args": {"max-model-len": "many"}}})))
     study_run = api.open_study(PARAMS / "local.yaml")
@@ -112,6 +121,7 @@ def test_a_server_that_fails_to_start_leaves_nothing(private_overrides, monkeypa
     assert engine_processes(owner_fragment=str(study_run.study.cache_dir)) == []
 
 
+@pytest.mark.engine
 def test_config_only_model_with_dummy_weights_then_restart_on_a_new_spec(private_overrides, monkeypatch):
     """A config-only directory served with --load-format dummy; a changed engine argument restarts it."""
     overrides = private_overrides({"model": {"source": {"kind": "dummy", "shape": "tiny"}}})
@@ -136,3 +146,19 @@ def test_config_only_model_with_dummy_weights_then_restart_on_a_new_spec(private
         stopped = first_run.platform.teardown()
     assert len(stopped) == 1 and "stopped" in stopped[0]
     assert engine_processes(owner_fragment=str(first_run.study.cache_dir)) == []
+
+
+def test_a_local_model_directory_is_served_as_it_is(tmp_path, monkeypatch):
+    """kind: local serves any Hugging Face directory by path, with real weights (no dummy load format)."""
+    from servinglab import modelbuild
+    from servinglab.platforms.local import LocalPlatform
+
+    directory = modelbuild.ensure_model(tmp_path / "cache", "tiny", seed=1)
+    monkeypatch.delenv("SERVINGLAB_OVERRIDES")
+    study = load_study(
+        PARAMS / "ci.yaml", [f"model.source={{kind: local, path: {directory}}}", f"paths.cache_dir={tmp_path}"]
+    )
+    command = LocalPlatform(study).command("raw", 8000)
+    assert command[command.index("--model") + 1] == str(directory)
+    assert "--load-format" not in command
+    assert command[-6:] == ["--dtype", "bfloat16", "--max-model-len", "1024", "--gpu-memory-utilization", "0.1"]

@@ -66,7 +66,9 @@ class LocalPlatform(StrictModel):
     ready_timeout_s: float = Field(900.0, gt=0, description="deadline for /health and /v1/models")
     stop_grace_s: float = Field(30.0, gt=0, description="SIGTERM to SIGKILL grace period")
     kv_cache_space_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE (whole GiB) for the CPU build")
-    env: dict[str, str] = Field(default_factory=dict, description="extra environment for the engine")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="extra environment for the engine; recorded in run.json, so no secrets"
+    )
 
 
 class KubernetesPlatform(StrictModel):
@@ -396,10 +398,15 @@ def parse_set_items(items: list[str] | tuple[str, ...]) -> list[tuple[str, dict[
 
 
 def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """Mappings merge key by key; anything else in ``top`` replaces what ``base`` had."""
+    """Mappings merge key by key; anything else in ``top`` replaces what ``base`` had.
+
+    A mapping whose ``kind`` differs from the one below it replaces it whole: switching a model source
+    from ``built`` to ``local`` must not keep ``shape`` and ``seed`` from the study file.
+    """
     merged = dict(base)
     for key, value in top.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        below = merged.get(key)
+        if isinstance(value, dict) and isinstance(below, dict) and value.get("kind", below.get("kind")) == below.get("kind"):
             merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value

@@ -13,7 +13,7 @@ import jinja2
 from .. import __version__
 from ..errors import RunDirError
 from .advice import derive_advice
-from .plots import figures
+from .plots import PHASE_LABELS, figures
 from .rundata import RunData, load_run
 from .table import decision_table, table_frame
 
@@ -82,6 +82,7 @@ def render_html(run_dir: str | os.PathLike) -> str:
         figures=figures(run),
         preflight=run.preflight[-1] if run.preflight else None,
         deployments=run.deployments,
+        phase_labels=PHASE_LABELS,
         smoke=run.smoke,
         data_files=data_files,
     )
