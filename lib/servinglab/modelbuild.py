@@ -30,7 +30,7 @@ from pathlib import Path
 from .errors import ModelBuildError
 
 # Bump when the recipe changes, so cached models of an older recipe are not reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 END_OF_TURN = "<|im_end|>"
 START_OF_TURN = "<|im_start|>"
@@ -131,12 +131,26 @@ def _corpus_lines(seed: int) -> list[str]:
     return lines + synthetic + numbers
 
 
+# Qwen2's pre-tokenizer split (digits one by one). transformers loads a qwen2 model's tokenizer as
+# Qwen2Tokenizer with this split and NFC whatever tokenizer.json says, so training with the same rules
+# keeps the file and what vLLM serves in agreement on every token count.
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
 def train_tokenizer(seed: int, vocab_target: int = TOKENIZER_VOCAB_TARGET):
     """Train a byte-level BPE tokenizer on the shipped corpus; returns a ``tokenizers.Tokenizer``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_target,
@@ -292,7 +306,7 @@ def write_model_dir(directory: Path, shape_name: str, seed: int, weights: bool) 
     _write_json(
         directory / "tokenizer_config.json",
         {
-            "tokenizer_class": "PreTrainedTokenizerFast",
+            "tokenizer_class": "Qwen2Tokenizer",
             "bos_token": None,
             "eos_token": END_OF_TURN,
             "pad_token": END_OF_TEXT,

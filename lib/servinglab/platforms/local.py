@@ -165,9 +165,11 @@ class LocalPlatform:
     def spec_hash(self, layer_name: str) -> str:
         """What makes two servers interchangeable: layer, model, engine args, platform, key."""
         key = self.study.api_key()
+        directory, _ = self.model_dir()
         spec = {
             "layer": self.study.layers[layer_name].model_dump(mode="json"),
             "model": self.study.model.model_dump(mode="json"),
+            "model_dir": str(directory),  # a new build recipe means a new directory, so a new server
             "platform": self.settings.model_dump(mode="json", exclude={"ready_timeout_s", "stop_grace_s"}),
             "python": self.python,
             # Only a digest of the key: a new key needs a new server, and the key itself is never stored.
