@@ -51,6 +51,35 @@ def _parser() -> argparse.ArgumentParser:
     build = sub.add_parser("build-model", help="build (or find in the cache) the study's local model")
     _study_args(build)
 
+    bench = sub.add_parser(
+        "bench",
+        help="one latency stage against any OpenAI-compatible endpoint (flags as in vllm bench serve)",
+    )
+    bench.add_argument("--base-url", required=True, help="http://host:port (with or without /v1)")
+    bench.add_argument("--model", required=True, help="the served model name")
+    bench.add_argument("--tokenizer", help="model directory whose tokenizer counts prompt tokens (default: the server's /tokenize)")
+    bench.add_argument("--input-len", type=int, required=True, help="prompt tokens, before the chat template")
+    bench.add_argument("--output-len", type=int, required=True, help="max_tokens of each request")
+    bench.add_argument("--range-ratio", type=float, default=0.0, help="lengths drawn uniformly in ±ratio")
+    bench.add_argument("--num-prompts", type=int, required=True)
+    bench.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (default inf: all at once)")
+    bench.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the arrivals (1: Poisson)")
+    bench.add_argument("--max-concurrency", type=int, help="requests in flight at most (closed loop with rate inf)")
+    bench.add_argument("--seed", type=int, required=True)
+    bench.add_argument("--ignore-eos", action="store_true", help="generate exactly --output-len tokens")
+    bench.add_argument("--num-warmups", type=int, default=0, help="requests sent first and left out of the metrics")
+    bench.add_argument("--goodput", nargs="*", default=[], metavar="KEY:MS", help="per-request objectives, e.g. ttft:200 tpot:20 e2el:2000")
+    bench.add_argument("--api-key-env", help="variable holding the API key (default OPENAI_API_KEY)")
+    bench.add_argument("--api-key-file", help="file holding the API key")
+    bench.add_argument("--out", required=True, help="result JSON (vllm bench serve --save-result key names)")
+    bench.add_argument("--records", help="per-request records, appended as JSONL as each request ends")
+
+    imp = sub.add_parser("import", help="read another tool's results into a run directory")
+    imp.add_argument("format", choices=["vllm-bench"], help="vllm-bench: a vllm bench serve --save-result JSON")
+    imp.add_argument("file")
+    imp.add_argument("--run-dir", required=True, help="runs/<study>/<run-id>")
+    imp.add_argument("--layer", default="imported", help="the layer the results belong to")
+
     report = sub.add_parser("report", help="render a run directory into reports/ (no re-run, no cluster)")
     report.add_argument("run_dir", help="runs/<study>/<run-id>")
     report.add_argument("--out", help="reports folder (default: the study's paths.reports_dir)")
@@ -125,8 +154,43 @@ def _report(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    import json
+
+    from .bench import read_api_key, run_bench
+
+    slos = {}
+    for item in args.goodput:
+        key, _, value = item.partition(":")
+        if key not in ("ttft", "tpot", "e2el") or not value:
+            raise ParamsError(f"--goodput {item}: expected ttft:MS, tpot:MS or e2el:MS")
+        slos[f"{key}_ms"] = float(value)
+    result = run_bench(
+        args.base_url, args.model, args.input_len, args.output_len, args.num_prompts, seed=args.seed,
+        tokenizer=args.tokenizer, request_rate=args.request_rate, burstiness=args.burstiness,
+        max_concurrency=args.max_concurrency, ignore_eos=args.ignore_eos, num_warmups=args.num_warmups,
+        range_ratio=args.range_ratio, api_key=read_api_key(args.api_key_env, args.api_key_file),
+        slos=slos or None, records_path=Path(args.records) if args.records else None,
+    )  # fmt: skip
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"completed {result['completed']}, failed {result['failed']} in {result['duration']:.2f} s; "
+          f"TTFT median {result['median_ttft_ms']} ms, TPOT median {result['median_tpot_ms']} ms")  # fmt: skip
+    for warning in result["warnings"]:
+        print(f"warning: {warning}")
+    print(args.out)
+    return 0
+
+
+def _import(args) -> int:
+    from .bench import import_vllm_bench
+
+    stage = import_vllm_bench(args.file, args.run_dir, args.layer)
+    print(f"imported {stage['stage']} of layer {stage['layer']} into {args.run_dir}")
+    return 0
+
+
 COMMANDS = {"run": _run, "check": _check, "teardown": _teardown, "status": _status,
-            "build-model": _build_model, "report": _report}  # fmt: skip
+            "build-model": _build_model, "bench": _bench, "import": _import, "report": _report}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

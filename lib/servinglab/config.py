@@ -216,12 +216,67 @@ class SmokeWorkload(StrictModel):
     timeout_s: float = Field(120.0, gt=0)
 
 
+class RateSweep(StrictModel):
+    """Open-loop stages: requests arrive at a rate (Poisson, or gamma with a burstiness)."""
+
+    rates: list[float] = Field(default_factory=list, description="requests/s per stage; empty: no rate sweep")
+    burstiness: float = Field(1.0, gt=0)
+    num_prompts: int = Field(60, ge=1)
+    max_concurrency: int | None = Field(None, ge=1)
+
+    @field_validator("rates")
+    @classmethod
+    def _positive(cls, rates: list[float]) -> list[float]:
+        if any(r <= 0 for r in rates):
+            raise ValueError("every rate must be positive")
+        return rates
+
+
+class LatencyWorkload(StrictModel):
+    """The reference experiment by default: chat, 256 tokens in / 128 out, ignore_eos, seed 42."""
+
+    input_len: int = Field(256, ge=1, description="prompt tokens before the chat template")
+    output_len: int = Field(128, ge=1)
+    ignore_eos: bool = True
+    seed: int = 42
+    concurrency: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32], description="closed-loop stages")
+    prompts_per_concurrency: int = Field(10, ge=1, description="a stage sends this many × its concurrency ...")
+    min_prompts: int = Field(60, ge=1, description="... and at least this many")
+    num_warmups: int = Field(0, ge=0, description="requests sent before each stage, left out of its metrics")
+    request_timeout_s: float = Field(600.0, gt=0)
+    rate_sweep: RateSweep = Field(default_factory=RateSweep)
+    on_server_death: Literal["stop", "continue"] = Field(
+        "stop", description="a stage whose server died ends the sweep (stop) or the next stage is tried"
+    )
+
+    @field_validator("concurrency")
+    @classmethod
+    def _levels(cls, levels: list[int]) -> list[int]:
+        if any(c < 1 for c in levels):
+            raise ValueError("every concurrency must be at least 1")
+        return levels
+
+
 class Workloads(StrictModel):
     smoke: SmokeWorkload = Field(default_factory=SmokeWorkload)
+    latency: LatencyWorkload = Field(default_factory=LatencyWorkload)
+
+
+class Goodput(StrictModel):
+    """Per-request objectives: a request counts towards goodput when it meets every one given."""
+
+    ttft_ms: float | None = Field(None, gt=0)
+    tpot_ms: float | None = Field(None, gt=0)
+    e2el_ms: float | None = Field(None, gt=0)
+
+    def limits(self) -> dict[str, float]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
 class Slos(StrictModel):
     """Service level objectives; the report tests measurements against them. Empty means no objective."""
+
+    goodput: Goodput = Field(default_factory=Goodput)
 
     ttft_ms_p95: float | None = Field(None, gt=0)
     tpot_ms_p95: float | None = Field(None, gt=0)

@@ -34,6 +34,16 @@ def _warnings(run: RunData) -> list[str]:
             warnings.append(
                 f"layer {layer} reused a server started at {record['started_at']}: its time to ready is not from this run"
             )
+    for stage in run.latency_stages:
+        where = f"layer {stage['layer']} stage {stage['stage']}"
+        for warning in stage["summary"].get("warnings", []):
+            warnings.append(f"{where}: {warning}")
+        if stage["summary"].get("failed"):
+            warnings.append(f"{where}: {stage['summary']['failed']} requests failed {stage['summary'].get('errors', {})}")
+        if stage.get("server_alive_after") is False:
+            warnings.append(f"{where}: the server was not answering after the stage")
+        if stage.get("interrupted"):
+            warnings.append(f"{where}: interrupted; its measurements up to then are kept")
     if run.preflight and not run.preflight[-1]["model"].get("vocabulary_covered", True):
         warnings.append("the tokenizer does not cover the model's vocabulary: streamed chunks may carry empty text")
     for nb in run.context.get("notebooks", []):
@@ -53,6 +63,29 @@ def _server_args(run: RunData) -> str:
     return ""
 
 
+def _load_pattern(run: RunData) -> str:
+    if not run.latency_stages:
+        return "smoke requests only (no latency stage in this run)"
+    closed = [s["max_concurrency"] for s in run.latency_stages if s.get("mode") == "closed"]
+    rates = [s["request_rate"] for s in run.latency_stages if s.get("mode") == "open"]
+    parts = []
+    if closed:
+        parts.append("closed loop at concurrency " + ", ".join(str(c) for c in sorted(set(closed))))
+    if rates:
+        parts.append("open loop at " + ", ".join(f"{r:g}" for r in sorted(set(rates))) + " req/s")
+    sources = sorted({s.get("source", "servinglab") for s in run.latency_stages})
+    return "; ".join(parts) + f" (measured by {', '.join(sources)})"
+
+
+def _request_shape(run: RunData) -> str:
+    smoke = f"smoke: chat, max_tokens {run.params.get('workloads', {}).get('smoke', {}).get('max_tokens')}"
+    if not run.latency_stages:
+        return smoke
+    w = run.params.get("workloads", {}).get("latency", {})
+    return (f"chat, random prompts of {w.get('input_len')} tokens in / {w.get('output_len')} out"
+            f"{', ignore_eos' if w.get('ignore_eos') else ''}, seed {w.get('seed')}; {smoke}")  # fmt: skip
+
+
 def render_html(run_dir: str | os.PathLike) -> str:
     """The report of one run as a self-contained HTML document (same data, same bytes)."""
     run = load_run(run_dir)
@@ -63,6 +96,7 @@ def render_html(run_dir: str | os.PathLike) -> str:
         undefined=jinja2.ChainableUndefined,
         keep_trailing_newline=True,
     )
+    env.globals["fmt"] = lambda v: "–" if v is None else f"{v:.1f}"
     data_files = sorted(str(p.relative_to(run.run_dir)) for p in (run.run_dir / "data").glob("*.jsonl"))
     return env.get_template("report.html.j2").render(
         version=__version__,
@@ -74,7 +108,9 @@ def render_html(run_dir: str | os.PathLike) -> str:
         model=run.context.get("model", {}),
         git=run.context.get("git", {}),
         server_args=_server_args(run),
-        load_pattern="smoke requests only; the latency experiments are not part of this suite yet",
+        load_pattern=_load_pattern(run),
+        request_shape=_request_shape(run),
+        stages=run.latency_stages,
         warnings=_warnings(run),
         table=table,
         kind_titles=KIND_TITLES,

@@ -22,6 +22,9 @@ class Figure:
     svg: str
     reading: str  # one sentence that says what the figure shows
 
+    def _repr_html_(self) -> str:  # shown as is in a notebook
+        return f"<figure><figcaption><b>{self.title}.</b> {self.reading}</figcaption>{self.svg}</figure>"
+
 
 def _svg(fig) -> str:
     import matplotlib.pyplot as plt
@@ -39,12 +42,7 @@ def time_to_ready_figure(run: RunData) -> Figure | None:
     starts = [(d["layer"], d) for d in run.deployments if d["status"] == "ready" and not d["reused"]]
     if not starts:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    matplotlib.rcParams["svg.hashsalt"] = "servinglab"
+    plt = _pyplot()
     phases = list(PHASE_LABELS)
     fig, ax = plt.subplots(figsize=(7.5, 0.6 + 0.5 * len(starts)))
     labels = [f"{layer} #{i + 1}" for i, (layer, _) in enumerate(starts)]
@@ -67,5 +65,119 @@ def time_to_ready_figure(run: RunData) -> Figure | None:
     return Figure("fig-time-to-ready", "Time to ready by phase", _svg(fig), reading)
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matplotlib.rcParams["svg.hashsalt"] = "servinglab"
+    return plt
+
+
+def _closed_stages(run: RunData) -> dict[str, list[dict]]:
+    by_layer: dict[str, list[dict]] = {}
+    for stage in run.latency_stages:
+        if stage.get("mode") == "closed" and stage["summary"].get("completed"):
+            by_layer.setdefault(stage["layer"], []).append(stage)
+    for stages in by_layer.values():
+        stages.sort(key=lambda s: s.get("max_concurrency") or 0)
+    return by_layer
+
+
+def latency_throughput_figure(run: RunData) -> Figure | None:
+    """TTFT and TPOT medians against output throughput, one line per layer, one point per concurrency."""
+    by_layer = _closed_stages(run)
+    if not by_layer:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.4))
+    for layer, stages in by_layer.items():
+        x = [s["summary"]["output_throughput"] for s in stages]
+        for ax, key in zip(axes, ("median_ttft_ms", "median_tpot_ms")):
+            ax.plot(x, [s["summary"][key] for s in stages], marker="o", label=layer)
+            for s, xi in zip(stages, x):
+                ax.annotate(f"c={s['max_concurrency']}", (xi, s["summary"][key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for ax, label in zip(axes, ("TTFT p50 (ms)", "TPOT p50 (ms)")):
+        ax.set_xlabel("output tokens/s")
+        ax.set_ylabel(label)
+        ax.spines[["top", "right"]].set_visible(False)
+    axes[0].legend(fontsize=8, frameon=False)
+    best_layer, best = max(((l, s[-1]) for l, s in by_layer.items()), key=lambda p: p[1]["summary"]["output_throughput"])
+    reading = (
+        f"At its highest concurrency ({best['max_concurrency']}) {best_layer} reached "
+        f"{best['summary']['output_throughput']:.0f} output tokens/s with a TTFT p50 of "
+        f"{best['summary']['median_ttft_ms']:.1f} ms."
+    )
+    return Figure("fig-latency-throughput", "Latency against throughput", _svg(fig), reading)
+
+
+def distributions_figure(run: RunData) -> Figure | None:
+    """Cumulative distributions of TTFT and ITL per closed-loop stage (client side)."""
+    requests = [r for r in run.latency_requests if r.get("ok") and not r.get("warmup")]
+    if not requests:
+        return None
+    import numpy as np
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.2))
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in requests:
+        groups.setdefault((r["layer"], r["stage"]), []).append(r)
+    for (layer, stage), rs in sorted(groups.items()):
+        ttft = np.sort([r["ttft_ms"] for r in rs])
+        itl = np.sort([b - a for r in rs for a, b in zip(r["token_ms"], r["token_ms"][1:])])
+        label = f"{layer} {stage}"
+        axes[0].plot(ttft, np.arange(1, len(ttft) + 1) / len(ttft), label=label)
+        if len(itl):
+            axes[1].plot(itl, np.arange(1, len(itl) + 1) / len(itl), label=label)
+    for ax, label in zip(axes, ("TTFT (ms)", "ITL (ms)")):
+        ax.set_xlabel(label)
+        ax.set_ylabel("share of requests" if label.startswith("TTFT") else "share of gaps")
+        ax.set_xscale("symlog", linthresh=1)
+        ax.spines[["top", "right"]].set_visible(False)
+    axes[1].legend(fontsize=7, frameon=False)
+    all_itl = [b - a for r in requests for a, b in zip(r["token_ms"], r["token_ms"][1:])]
+    reading = (
+        f"Over {len(requests)} requests, TTFT ran from {min(r['ttft_ms'] for r in requests):.1f} to "
+        f"{max(r['ttft_ms'] for r in requests):.1f} ms; the median gap between tokens was "
+        f"{float(np.median(all_itl)) if all_itl else float('nan'):.2f} ms."
+    )
+    return Figure("fig-distributions", "TTFT and ITL distributions", _svg(fig), reading)
+
+
+def goodput_figure(run: RunData) -> Figure | None:
+    """Goodput and throughput against concurrency, when the study sets per-request objectives."""
+    by_layer = _closed_stages(run)
+    if not by_layer or not any("request_goodput" in s["summary"] for st in by_layer.values() for s in st):
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    for layer, stages in by_layer.items():
+        c = [s["max_concurrency"] for s in stages]
+        ax.plot(c, [s["summary"]["request_throughput"] for s in stages], marker="o", linestyle="--", label=f"{layer} throughput")
+        ax.plot(c, [s["summary"].get("request_goodput", 0) for s in stages], marker="o", label=f"{layer} goodput")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrency")
+    ax.set_ylabel("requests/s")
+    ax.legend(fontsize=8, frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    best = max((s for st in by_layer.values() for s in st), key=lambda s: s["summary"].get("request_goodput", 0))
+    reading = (
+        f"Goodput peaked at {best['summary'].get('request_goodput', 0):.2f} requests/s ({best['layer']}, "
+        f"concurrency {best['max_concurrency']}), against {best['summary']['request_throughput']:.2f} requests/s served."
+    )
+    return Figure("fig-goodput", "Goodput against load", _svg(fig), reading)
+
+
 def figures(run: RunData) -> list[Figure]:
-    return [f for f in (time_to_ready_figure(run),) if f is not None]
+    makers = (time_to_ready_figure, latency_throughput_figure, distributions_figure, goodput_figure)
+    return [f for f in (make(run) for make in makers) if f is not None]
+
+
+def latency_figures(run_dir) -> list[Figure]:
+    """The latency figures of a run, for a notebook."""
+    from .rundata import load_run
+
+    run = load_run(run_dir)
+    return [f for f in (latency_throughput_figure(run), distributions_figure(run), goodput_figure(run)) if f is not None]

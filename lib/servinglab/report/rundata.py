@@ -17,6 +17,8 @@ class RunData:
     deployments: list[dict[str, Any]]
     smoke: list[dict[str, Any]]
     preflight: list[dict[str, Any]]
+    latency_stages: list[dict[str, Any]]
+    latency_requests: list[dict[str, Any]]
 
     @property
     def study(self) -> str:
@@ -60,4 +62,6 @@ def load_run(run_dir: str | os.PathLike) -> RunData:
         deployments=results.read_records(run_dir, "deployments"),
         smoke=results.read_records(run_dir, "smoke"),
         preflight=results.read_records(run_dir, "preflight"),
+        latency_stages=results.read_records(run_dir, "latency_stages"),
+        latency_requests=results.read_records(run_dir, "latency_requests"),
     )

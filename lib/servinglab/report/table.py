@@ -18,7 +18,6 @@ from typing import Callable
 
 from .rundata import RunData
 
-LATENCY_PENDING = "measured by the latency experiments (30_latency), not yet part of this suite"
 LIFECYCLE_PENDING = "measured by the lifecycle experiments (40_lifecycle), not yet part of this suite"
 RENDER_PENDING = "counted from the rendered manifests once the layer renderers are part of this suite"
 
@@ -162,6 +161,53 @@ def _smoke(run: RunData, layer: str, kind: str) -> Cell:
     return Cell(status, text, trials=len(checks), evidence="#smoke")
 
 
+def _closed_stages(run: RunData, layer: str) -> list[dict]:
+    stages = [s for s in run.latency_stages if s["layer"] == layer and s.get("mode") == "closed"]
+    return sorted(stages, key=lambda s: s.get("max_concurrency") or 0)
+
+
+def _percentiles(metric: str) -> Callable[[RunData, str, str], Cell]:
+    def measure(run: RunData, layer: str, kind: str) -> Cell:
+        stages = [s for s in _closed_stages(run, layer) if s["summary"].get("completed")]
+        if not stages:
+            gate = _deployment_gate(run, layer)
+            return gate or Cell("not-deployed", "no latency stage in this run (30_latency did not run)", evidence="#latency")
+        parts = [
+            f"c={s['max_concurrency']}: {s['summary'][f'median_{metric}_ms']:.1f} / {s['summary'][f'p95_{metric}_ms']:.1f} ms"
+            for s in stages
+            if s["summary"].get(f"median_{metric}_ms") is not None
+        ]
+        trials = sum(s["summary"]["completed"] for s in stages)
+        return Cell("measured", "; ".join(parts), trials=trials, evidence="#latency")
+
+    return measure
+
+
+def _goodput(run: RunData, layer: str, kind: str) -> Cell:
+    stages = [s for s in _closed_stages(run, layer) if s["summary"].get("completed")]
+    if not stages:
+        gate = _deployment_gate(run, layer)
+        return gate or Cell("not-deployed", "no latency stage in this run (30_latency did not run)", evidence="#latency")
+    slos = run.params.get("slos", {})
+    limits = {k: slos.get(f"{k}_ms_p95") for k in ("ttft", "tpot", "e2e")}
+    limits = {k: v for k, v in limits.items() if v}
+    if not limits:
+        return Cell("observed", "the study sets no p95 latency objectives (slos.*_ms_p95) to test the stages against",
+                    trials=len(stages), evidence="#latency")  # fmt: skip
+    key = {"ttft": "p95_ttft_ms", "tpot": "p95_tpot_ms", "e2e": "p95_e2el_ms"}
+    meeting = [s for s in stages if all((s["summary"].get(key[k]) or float("inf")) <= v for k, v in limits.items())]
+    objectives = ", ".join(f"{k.upper()} p95 ≤ {v:g} ms" for k, v in limits.items())
+    if not meeting:
+        return Cell("measured", f"no tested concurrency met {objectives}", trials=len(stages), evidence="#latency")
+    best = meeting[-1]
+    s = best["summary"]
+    text = (f"concurrency {best['max_concurrency']}: {s['request_throughput']:.2f} req/s, "
+            f"{s['output_throughput']:.0f} output tok/s within {objectives}")  # fmt: skip
+    if s.get("request_goodput") is not None:
+        text += f"; goodput {s['request_goodput']:.2f} req/s"
+    return Cell("measured", text, trials=len(stages), evidence="#latency")
+
+
 ROWS: list[Row] = [
     Row("what_you_write", "What you write", {
         "raw-vllm": "You write the Deployment, Service, volume claim and probes yourself.",
@@ -208,10 +254,10 @@ ROWS: list[Row] = [
         "kserve": "Ready; /v1/models and chat (200) answer as on raw vLLM.",
         "llm-d": "No claim on the source page.",
     }, _smoke),
-    Row("ttft", "TTFT p50 / p95", {}, _gated(LATENCY_PENDING)),
-    Row("tpot", "TPOT p50 / p95", {}, _gated(LATENCY_PENDING)),
-    Row("e2e", "E2E p50 / p95", {}, _gated(LATENCY_PENDING)),
-    Row("goodput", "Highest load within the SLOs", {}, _gated(LATENCY_PENDING)),
+    Row("ttft", "TTFT p50 / p95", {}, _percentiles("ttft")),
+    Row("tpot", "TPOT p50 / p95", {}, _percentiles("tpot")),
+    Row("e2e", "E2E p50 / p95", {}, _percentiles("e2el")),
+    Row("goodput", "Highest load within the SLOs", {}, _goodput),
     Row("gateway", "Gateway overhead", {}, _gated(LIFECYCLE_PENDING)),
 ]
 

@@ -1,0 +1,164 @@
+"""One latency stage against any OpenAI-compatible endpoint, and ``vllm bench serve`` results read in.
+
+``run_bench`` is what ``servinglab bench`` runs; its result uses ``vllm bench serve --save-result``'s
+key names for the metrics both tools report, so the two JSON files can be put side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from . import results, servermetrics
+from .errors import ParamsError
+from .loadgen import StageSpec, Target, run_stage
+from .metrics import summarize
+from .workload import DirectoryTokenizer, ServerTokenizer, random_requests
+
+STAGES_TABLE = "latency_stages"
+REQUESTS_TABLE = "latency_requests"
+
+
+def root_url(base_url: str) -> str:
+    """``http://host:port`` from a base URL given with or without ``/v1``."""
+    return base_url.rstrip("/").removesuffix("/v1")
+
+
+def read_api_key(env_name: str | None = None, file: str | None = None) -> str | None:
+    """The key from a file or an environment variable (``OPENAI_API_KEY`` by default); never printed."""
+    if file:
+        path = Path(file)
+        if not path.is_file():
+            raise ParamsError(f"--api-key-file {file}: file not found")
+        return path.read_text(encoding="utf-8").strip()
+    return os.environ.get(env_name or "OPENAI_API_KEY") or None
+
+
+class RecordSink:
+    """Appends each request record to a JSONL file the moment it ends (flushed, so nothing is lost)."""
+
+    def __init__(self, path: Path | None, extra: dict[str, Any]) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.extra = extra
+        self._handle = open(path, "a", encoding="utf-8") if path else None
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        record = self.extra | record
+        self.records.append(record)
+        if self._handle:
+            self._handle.write(json.dumps(record, sort_keys=True) + "\n")
+            self._handle.flush()
+
+    def close(self) -> None:
+        if self._handle:
+            self._handle.close()
+
+
+def run_bench(
+    base_url: str,
+    model: str,
+    input_len: int,
+    output_len: int,
+    num_prompts: int,
+    seed: int = 0,
+    tokenizer: str | None = None,
+    request_rate: float = math.inf,
+    burstiness: float = 1.0,
+    max_concurrency: int | None = None,
+    ignore_eos: bool = False,
+    num_warmups: int = 0,
+    range_ratio: float = 0.0,
+    api_key: str | None = None,
+    slos: dict[str, float] | None = None,
+    records_path: Path | None = None,
+    labels: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run one stage and return its result (``vllm bench serve`` key names plus servinglab's extras).
+
+    Parameters mean what ``vllm bench serve``'s flags of the same name mean: ``input_len`` counts prompt
+    tokens before the chat template; ``request_rate`` inf with ``max_concurrency`` is a closed loop;
+    ``num_warmups`` come on top of ``num_prompts`` and are left out of every metric.
+    """
+    root = root_url(base_url)
+    tok = DirectoryTokenizer(tokenizer) if tokenizer else ServerTokenizer(root, model, api_key)
+    specs = random_requests(tok, num_prompts + num_warmups, input_len, output_len, seed, range_ratio)
+    warmups, requests = specs[:num_warmups], specs[num_warmups:]
+    target = Target(f"{root}/v1", model, api_key=api_key, ignore_eos=ignore_eos)
+    stage = StageSpec(request_rate=request_rate, burstiness=burstiness, max_concurrency=max_concurrency, seed=seed)
+    sink = RecordSink(records_path, labels or {})
+    before = servermetrics.scrape(root, api_key)
+    started = servermetrics.now_unix_s()
+    try:
+        with servermetrics.GaugeSampler(root, api_key) as gauges:
+            outcome = run_stage(target, requests, stage, sink, warmups)
+    finally:
+        sink.close()
+    after = servermetrics.scrape(root, api_key)
+    summary = summarize(
+        sink.records, outcome.duration_s, slos=slos, requested_rate=request_rate,
+        send_window_s=outcome.send_window_s, schedule_lag_ms=outcome.schedule_lag_ms,
+        loop_lag_ms=outcome.loop_lag_ms,
+    )  # fmt: skip
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"),
+        "client": "servinglab",
+        "backend": "openai-chat",
+        "model_id": model,
+        "tokenizer_id": tokenizer or "server /tokenize",
+        "base_url": root,
+        "num_prompts": num_prompts,
+        "num_warmups": num_warmups,
+        "input_len": input_len,
+        "output_len": output_len,
+        "request_rate": "inf" if math.isinf(request_rate) else request_rate,
+        "burstiness": burstiness,
+        "max_concurrency": max_concurrency,
+        "seed": seed,
+        "ignore_eos": ignore_eos,
+        "started_at_unix": started,
+        "interrupted": outcome.interrupted,
+        **summary,
+        "server": servermetrics.delta(before, after) | gauges.summary(),
+    }
+
+
+VLLM_KEYS = ["completed", "failed", "duration", "request_throughput", "output_throughput", "total_token_throughput",
+             "total_input_tokens", "total_output_tokens", "request_goodput"]  # fmt: skip
+
+
+def import_vllm_bench(path: str | os.PathLike, run_dir: str | os.PathLike, layer: str = "imported") -> dict[str, Any]:
+    """Read a ``vllm bench serve --save-result`` JSON into a run directory as one latency stage."""
+    source = Path(path)
+    if not source.is_file():
+        raise ParamsError(f"{source}: file not found")
+    try:
+        data = json.loads(source.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ParamsError(f"{source}: not valid JSON ({exc})") from exc
+    missing = [k for k in ("completed", "duration", "mean_ttft_ms") if k not in data]
+    if missing:
+        raise ParamsError(f"{source}: not a vllm bench serve result (no {', '.join(missing)})")
+    results.read_context(run_dir)
+    summary = {k: data.get(k) for k in VLLM_KEYS if k in data}
+    for metric in ("ttft", "tpot", "itl", "e2el"):
+        for key, value in data.items():
+            if key.endswith(f"_{metric}_ms"):
+                summary[key] = value
+    rate = data.get("request_rate")
+    stage = {
+        "layer": layer,
+        "source": "vllm bench serve",
+        "source_file": str(source.resolve()),
+        "stage": f"c={data.get('max_concurrency')}" if data.get("max_concurrency") else f"rate={rate}",
+        "mode": "closed" if rate in ("inf", None, math.inf) else "open",
+        "max_concurrency": data.get("max_concurrency"),
+        "request_rate": None if rate in ("inf", None) else rate,
+        "summary": summary,
+        "context": {k: data.get(k) for k in ("date", "backend", "model_id", "tokenizer_id", "num_prompts", "burstiness")},
+    }
+    results.append_records(run_dir, STAGES_TABLE, [stage])
+    return stage

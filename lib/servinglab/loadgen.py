@@ -1,0 +1,369 @@
+"""The load generator: streaming chat completions through ``openai.AsyncOpenAI``, timed chunk by chunk.
+
+The hot path is kept lean because client capacity decides what can be measured: the SDK runs on its
+aiohttp transport, responses are read as raw server-sent-event lines (``with_streaming_response``), each
+line is stamped with ``time.perf_counter_ns()`` on arrival and decoded once with orjson, and only what the
+metrics need is kept. The SDK's typed stream objects and its default httpx transport cost several times
+the client's capacity on a small machine.
+
+Token-bearing chunks are found by the token count in ``usage`` when the server streams it with
+``continuous_usage_stats`` (vLLM does), otherwise by the first delta that is not role-only; never by
+non-empty text, since a token can decode to nothing.
+
+A stage appends one record per request to its sink as the request ends, so an interruption or a dead
+server keeps everything measured before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import httpx2
+import openai
+import orjson
+
+from .schedule import arrival_offsets_s
+from .workload import RequestSpec
+
+NS = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class Target:
+    """An OpenAI-compatible endpoint and how to talk to it."""
+
+    base_url: str  # ends in /v1
+    model: str
+    api_key: str | None = field(default=None, repr=False)
+    request_timeout_s: float = 600.0
+    ignore_eos: bool = True
+    continuous_usage: bool = True  # ask for usage in every chunk (vLLM's continuous_usage_stats)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """How one stage sends its requests."""
+
+    request_rate: float = math.inf  # requests/s; inf sends all at once (bounded by max_concurrency)
+    burstiness: float = 1.0
+    max_concurrency: int | None = None
+    seed: int = 0
+    duration_s: float | None = None  # stop sending after this long (the requests in flight finish)
+
+
+def make_client(target: Target, pool_size: int) -> openai.AsyncOpenAI:
+    """One client per stage: no retries, an explicit timeout, a connection pool larger than needed."""
+    http_client = openai.DefaultAioHttpClient(
+        limits=httpx2.Limits(max_connections=pool_size, max_keepalive_connections=pool_size),
+        timeout=httpx2.Timeout(target.request_timeout_s, connect=min(30.0, target.request_timeout_s)),
+    )
+    return openai.AsyncOpenAI(
+        base_url=target.base_url,
+        api_key=target.api_key or "no-key",
+        max_retries=0,  # a retried request would hide the failure being measured
+        timeout=target.request_timeout_s,
+        http_client=http_client,
+    )
+
+
+class TokenClock:
+    """Finds the token-bearing chunks of one stream and when they arrived.
+
+    With ``usage.completion_tokens`` in every chunk (continuous usage), a chunk bears tokens when that
+    count grows, however many tokens it carries and whatever their text. Without it, the first chunk
+    that is not a role-only delta bears the first token, and every later chunk with a delta bears one.
+    """
+
+    __slots__ = ("sent_ns", "token_ns", "tokens", "usage")
+
+    def __init__(self, sent_ns: int) -> None:
+        self.sent_ns = sent_ns
+        self.token_ns: list[int] = []
+        self.tokens = 0  # counted on the client side
+        self.usage: dict[str, Any] | None = None
+
+    def feed(self, now_ns: int, chunk: dict[str, Any]) -> None:
+        usage = chunk.get("usage")
+        if usage:
+            self.usage = usage
+        choices = chunk.get("choices")
+        if not choices:
+            return  # the usage-only chunk at the end carries no token
+        if usage and usage.get("completion_tokens") is not None:
+            if usage["completion_tokens"] > self.tokens:
+                self.tokens = usage["completion_tokens"]
+                self.token_ns.append(now_ns - self.sent_ns)
+            return
+        delta = choices[0].get("delta") or {}
+        role_only = "role" in delta and not delta.get("content") and not self.token_ns
+        if not role_only and ("content" in delta or "reasoning_content" in delta):
+            self.tokens += 1
+            self.token_ns.append(now_ns - self.sent_ns)
+
+
+def _error_kind(exc: BaseException) -> str:
+    if isinstance(exc, openai.APIStatusError):
+        return f"http_{exc.status_code}"
+    if isinstance(exc, (openai.APITimeoutError, asyncio.TimeoutError)):
+        return "timeout"
+    if isinstance(exc, openai.APIConnectionError):
+        return "connection_error"
+    if isinstance(exc, (httpx2.RemoteProtocolError, httpx2.ReadError)):
+        return "disconnect"
+    return type(exc).__name__
+
+
+async def send_one(client: openai.AsyncOpenAI, target: Target, spec: RequestSpec, t0_ns: int) -> dict[str, Any]:
+    """Send one streaming request and time it; returns its record (never raises for HTTP trouble)."""
+    stream_options: dict[str, Any] = {"include_usage": True}
+    if target.continuous_usage:
+        stream_options["continuous_usage_stats"] = True
+    extra_body = {"ignore_eos": True} if target.ignore_eos else None
+    chunks = 0
+    status: int | None = None
+    error_kind = error = None
+    done = False
+    sent_ns = time.perf_counter_ns()
+    clock = TokenClock(sent_ns)
+    try:
+        async with client.chat.completions.with_streaming_response.create(
+            model=target.model,
+            messages=[{"role": "user", "content": spec.prompt}],
+            max_tokens=spec.max_tokens,
+            stream=True,
+            stream_options=stream_options,
+            extra_body=extra_body,
+        ) as response:
+            status = response.http_response.status_code
+            async for line in response.iter_lines():
+                now = time.perf_counter_ns()
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    done = True
+                    break
+                chunks += 1
+                clock.feed(now, orjson.loads(payload))
+    except (openai.APIError, httpx2.HTTPError, asyncio.TimeoutError, OSError) as exc:
+        error_kind, error = _error_kind(exc), str(exc)[:300]
+        if isinstance(exc, openai.APIStatusError):
+            status = exc.status_code
+    if error_kind is None and not done:
+        error_kind, error = "disconnect", "the stream ended without [DONE]"
+    token_ns, usage = clock.token_ns, clock.usage
+    output_tokens = (usage or {}).get("completion_tokens")
+    ok = error_kind is None and bool(token_ns)
+    if error_kind is None and not token_ns:
+        error_kind, error = "no_tokens", "the stream carried no token"
+    return {
+        "ok": ok,
+        "status": status,
+        "error_kind": error_kind,
+        "error": error,
+        "sent_s": (sent_ns - t0_ns) / NS,
+        "ttft_ms": token_ns[0] / 1e6 if token_ns else None,
+        "e2el_ms": token_ns[-1] / 1e6 if token_ns else None,
+        # Arrival of every token-bearing chunk after the send, for ITL and timelines.
+        "token_ms": [round(t / 1e6, 4) for t in token_ns],
+        "output_tokens": output_tokens,
+        "client_tokens": clock.tokens,
+        "prompt_tokens": (usage or {}).get("prompt_tokens"),
+        "expected_prompt_tokens": spec.prompt_len,
+        "max_tokens": spec.max_tokens,
+        "chunks": chunks,
+    }
+
+
+class LoopLagProbe:
+    """How late the event loop wakes a 10 ms ticker: a busy client shows here before anywhere else."""
+
+    def __init__(self, period_s: float = 0.01) -> None:
+        self.period_s = period_s
+        self.lags_ms: list[float] = []
+        self._task: asyncio.Task | None = None
+
+    async def _run(self) -> None:
+        while True:
+            t = time.perf_counter()
+            await asyncio.sleep(self.period_s)
+            self.lags_ms.append((time.perf_counter() - t - self.period_s) * 1000)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+
+@dataclass
+class StageOutcome:
+    """What a stage did, beyond its per-request records."""
+
+    started_at_s: float  # perf_counter seconds at the stage's t0
+    duration_s: float  # t0 → last request finished
+    sent: int
+    completed: int
+    failed: int
+    cancelled: int
+    send_window_s: float  # first send → last send
+    schedule_lag_ms: list[float]
+    loop_lag_ms: list[float]
+    interrupted: bool
+
+
+async def run_stage_async(
+    target: Target,
+    requests: list[RequestSpec],
+    stage: StageSpec,
+    sink: Callable[[dict[str, Any]], None],
+    warmups: list[RequestSpec] = (),
+    stop: threading.Event | None = None,
+) -> StageOutcome:
+    """Send ``warmups`` (recorded, marked, not timed into the stage), then ``requests`` per ``stage``.
+
+    ``sink`` receives each request's record the moment it ends. ``stop`` (set from another thread)
+    cancels what is in flight; those requests are recorded as cancelled.
+    """
+    pool = (stage.max_concurrency or len(requests) or 1) + 8
+    client = make_client(target, pool)
+    try:
+        if warmups:
+            limit = asyncio.Semaphore(stage.max_concurrency or len(warmups))
+            t_w = time.perf_counter_ns()
+
+            async def warm(i: int, spec: RequestSpec) -> None:
+                async with limit:
+                    record = await send_one(client, target, spec, t_w)
+                sink(record | {"index": i, "warmup": True, "scheduled_s": 0.0, "schedule_lag_ms": 0.0})
+
+            await asyncio.gather(*(warm(i, s) for i, s in enumerate(warmups)))
+
+        offsets = arrival_offsets_s(len(requests), stage.request_rate, stage.burstiness, stage.seed)
+        limit = asyncio.Semaphore(stage.max_concurrency) if stage.max_concurrency else None
+        probe = LoopLagProbe()
+        probe.start()
+        schedule_lag: list[float] = []
+        sends: list[float] = []
+        counts = {"completed": 0, "failed": 0, "cancelled": 0}
+        t0 = time.perf_counter_ns()
+        last_end = [t0]
+
+        async def fire(i: int, spec: RequestSpec, at_s: float) -> None:
+            target_ns = t0 + int(at_s * NS)
+            delay = target_ns - time.perf_counter_ns()
+            if delay > 0:
+                await asyncio.sleep(delay / NS)
+            if stage.duration_s is not None and (time.perf_counter_ns() - t0) / NS > stage.duration_s:
+                return
+            # Lag: how late the request woke for its slot in the schedule (a wait for a concurrency
+            # slot is the design of a capped stage, not lag).
+            lag_ms = max(0.0, (time.perf_counter_ns() - target_ns) / 1e6)
+            if limit:
+                await limit.acquire()
+            try:
+                if stage.duration_s is not None and (time.perf_counter_ns() - t0) / NS > stage.duration_s:
+                    return
+                schedule_lag.append(lag_ms)
+                sends.append((time.perf_counter_ns() - t0) / NS)
+                try:
+                    record = await send_one(client, target, spec, t0)
+                except asyncio.CancelledError:
+                    counts["cancelled"] += 1
+                    sink({"index": i, "warmup": False, "ok": False, "error_kind": "cancelled",
+                          "scheduled_s": at_s, "schedule_lag_ms": lag_ms})  # fmt: skip
+                    raise
+            finally:
+                if limit:
+                    limit.release()
+            counts["completed" if record["ok"] else "failed"] += 1
+            last_end[0] = time.perf_counter_ns()
+            sink(record | {"index": i, "warmup": False, "scheduled_s": at_s, "schedule_lag_ms": round(lag_ms, 4)})
+
+        tasks = [asyncio.ensure_future(fire(i, s, float(at))) for i, (s, at) in enumerate(zip(requests, offsets))]
+        interrupted = False
+
+        async def watch() -> None:
+            while stop is not None and not stop.is_set():
+                await asyncio.sleep(0.05)
+            for task in tasks:
+                task.cancel()
+
+        watcher = asyncio.ensure_future(watch()) if stop is not None else None
+        try:
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            interrupted = any(isinstance(r, asyncio.CancelledError) for r in results)
+        except asyncio.CancelledError:
+            interrupted = True
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        finally:
+            if watcher:
+                watcher.cancel()
+            await probe.stop()
+        return StageOutcome(
+            started_at_s=t0 / NS,
+            duration_s=(last_end[0] - t0) / NS,
+            sent=len(sends),
+            completed=counts["completed"],
+            failed=counts["failed"],
+            cancelled=counts["cancelled"],
+            send_window_s=(max(sends) - min(sends)) if sends else 0.0,
+            schedule_lag_ms=schedule_lag,
+            loop_lag_ms=probe.lags_ms,
+            interrupted=interrupted or bool(stop is not None and stop.is_set()),
+        )
+    finally:
+        await client.close()
+
+
+def run_stage(
+    target: Target,
+    requests: list[RequestSpec],
+    stage: StageSpec,
+    sink: Callable[[dict[str, Any]], None],
+    warmups: list[RequestSpec] = (),
+) -> StageOutcome:
+    """Run a stage from synchronous code: a plain script, or a Jupyter cell whose loop already runs.
+
+    Inside a running event loop (Jupyter) the stage gets its own loop in a worker thread; Ctrl-C
+    (KeyboardInterrupt in the calling thread) stops it, and the records written so far stay.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(run_stage_async(target, requests, stage, sink, warmups))
+
+    stop = threading.Event()
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["outcome"] = asyncio.run(run_stage_async(target, requests, stage, sink, warmups, stop))
+        except BaseException as exc:  # handed to the calling thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=work, name="servinglab-stage", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.1)
+    except KeyboardInterrupt:
+        stop.set()
+        worker.join()
+        raise
+    if "error" in box:
+        raise box["error"]
+    return box["outcome"]

@@ -1,0 +1,167 @@
+"""What a latency stage sends: prompts of an exact token length, or prompts from a JSONL file.
+
+Prompt lengths are counted in tokens of the *served model's* tokenizer, before the chat template (as
+``vllm bench serve --input-len`` counts them), read from the model directory or asked of the server's
+``/tokenize`` and ``/detokenize``. Everything is drawn from a seeded generator: the same seed gives the
+same prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from .errors import ParamsError
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One request of a stage: the user message and how many tokens to ask for."""
+
+    prompt: str
+    prompt_len: int  # tokens of the served model's tokenizer, before the chat template
+    max_tokens: int
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def prompt_ids(self) -> list[int]: ...
+
+
+class DirectoryTokenizer:
+    """The tokenizer of a Hugging Face model directory, loaded as vLLM loads it (transformers)."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        from transformers import AutoTokenizer
+
+        if not (Path(directory) / "tokenizer_config.json").is_file() and not (Path(directory) / "tokenizer.json").is_file():
+            raise ParamsError(f"--tokenizer {directory}: no tokenizer files in it")
+        self._tok = AutoTokenizer.from_pretrained(str(directory))
+        self.vocab_size = len(self._tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids)
+
+    def prompt_ids(self) -> list[int]:
+        """Ids that decode to text which encodes back to the same id (no lone bytes, no specials)."""
+        special = set(self._tok.all_special_ids)
+        texts = self._tok.batch_decode([[i] for i in range(self.vocab_size)])
+        encoded = self._tok(texts, add_special_tokens=False)["input_ids"]
+        return [i for i, ids in enumerate(encoded) if i not in special and ids == [i]]
+
+
+class ServerTokenizer:
+    """The served model's tokenizer, through vLLM's ``/tokenize`` and ``/detokenize``."""
+
+    def __init__(self, root_url: str, model: str, api_key: str | None = None, vocab_size: int | None = None) -> None:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=root_url, headers=headers, timeout=30, trust_env=False)
+        self._model = model
+        if vocab_size is None:
+            # The largest id the tokenizer knows: detokenize probes are cheap, a binary search is short.
+            vocab_size = self._largest_id() + 1
+        self.vocab_size = vocab_size
+
+    def _largest_id(self) -> int:
+        low, high = 0, 1 << 20
+        while low < high:
+            mid = (low + high + 1) // 2
+            if self._http.post("/detokenize", json={"model": self._model, "tokens": [mid]}).status_code == 200:
+                low = mid
+            else:
+                high = mid - 1
+        return low
+
+    def encode(self, text: str) -> list[int]:
+        answer = self._http.post("/tokenize", json={"model": self._model, "prompt": text, "add_special_tokens": False})
+        answer.raise_for_status()
+        return answer.json()["tokens"]
+
+    def decode(self, ids: list[int]) -> str:
+        answer = self._http.post("/detokenize", json={"model": self._model, "tokens": ids})
+        answer.raise_for_status()
+        return answer.json()["prompt"]
+
+    def prompt_ids(self) -> list[int]:
+        """The distinct ids of a shipped English text: asking the server about every id would be slow."""
+        from importlib import resources
+
+        text = resources.files("servinglab.data").joinpath("corpus.txt").read_text(encoding="utf-8")
+        return sorted(set(self.encode(text)))
+
+
+def exact_length_prompt(tokenizer: Tokenizer, length: int, rng: np.random.Generator, allowed: np.ndarray) -> str:
+    """Text that encodes to exactly ``length`` tokens, from random ids (decoding can merge or split)."""
+    ids = list(rng.choice(allowed, size=length))
+    for _ in range(20):
+        text = tokenizer.decode(ids)
+        encoded = tokenizer.encode(text)
+        if len(encoded) == length:
+            return text
+        if len(encoded) > length:
+            ids = encoded[:length]
+        else:
+            ids = encoded + list(rng.choice(allowed, size=length - len(encoded)))
+    raise ParamsError(f"could not make a prompt of exactly {length} tokens with this tokenizer")
+
+
+def random_requests(
+    tokenizer: Tokenizer,
+    count: int,
+    input_len: int,
+    output_len: int,
+    seed: int,
+    range_ratio: float = 0.0,
+) -> list[RequestSpec]:
+    """``count`` random prompts of ``input_len`` tokens each (± ``range_ratio``), asking ``output_len``."""
+    if not 0 <= range_ratio < 1:
+        raise ParamsError(f"range_ratio {range_ratio}: must be in [0, 1)")
+    rng = np.random.default_rng(seed)
+    allowed = np.array(tokenizer.prompt_ids())
+
+    def lengths(center: int) -> np.ndarray:
+        low, high = int(center * (1 - range_ratio)), int(center * (1 + range_ratio))
+        return rng.integers(max(low, 1), max(high, 1) + 1, size=count)
+
+    inputs, outputs = lengths(input_len), lengths(output_len)
+    return [
+        RequestSpec(exact_length_prompt(tokenizer, int(n_in), rng, allowed), int(n_in), int(n_out))
+        for n_in, n_out in zip(inputs, outputs)
+    ]
+
+
+def file_requests(path: str | os.PathLike, default_max_tokens: int, tokenizer: Tokenizer | None = None) -> list[RequestSpec]:
+    """Prompts from a JSONL file: one object a line with ``prompt`` and optional ``max_tokens``."""
+    specs = []
+    source = Path(path)
+    if not source.is_file():
+        raise ParamsError(f"{source}: prompts file not found")
+    for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            prompt = item["prompt"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ParamsError(f"{source}: line {number}: expected an object with a 'prompt' ({exc})") from exc
+        max_tokens = int(item.get("max_tokens", default_max_tokens))
+        length = len(tokenizer.encode(prompt)) if tokenizer else -1
+        specs.append(RequestSpec(prompt, length, max_tokens))
+    if not specs:
+        raise ParamsError(f"{source}: no prompts in it")
+    return specs
