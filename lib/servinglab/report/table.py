@@ -7,7 +7,8 @@ built from the run's data only and says what kind of statement it is:
 - ``observed``: a behaviour seen in this run (a URL, a process count, checks passed);
 - ``pending``: the suite has no experiment for it yet; the text names what will measure it;
 - ``needs-platform``: the layer cannot run on this run's platform;
-- ``not-deployed`` / ``failed``: the layer was not deployed in this run, or failed, with the reason.
+- ``not-deployed`` / ``failed``: the layer was not deployed in this run, or failed, with the reason;
+- ``not-run``: the layer ran, but the experiment that measures this row did not.
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ def _percentiles(metric: str) -> Callable[[RunData, str, str], Cell]:
         stages = [s for s in _closed_stages(run, layer) if s["summary"].get("completed")]
         if not stages:
             gate = _deployment_gate(run, layer)
-            return gate or Cell("not-deployed", "no latency stage in this run (30_latency did not run)", evidence="#latency")
+            return gate or Cell("not-run", "no latency stage in this run (30_latency did not run)", evidence="#latency")
         parts = [
             f"c={s['max_concurrency']}: {s['summary'][f'median_{metric}_ms']:.1f} / {s['summary'][f'p95_{metric}_ms']:.1f} ms"
             for s in stages
@@ -187,7 +188,7 @@ def _goodput(run: RunData, layer: str, kind: str) -> Cell:
     stages = [s for s in _closed_stages(run, layer) if s["summary"].get("completed")]
     if not stages:
         gate = _deployment_gate(run, layer)
-        return gate or Cell("not-deployed", "no latency stage in this run (30_latency did not run)", evidence="#latency")
+        return gate or Cell("not-run", "no latency stage in this run (30_latency did not run)", evidence="#latency")
     slos = run.params.get("slos", {})
     limits = {k: slos.get(f"{k}_ms_p95") for k in ("ttft", "tpot", "e2e")}
     limits = {k: v for k, v in limits.items() if v}
