@@ -48,11 +48,11 @@ def test_whole_suite_with_an_api_key_that_appears_nowhere(private_overrides, tmp
     assert context["git"]["sha"] and len(context["git"]["sha"]) == 40
     assert context["engine"]["system_fingerprint"].startswith("vllm-")
     assert context["hardware"]["logical_cores"] >= 1
-    assert [n["name"] for n in context["notebooks"]] == ["00_preflight", "10_deploy", "20_smoke", "90_report"]
+    assert [n["name"] for n in context["notebooks"]] == ["00_preflight", "10_deploy", "20_smoke", "30_latency", "90_report"]
     assert all(n["status"] == "ok" for n in context["notebooks"])
 
     # Executed copies live in the run directory; the sources stay without outputs.
-    for name in ("00_preflight", "10_deploy", "20_smoke", "90_report"):
+    for name in ("00_preflight", "10_deploy", "20_smoke", "30_latency", "90_report"):
         executed = json.loads((run_dir / "notebooks" / f"{name}.ipynb").read_text())
         assert any(c.get("outputs") for c in executed["cells"] if c["cell_type"] == "code")
         source = json.loads((REPO / "notebooks" / f"{name}.ipynb").read_text())
@@ -64,6 +64,13 @@ def test_whole_suite_with_an_api_key_that_appears_nowhere(private_overrides, tmp
     }  # fmt: skip
     deployments = [json.loads(line) for line in (run_dir / "data" / "deployments.jsonl").read_text().splitlines()]
     assert {d["layer"]: d["status"] for d in deployments} == {"raw": "ready", "kserve": "unsupported", "llm-d": "unsupported"}
+
+    stages = [json.loads(line) for line in (run_dir / "data" / "latency_stages.jsonl").read_text().splitlines()]
+    assert [(s["layer"], s["stage"]) for s in stages] == [("raw", "c=1"), ("raw", "c=4"), ("raw", "rate=10")]
+    assert all(s["summary"]["completed"] >= 6 and s["summary"]["failed"] == 0 for s in stages)
+    requests = (run_dir / "data" / "latency_requests.jsonl").read_text().splitlines()
+    assert len(requests) == sum(s["summary"]["completed"] for s in stages)
+    assert "c=4:" in report.read_text()  # the TTFT row is measured
 
     # Torn down at the end of the batch.
     assert engine_processes(owner_fragment=str(workspace / "cache")) == []

@@ -29,8 +29,6 @@ class RequestSpec:
 
 
 class Tokenizer(Protocol):
-    vocab_size: int
-
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
@@ -56,36 +54,20 @@ class DirectoryTokenizer:
         return self._tok.decode(ids)
 
     def prompt_ids(self) -> list[int]:
-        """Ids that decode to text which encodes back to the same id (no lone bytes, no specials)."""
-        special = set(self._tok.all_special_ids)
-        texts = self._tok.batch_decode([[i] for i in range(self.vocab_size)])
-        encoded = self._tok(texts, add_special_tokens=False)["input_ids"]
-        return [i for i, ids in enumerate(encoded) if i not in special and ids == [i]]
+        ids = [i for i in range(self.vocab_size) if i not in set(self._tok.all_special_ids)]
+        texts = self._tok.batch_decode([[i] for i in ids])
+        return word_tokens(ids, texts, lambda batch: self._tok(batch, add_special_tokens=False)["input_ids"])
 
 
 class ServerTokenizer:
     """The served model's tokenizer, through vLLM's ``/tokenize`` and ``/detokenize``."""
 
-    def __init__(self, root_url: str, model: str, api_key: str | None = None, vocab_size: int | None = None) -> None:
+    def __init__(self, root_url: str, model: str, api_key: str | None = None) -> None:
         import httpx
 
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=root_url, headers=headers, timeout=30, trust_env=False)
         self._model = model
-        if vocab_size is None:
-            # The largest id the tokenizer knows: detokenize probes are cheap, a binary search is short.
-            vocab_size = self._largest_id() + 1
-        self.vocab_size = vocab_size
-
-    def _largest_id(self) -> int:
-        low, high = 0, 1 << 20
-        while low < high:
-            mid = (low + high + 1) // 2
-            if self._http.post("/detokenize", json={"model": self._model, "tokens": [mid]}).status_code == 200:
-                low = mid
-            else:
-                high = mid - 1
-        return low
 
     def encode(self, text: str) -> list[int]:
         answer = self._http.post("/tokenize", json={"model": self._model, "prompt": text, "add_special_tokens": False})
@@ -98,17 +80,32 @@ class ServerTokenizer:
         return answer.json()["prompt"]
 
     def prompt_ids(self) -> list[int]:
-        """The distinct ids of a shipped English text: asking the server about every id would be slow."""
+        # The distinct ids of a shipped English text: asking the server about every id would be slow.
         from importlib import resources
 
         text = resources.files("servinglab.data").joinpath("corpus.txt").read_text(encoding="utf-8")
-        return sorted(set(self.encode(text)))
+        ids = sorted(set(self.encode(text)))
+        return word_tokens(ids, [self.decode([i]) for i in ids], lambda batch: [self.encode(t) for t in batch])
+
+
+def word_tokens(ids: list[int], texts: list[str], encode_batch) -> list[int]:
+    """The ids that are one whole space-led word or symbol and encode back to themselves.
+
+    Random ids of this kind concatenate into text that encodes to the same ids, so a prompt reaches its
+    exact length at once (random byte pieces would merge or split when the text is encoded again).
+    """
+    candidates = [
+        (token_id, text) for token_id, text in zip(ids, texts)
+        if len(text) > 1 and text[0] == " " and " " not in text[1:] and "\ufffd" not in text
+    ]  # fmt: skip
+    encoded = encode_batch([text for _, text in candidates])
+    return [token_id for (token_id, _), again in zip(candidates, encoded) if again == [token_id]] or list(ids)
 
 
 def exact_length_prompt(tokenizer: Tokenizer, length: int, rng: np.random.Generator, allowed: np.ndarray) -> str:
     """Text that encodes to exactly ``length`` tokens, from random ids (decoding can merge or split)."""
-    ids = list(rng.choice(allowed, size=length))
-    for _ in range(20):
+    ids = [int(i) for i in rng.choice(allowed, size=length)]
+    for _ in range(50):
         text = tokenizer.decode(ids)
         encoded = tokenizer.encode(text)
         if len(encoded) == length:
@@ -116,7 +113,7 @@ def exact_length_prompt(tokenizer: Tokenizer, length: int, rng: np.random.Genera
         if len(encoded) > length:
             ids = encoded[:length]
         else:
-            ids = encoded + list(rng.choice(allowed, size=length - len(encoded)))
+            ids = encoded + [int(i) for i in rng.choice(allowed, size=length - len(encoded))]
     raise ParamsError(f"could not make a prompt of exactly {length} tokens with this tokenizer")
 
 

@@ -175,9 +175,19 @@ def figures(run: RunData) -> list[Figure]:
     return [f for f in (make(run) for make in makers) if f is not None]
 
 
-def latency_figures(run_dir) -> list[Figure]:
+@dataclass(frozen=True)
+class Figures:
+    """Several figures shown one under the other in a notebook."""
+
+    items: list[Figure]
+
+    def _repr_html_(self) -> str:
+        return "".join(f._repr_html_() for f in self.items) or "<p>No latency stage in this run.</p>"
+
+
+def latency_figures(run_dir) -> Figures:
     """The latency figures of a run, for a notebook."""
     from .rundata import load_run
 
     run = load_run(run_dir)
-    return [f for f in (latency_throughput_figure(run), distributions_figure(run), goodput_figure(run)) if f is not None]
+    return Figures([f for f in (latency_throughput_figure(run), distributions_figure(run), goodput_figure(run)) if f])

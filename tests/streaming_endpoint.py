@@ -1,0 +1,96 @@
+"""A zero-latency OpenAI-style streaming endpoint on loopback, for tests and the client benchmark.
+
+It answers ``POST /v1/chat/completions`` with ``max_tokens`` one-token chunks and a usage chunk, as vLLM
+streams them (usage in every chunk when ``continuous_usage_stats`` is asked), as fast as it can. Modes
+set by the prompt's first word make it misbehave on purpose: ``fail`` answers 500, ``cut`` closes the
+stream half-way, ``roleonly`` sends the role in a chunk of its own first, ``slow`` waits 50 ms a token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+from aiohttp import web
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    body = await request.json()
+    prompt = body["messages"][-1]["content"]
+    mode = prompt.split(" ", 1)[0]
+    if mode == "fail":
+        return web.json_response({"error": "planted failure"}, status=500)
+    n = int(body.get("max_tokens") or 16)
+    continuous = bool((body.get("stream_options") or {}).get("continuous_usage_stats"))
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+
+    def event(choices, tokens):
+        data = {"id": "x", "object": "chat.completion.chunk", "model": body["model"], "choices": choices}
+        if continuous or not choices:
+            data["usage"] = {"prompt_tokens": 7, "completion_tokens": tokens, "total_tokens": 7 + tokens}
+        return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+    if mode == "roleonly":
+        await response.write(event([{"index": 0, "delta": {"role": "assistant", "content": ""}}], 0))
+        await asyncio.sleep(0.02)
+    for i in range(n):
+        if mode == "cut" and i == n // 2:
+            request.transport.close()
+            return response
+        delta = {"content": "t"}
+        if i == 0 and mode != "roleonly":
+            delta["role"] = "assistant"
+        await response.write(event([{"index": 0, "delta": delta, "finish_reason": None if i < n - 1 else "length"}], i + 1))
+        if mode == "slow":
+            await asyncio.sleep(0.05)
+    await response.write(event([], n))
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+class StreamingEndpoint:
+    """Runs the endpoint in a thread with its own loop; ``url`` is the root (add /v1)."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", chat)
+        runner = web.AppRunner(app, access_log=None)
+        self._loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=4096)
+        self._loop.run_until_complete(site.start())
+        port = site._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self._ready.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(runner.cleanup())
+
+    def __enter__(self) -> StreamingEndpoint:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+def serve_forever(port: int = 0) -> None:  # for benchmarks in their own process
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=lambda *a: None, backlog=4096)
+
+
+if __name__ == "__main__":
+    import sys
+
+    serve_forever(int(sys.argv[1]) if len(sys.argv) > 1 else 8765)
