@@ -18,10 +18,12 @@ from aiohttp import web
 async def chat(request: web.Request) -> web.StreamResponse:
     body = await request.json()
     prompt = body["messages"][-1]["content"]
+    if isinstance(prompt, list):  # content parts, as vllm bench serve sends them
+        prompt = " ".join(part.get("text", "") for part in prompt)
     mode = prompt.split(" ", 1)[0]
     if mode == "fail":
         return web.json_response({"error": "planted failure"}, status=500)
-    n = int(body.get("max_tokens") or 16)
+    n = int(body.get("max_completion_tokens") or body.get("max_tokens") or 16)
     continuous = bool((body.get("stream_options") or {}).get("continuous_usage_stats"))
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)

@@ -123,7 +123,15 @@ async def send_one(client: openai.AsyncOpenAI, target: Target, spec: RequestSpec
     stream_options: dict[str, Any] = {"include_usage": True}
     if target.continuous_usage:
         stream_options["continuous_usage_stats"] = True
-    extra_body = {"ignore_eos": True} if target.ignore_eos else None
+    body: dict[str, Any] = {
+        "model": target.model,
+        "messages": [{"role": "user", "content": spec.prompt}],
+        "max_tokens": spec.max_tokens,
+        "stream": True,
+        "stream_options": stream_options,
+    }
+    if target.ignore_eos:
+        body["ignore_eos"] = True  # vLLM's field; a top-level key of the request
     chunks = 0
     status: int | None = None
     error_kind = error = None
@@ -131,25 +139,34 @@ async def send_one(client: openai.AsyncOpenAI, target: Target, spec: RequestSpec
     sent_ns = time.perf_counter_ns()
     clock = TokenClock(sent_ns)
     try:
-        async with client.chat.completions.with_streaming_response.create(
-            model=target.model,
-            messages=[{"role": "user", "content": spec.prompt}],
-            max_tokens=spec.max_tokens,
+        # The client's own request path with the body as plain bytes: the typed create() spends a
+        # quarter of the client's time transforming its parameters, and its stream objects more.
+        response = await client.post(
+            "/chat/completions",
+            cast_to=httpx2.Response,
+            content=orjson.dumps(body),  # encoded once here, not deep-copied and re-encoded per attempt
+            options={"headers": {"Content-Type": "application/json"}},
             stream=True,
-            stream_options=stream_options,
-            extra_body=extra_body,
-        ) as response:
-            status = response.http_response.status_code
-            async for line in response.iter_lines():
-                now = time.perf_counter_ns()
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
-                    done = True
-                    break
-                chunks += 1
-                clock.feed(now, orjson.loads(payload))
+        )
+        status = response.status_code
+        try:
+            pending = b""
+            async for data in response.aiter_bytes():
+                now = time.perf_counter_ns()  # every event in this read arrived now
+                pending += data
+                while (end := pending.find(b"\n\n")) >= 0:
+                    event, pending = pending[:end], pending[end + 2 :]
+                    for line in event.split(b"\n"):
+                        if not line.startswith(b"data:"):
+                            continue
+                        payload = line[5:].strip()
+                        if payload == b"[DONE]":
+                            done = True
+                            continue
+                        chunks += 1
+                        clock.feed(now, orjson.loads(payload))
+        finally:
+            await response.aclose()
     except (openai.APIError, httpx2.HTTPError, asyncio.TimeoutError, OSError) as exc:
         error_kind, error = _error_kind(exc), str(exc)[:300]
         if isinstance(exc, openai.APIStatusError):
