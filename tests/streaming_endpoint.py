@@ -53,11 +53,23 @@ async def chat(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def prometheus(request: web.Request) -> web.Response:
+    """A Prometheus ``query_range`` answer: two series whose values depend on the query's length."""
+    query = request.query["query"]
+    start, end = float(request.query["start"]), float(request.query["end"])
+    values = [[start, str(len(query))], [end, str(2 * len(query))]]
+    return web.json_response({"status": "success", "data": {"resultType": "matrix", "result": [{"metric": {}, "values": values}]}})
+
+
 class StreamingEndpoint:
-    """Runs the endpoint in a thread with its own loop; ``url`` is the root (add /v1)."""
+    """Runs the endpoint in a thread with its own loop; ``url`` is the root (add /v1).
+
+    It also answers ``/health`` while ``healthy`` is true, and Prometheus' ``/api/v1/query_range``.
+    """
 
     def __init__(self) -> None:
         self.url = ""
+        self.healthy = True
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -66,6 +78,8 @@ class StreamingEndpoint:
         self._loop = asyncio.new_event_loop()
         app = web.Application()
         app.router.add_post("/v1/chat/completions", chat)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/api/v1/query_range", prometheus)
         runner = web.AppRunner(app, access_log=None)
         self._loop.run_until_complete(runner.setup())
         site = web.TCPSite(runner, "127.0.0.1", 0, backlog=4096)
@@ -75,6 +89,9 @@ class StreamingEndpoint:
         self._ready.set()
         self._loop.run_forever()
         self._loop.run_until_complete(runner.cleanup())
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.healthy else 503)
 
     def __enter__(self) -> StreamingEndpoint:
         self._thread.start()

@@ -150,3 +150,48 @@ def test_import_vllm_bench_result(engine, tmp_path):
     bad.write_text("{}")
     refused = run_cli("import", "vllm-bench", str(bad), "--run-dir", str(engine.run_dir), timeout=120)
     assert refused.returncode == 2 and "not a vllm bench serve result" in refused.stderr
+
+
+def test_bench_with_a_prompts_file(endpoint, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "ok first"}\n{"prompt": "ok second", "max_tokens": 3}\n')
+    out = tmp_path / "r.json"
+    from servinglab import modelbuild
+
+    tokenizer = modelbuild.ensure_model(tmp_path / "cache", "tiny", 0)
+    done = run_cli("bench", "--base-url", endpoint.url, "--model", "m", "--tokenizer", str(tokenizer),
+                   "--prompts-file", str(prompts), "--input-len", "1", "--output-len", "5", "--num-prompts", "5",
+                   "--seed", "0", "--out", str(out), timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["completed"] == 5 and result["total_output_tokens"] == 5 + 3 + 5 + 3 + 5  # cycled, own max_tokens
+
+
+def test_gpu_telemetry_from_prometheus(endpoint):
+    from servinglab.servermetrics import prometheus_window
+
+    window = prometheus_window(endpoint.url, {"util": "avg(DCGM_FI_DEV_GPU_UTIL)"}, 1000.0, 1060.0)
+    n = len("avg(DCGM_FI_DEV_GPU_UTIL)")
+    assert window == {"mean_util": 1.5 * n, "max_util": 2.0 * n}
+    broken = prometheus_window(endpoint.url + "/nothing", {"util": "up"}, 1000.0, 1060.0)
+    assert "util_error" in broken
+
+
+@pytest.mark.parametrize("policy, expected", [("stop", 1), ("continue", 2)])
+def test_a_stage_whose_server_died_ends_the_sweep_or_not(endpoint, tmp_path, monkeypatch, policy, expected):
+    """After a stage the server's /health fails: the stage says so, and the sweep follows the study."""
+    from servinglab import api, latency, results
+    from servinglab.platforms import Endpoint
+
+    monkeypatch.setenv("SERVINGLAB_OVERRIDES", str(tmp_path / "none.yaml"))
+    (tmp_path / "none.yaml").write_text(f"paths: {{runs_dir: {tmp_path}/runs, cache_dir: {tmp_path}/cache}}\n")
+    study_run = api.open_study(PARAMS / "ci.yaml", overrides=[f"workloads.latency.on_server_death={policy}",
+                                                             "workloads.latency.rate_sweep.rates=[]"])  # fmt: skip
+    endpoint.healthy = False
+    try:
+        stages = latency.run_layer_sweep(study_run.study, study_run.platform, Endpoint("raw", f"{endpoint.url}/v1", "m"),
+                                         study_run.run_dir)  # fmt: skip
+    finally:
+        endpoint.healthy = True
+    assert len(stages) == expected and all(s["server_alive_after"] is False for s in stages)
+    assert [s["stage"] for s in results.read_records(study_run.run_dir, "latency_stages")] == ["c=1", "c=4"][:expected]

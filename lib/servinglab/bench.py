@@ -17,7 +17,7 @@ from . import results, servermetrics
 from .errors import ParamsError
 from .loadgen import StageSpec, Target, run_stage
 from .metrics import summarize
-from .workload import DirectoryTokenizer, ServerTokenizer, random_requests
+from .workload import DirectoryTokenizer, ServerTokenizer, file_requests, random_requests
 
 STAGES_TABLE = "latency_stages"
 REQUESTS_TABLE = "latency_requests"
@@ -76,6 +76,8 @@ def run_bench(
     slos: dict[str, float] | None = None,
     records_path: Path | None = None,
     labels: dict[str, Any] | None = None,
+    prompts_file: str | None = None,
+    duration_s: float | None = None,
 ) -> dict[str, Any]:
     """Run one stage and return its result (``vllm bench serve`` key names plus servinglab's extras).
 
@@ -85,10 +87,14 @@ def run_bench(
     """
     root = root_url(base_url)
     tok = DirectoryTokenizer(tokenizer) if tokenizer else ServerTokenizer(root, model, api_key)
-    specs = random_requests(tok, num_prompts + num_warmups, input_len, output_len, seed, range_ratio)
+    if prompts_file:
+        specs = file_requests(prompts_file, output_len, tok, num_prompts + num_warmups)
+    else:
+        specs = random_requests(tok, num_prompts + num_warmups, input_len, output_len, seed, range_ratio)
     warmups, requests = specs[:num_warmups], specs[num_warmups:]
     target = Target(f"{root}/v1", model, api_key=api_key, ignore_eos=ignore_eos)
-    stage = StageSpec(request_rate=request_rate, burstiness=burstiness, max_concurrency=max_concurrency, seed=seed)
+    stage = StageSpec(request_rate=request_rate, burstiness=burstiness, max_concurrency=max_concurrency, seed=seed,
+                      duration_s=duration_s)  # fmt: skip
     sink = RecordSink(records_path, labels or {})
     before = servermetrics.scrape(root, api_key)
     started = servermetrics.now_unix_s()

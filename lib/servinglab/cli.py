@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--output-len", type=int, required=True, help="max_tokens of each request")
     bench.add_argument("--range-ratio", type=float, default=0.0, help="lengths drawn uniformly in ±ratio")
     bench.add_argument("--num-prompts", type=int, required=True)
+    bench.add_argument("--prompts-file", help="JSONL of {prompt, max_tokens?} instead of random prompts (cycled)")
+    bench.add_argument("--duration-s", type=float, help="stop sending after this many seconds")
     bench.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (default inf: all at once)")
     bench.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the arrivals (1: Poisson)")
     bench.add_argument("--max-concurrency", type=int, help="requests in flight at most (closed loop with rate inf)")
@@ -171,6 +173,7 @@ def _bench(args) -> int:
         max_concurrency=args.max_concurrency, ignore_eos=args.ignore_eos, num_warmups=args.num_warmups,
         range_ratio=args.range_ratio, api_key=read_api_key(args.api_key_env, args.api_key_file),
         slos=slos or None, records_path=Path(args.records) if args.records else None,
+        prompts_file=args.prompts_file, duration_s=args.duration_s,
     )  # fmt: skip
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"completed {result['completed']}, failed {result['failed']} in {result['duration']:.2f} s; "

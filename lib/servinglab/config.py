@@ -243,6 +243,10 @@ class LatencyWorkload(StrictModel):
     prompts_per_concurrency: int = Field(10, ge=1, description="a stage sends this many × its concurrency ...")
     min_prompts: int = Field(60, ge=1, description="... and at least this many")
     num_warmups: int = Field(0, ge=0, description="requests sent before each stage, left out of its metrics")
+    prompts_file: str | None = Field(
+        None, description="JSONL of {prompt, max_tokens?} to send instead of random prompts (cycled to length)"
+    )
+    stage_duration_s: float | None = Field(None, gt=0, description="stop sending after this long in a stage")
     request_timeout_s: float = Field(600.0, gt=0)
     rate_sweep: RateSweep = Field(default_factory=RateSweep)
     on_server_death: Literal["stop", "continue"] = Field(
@@ -271,6 +275,19 @@ class Goodput(StrictModel):
 
     def limits(self) -> dict[str, float]:
         return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class Telemetry(StrictModel):
+    """Where GPU telemetry comes from: a Prometheus server (for example scraping a DCGM exporter)."""
+
+    prometheus_url: str | None = Field(None, pattern=r"^https?://")
+    queries: dict[str, str] = Field(
+        default_factory=lambda: {
+            "gpu_utilization_pct": "avg(DCGM_FI_DEV_GPU_UTIL)",
+            "gpu_memory_used_mib": "sum(DCGM_FI_DEV_FB_USED)",
+        },
+        description="name → PromQL; each is averaged and maximised over every stage's time window",
+    )
 
 
 class Slos(StrictModel):
@@ -326,6 +343,7 @@ class Study(StrictModel):
     layers: dict[str, Layer] = Field(min_length=1)
     workloads: Workloads = Field(default_factory=Workloads)
     slos: Slos = Field(default_factory=Slos)
+    telemetry: Telemetry = Field(default_factory=Telemetry)
     auth: Auth = Field(default_factory=Auth)
     run: RunSettings = Field(default_factory=RunSettings)
     paths: Paths = Field(default_factory=Paths)
@@ -622,6 +640,10 @@ def _check_files(study: Study, sources: list[tuple[str, dict[str, Any]]]) -> Non
             problem = "directory not found" if not directory.exists() else "no config.json in it"
             origin = _origin(sources, ("model", "source", "path"))
             raise ParamsError(f"{origin}: model.source.path: {directory}: {problem}")
+    prompts = study.workloads.latency.prompts_file
+    if prompts and not study.resolve_path(prompts).is_file():
+        origin = _origin(sources, ("workloads", "latency", "prompts_file"))
+        raise ParamsError(f"{origin}: workloads.latency.prompts_file: {study.resolve_path(prompts)}: file not found")
     if study.auth.api_key_file and not study.resolve_path(study.auth.api_key_file).is_file():
         origin = _origin(sources, ("auth", "api_key_file"))
         raise ParamsError(

@@ -7,8 +7,8 @@ from typing import Any
 
 from . import results
 from .config import Study
-from .errors import ServinglabError
-from .platforms import Deployment, Platform
+from .errors import PlatformError, ServinglabError
+from .platforms import Deployment, Endpoint, Platform
 
 
 def deploy_layers(
@@ -36,6 +36,29 @@ def deploy_layers(
         results.append_records(run_dir, "deployments", [record])
         records.append(record)
     return records
+
+
+def running_endpoints(
+    study: Study, platform: Platform, run_dir: str | os.PathLike, layers: list[str] | None = None,
+    deploy_missing: bool = False,
+) -> list[Endpoint]:
+    """Where each layer the platform hosts answers (all of the study's when ``layers`` is empty).
+
+    ``deploy_missing`` deploys a layer that is not running first (a notebook run on its own); the batch
+    deploys in 10_deploy and leaves it off, so a layer missing there is an error for the later stages.
+    """
+    endpoints = []
+    for name in study.select_layers(layers):
+        if platform.unsupported_reason(name):
+            continue
+        try:
+            endpoints.append(platform.endpoint(name))
+        except PlatformError:
+            if not deploy_missing:
+                raise
+            assert_deployed(deploy_layers(study, platform, run_dir, [name]))
+            endpoints.append(platform.endpoint(name))
+    return endpoints
 
 
 def assert_deployed(records: list[dict[str, Any]]) -> None:

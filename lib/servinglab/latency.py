@@ -20,7 +20,7 @@ from .config import Study
 from .loadgen import StageSpec, Target, run_stage
 from .metrics import summarize
 from .platforms import Endpoint, Platform
-from .workload import DirectoryTokenizer, ServerTokenizer, random_requests
+from .workload import DirectoryTokenizer, ServerTokenizer, file_requests, random_requests
 
 
 def planned_stages(study: Study) -> list[dict[str, Any]]:
@@ -61,10 +61,14 @@ def run_layer_sweep(
     for index, plan in enumerate(p for p in planned_stages(study) if p["mode"] in modes):
         # Seeded per stage, so a stage's prompts do not depend on which stages ran before it.
         seed = w.seed + index
-        specs = random_requests(tokenizer, plan["num_prompts"] + w.num_warmups, w.input_len, w.output_len, seed)
+        count = plan["num_prompts"] + w.num_warmups
+        if w.prompts_file:
+            specs = file_requests(study.resolve_path(w.prompts_file), w.output_len, tokenizer, count)
+        else:
+            specs = random_requests(tokenizer, count, w.input_len, w.output_len, seed)
         rate = plan["request_rate"] or math.inf
         stage = StageSpec(request_rate=rate, max_concurrency=plan["max_concurrency"], seed=seed,
-                          burstiness=w.rate_sweep.burstiness)  # fmt: skip
+                          burstiness=w.rate_sweep.burstiness, duration_s=w.stage_duration_s)  # fmt: skip
         sink = RecordSink(results.table_path(run_dir, REQUESTS_TABLE), {"layer": endpoint.layer, "stage": plan["stage"]})
         before = servermetrics.scrape(endpoint.root_url, endpoint.api_key)
         started = servermetrics.now_unix_s()
@@ -87,6 +91,10 @@ def run_layer_sweep(
                                  outcome.schedule_lag_ms, outcome.loop_lag_ms),  # fmt: skip
             "server": servermetrics.delta(before, after) | gauges.summary(),
         }
+        if study.telemetry.prometheus_url:
+            record["gpu"] = servermetrics.prometheus_window(
+                study.telemetry.prometheus_url, study.telemetry.queries, started, record["ended_at_unix"]
+            )
         results.append_records(run_dir, STAGES_TABLE, [record])
         out.append(record)
         if not alive and w.on_server_death == "stop":
@@ -126,20 +134,10 @@ def run_sweep(
 
     ``deploy_missing`` deploys a layer that is not running (a notebook run on its own).
     """
-    from .deploy import assert_deployed, deploy_layers
-    from .errors import PlatformError
+    from .deploy import running_endpoints
 
     stages = []
-    for name in study.select_layers(layers):
-        if platform.unsupported_reason(name):
-            continue
-        try:
-            endpoint = platform.endpoint(name)
-        except PlatformError:
-            if not deploy_missing:
-                raise
-            assert_deployed(deploy_layers(study, platform, run_dir, [name]))
-            endpoint = platform.endpoint(name)
+    for endpoint in running_endpoints(study, platform, run_dir, layers, deploy_missing):
         stages += run_layer_sweep(study, platform, endpoint, run_dir, modes)
     return stages
 

@@ -17,6 +17,7 @@ server keeps everything measured before it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import threading
 import time
@@ -267,6 +268,11 @@ async def run_stage_async(
             await asyncio.gather(*(warm(i, s) for i, s in enumerate(warmups)))
 
         offsets = arrival_offsets_s(len(requests), stage.request_rate, stage.burstiness, stage.seed)
+        # A full collection walks every object the process holds (transformers and torch hold millions)
+        # and stops the event loop for 100 ms or more: move what exists now out of the collector's
+        # reach for the stage, as vllm bench serve does.
+        gc.collect()
+        gc.freeze()
         limit = asyncio.Semaphore(stage.max_concurrency) if stage.max_concurrency else None
         probe = LoopLagProbe()
         probe.start()
@@ -330,6 +336,7 @@ async def run_stage_async(
             if watcher:
                 watcher.cancel()
             await probe.stop()
+            gc.unfreeze()
         return StageOutcome(
             started_at_s=t0 / NS,
             duration_s=(last_end[0] - t0) / NS,

@@ -123,27 +123,13 @@ def smoke_layers(
 ) -> list[dict[str, Any]]:
     """Smoke-test every layer the platform can host (all of the study's when ``layers`` is empty).
 
-    Parameters
-    ----------
-    deploy_missing : bool
-        Deploy a layer that is not running first (a notebook run on its own); the batch deploys in
-        10_deploy and leaves this off, so a layer missing there is an error here.
+    ``deploy_missing`` deploys a layer that is not running first (a notebook run on its own).
     """
-    from .deploy import assert_deployed, deploy_layers
-    from .errors import PlatformError
+    from .deploy import running_endpoints
 
     version = platform.engine_version()
     rows: list[dict[str, Any]] = []
-    for name in study.select_layers(layers):
-        if platform.unsupported_reason(name):
-            continue
-        try:
-            endpoint = platform.endpoint(name)
-        except PlatformError:
-            if not deploy_missing:
-                raise
-            assert_deployed(deploy_layers(study, platform, run_dir, [name]))
-            endpoint = platform.endpoint(name)
+    for endpoint in running_endpoints(study, platform, run_dir, layers, deploy_missing):
         rows += run_smoke(study, endpoint, run_dir, engine_version=version)
     return rows
 

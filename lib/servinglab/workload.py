@@ -142,8 +142,13 @@ def random_requests(
     ]
 
 
-def file_requests(path: str | os.PathLike, default_max_tokens: int, tokenizer: Tokenizer | None = None) -> list[RequestSpec]:
-    """Prompts from a JSONL file: one object a line with ``prompt`` and optional ``max_tokens``."""
+def file_requests(
+    path: str | os.PathLike, default_max_tokens: int, tokenizer: Tokenizer | None = None, count: int | None = None
+) -> list[RequestSpec]:
+    """Prompts from a JSONL file: one object a line with ``prompt`` and optional ``max_tokens``.
+
+    With ``count``, the file's prompts are cycled (or cut) to exactly that many requests.
+    """
     specs = []
     source = Path(path)
     if not source.is_file():
@@ -161,4 +166,6 @@ def file_requests(path: str | os.PathLike, default_max_tokens: int, tokenizer: T
         specs.append(RequestSpec(prompt, length, max_tokens))
     if not specs:
         raise ParamsError(f"{source}: no prompts in it")
+    if count is not None:
+        specs = [specs[i % len(specs)] for i in range(count)]
     return specs

@@ -18,7 +18,8 @@ class Advice:
 def derive_advice(run: RunData, table: Table) -> list[Advice]:
     """One verdict per layer: does what was measured meet the study's objectives, and what is unknown."""
     slos = run.params.get("slos", {})
-    cells = {row.key: dict(zip([n for n, _ in table.layers], cells)) for row, cells in table.rows}
+    names = [n for n, _ in table.layers]
+    cells = {row.key: dict(zip(names, row_cells)) for row, row_cells in table.rows}
     advice = []
     for layer, kind in table.layers:
         reasons: list[str] = []
@@ -46,7 +47,7 @@ def derive_advice(run: RunData, table: Table) -> list[Advice]:
                 reasons.append(f"ready in {worst:.1f} s at worst, over the time-to-ready objective of {objective:g} s")
         elif fresh:
             reasons.append(f"ready in {max(fresh):.1f} s; the study sets no time-to-ready objective")
-        unmeasured = [row.title for row, cs in table.rows if dict(zip([n for n, _ in table.layers], cs))[layer].status == "pending"]
+        unmeasured = [row.title for row, _ in table.rows if cells[row.key][layer].status == "pending"]
         if unmeasured:
             reasons.append("not yet measured: " + ", ".join(unmeasured))
             if verdict == "fits":
