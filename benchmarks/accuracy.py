@@ -57,6 +57,12 @@ def servinglab_run(url: str, tokenizer: str, c: int, n: int, seed: int) -> dict:
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--levels", type=int, nargs="+", default=list(LEVELS), help="concurrency levels")
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="interleaved runs of each client per level")
+    args = parser.parse_args()
     workspace = Path(tempfile.mkdtemp(prefix="servinglab-accuracy-"))
     os.environ["SERVINGLAB_OVERRIDES"] = str(
         write_overrides(workspace, {"model": {"engine_args": {"no-enable-prefix-caching": True, "max-model-len": 2048}}})
@@ -69,10 +75,10 @@ def main() -> None:
     tokenizer = str(study_run.platform.model_dir()[0])
     table = []
     try:
-        for c in LEVELS:
+        for c in args.levels:
             n = max(20, 10 * c)
             runs: dict[str, list[dict]] = {"vllm": [], "servinglab": []}
-            for repeat in range(REPEATS):
+            for repeat in range(args.repeats):
                 seed = 42 + repeat
                 runs["vllm"].append(vllm_run(url, tokenizer, c, n, seed))
                 runs["servinglab"].append(servinglab_run(url, tokenizer, c, n, seed))
@@ -86,7 +92,7 @@ def main() -> None:
     finally:
         study_run.platform.teardown()
 
-    print(f"accuracy against vllm bench serve, {REPEATS} interleaved repeats, on {os.cpu_count()} cores")
+    print(f"accuracy against vllm bench serve, {args.repeats} interleaved repeats, on {os.cpu_count()} cores")
     print(f"  {'c':>3} {'metric':<6} {'vllm bench':>11} {'servinglab':>11} {'difference':>11} {'vllm run-to-run':>16}")
     for c, metric, t, o, diff, spread in table:
         print(f"  {c:>3} {metric:<6} {t:>9.2f}ms {o:>9.2f}ms {diff:>+10.1f}% {spread:>15.1f}%")

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import aiohttp
 import httpx2
 import openai
 import orjson
@@ -114,9 +115,24 @@ def _error_kind(exc: BaseException) -> str:
         return "timeout"
     if isinstance(exc, openai.APIConnectionError):
         return "connection_error"
-    if isinstance(exc, (httpx2.RemoteProtocolError, httpx2.ReadError)):
+    if isinstance(exc, (httpx2.RemoteProtocolError, httpx2.ReadError, aiohttp.ClientPayloadError,
+                        aiohttp.ServerDisconnectedError)):  # fmt: skip
         return "disconnect"
     return type(exc).__name__
+
+
+def _body_chunks(response: httpx2.Response):
+    """The response body as it arrives.
+
+    On the client's aiohttp transport with an uncompressed body, read the aiohttp stream under the
+    httpx response directly: each token chunk otherwise passes three more async generators (and their
+    exception mapping) before the client can stamp it. Anything else goes through httpx.
+    """
+    inner = getattr(getattr(response, "stream", None), "_stream", None)
+    raw = getattr(inner, "_aiohttp_response", None)
+    if raw is not None and response.headers.get("content-encoding", "identity") == "identity":
+        return raw.content.iter_any()
+    return response.aiter_bytes()
 
 
 async def send_one(client: openai.AsyncOpenAI, target: Target, spec: RequestSpec, t0_ns: int) -> dict[str, Any]:
@@ -152,7 +168,7 @@ async def send_one(client: openai.AsyncOpenAI, target: Target, spec: RequestSpec
         status = response.status_code
         try:
             pending = b""
-            async for data in response.aiter_bytes():
+            async for data in _body_chunks(response):
                 now = time.perf_counter_ns()  # every event in this read arrived now
                 pending += data
                 while (end := pending.find(b"\n\n")) >= 0:
@@ -168,7 +184,7 @@ async def send_one(client: openai.AsyncOpenAI, target: Target, spec: RequestSpec
                         clock.feed(now, orjson.loads(payload))
         finally:
             await response.aclose()
-    except (openai.APIError, httpx2.HTTPError, asyncio.TimeoutError, OSError) as exc:
+    except (openai.APIError, httpx2.HTTPError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
         error_kind, error = _error_kind(exc), str(exc)[:300]
         if isinstance(exc, openai.APIStatusError):
             status = exc.status_code
@@ -306,6 +322,9 @@ async def run_stage_async(
                     sink({"index": i, "warmup": False, "ok": False, "error_kind": "cancelled",
                           "scheduled_s": at_s, "schedule_lag_ms": lag_ms})  # fmt: skip
                     raise
+                except Exception as exc:  # noqa: BLE001 - an unforeseen error still leaves its record
+                    record = {"ok": False, "error_kind": type(exc).__name__, "error": str(exc)[:300],
+                              "token_ms": [], "ttft_ms": None, "e2el_ms": None}  # fmt: skip
             finally:
                 if limit:
                     limit.release()
