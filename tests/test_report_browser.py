@@ -50,9 +50,11 @@ def test_table_and_figure_render(browser, tmp_path, width, height):
     assert table.locator("tbody tr").count() == len(ROWS)
     assert "41.7 s" in table.locator("#row-model_lifecycle").inner_text()
 
-    figure = page.locator("#fig-time-to-ready svg")
-    box = figure.bounding_box()
-    assert box and box["width"] > 200 and box["height"] > 50
+    for anchor in ("fig-time-to-ready", "fig-latency-throughput", "fig-distributions", "fig-goodput"):
+        box = page.locator(f"#{anchor} svg").bounding_box()
+        assert box and box["width"] > 200 and box["height"] > 50, anchor
+    assert page.locator("#latency-stages tbody tr").count() == 3
+    assert "1600.0" in page.locator("#row-ttft").inner_text()
 
     # The page itself never scrolls sideways; the wide table scrolls inside its own box.
     scroll_width, inner_width = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
