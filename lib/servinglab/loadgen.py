@@ -244,7 +244,6 @@ class LoopLagProbe:
 class StageOutcome:
     """What a stage did, beyond its per-request records."""
 
-    started_at_s: float  # perf_counter seconds at the stage's t0
     duration_s: float  # t0 → last request finished
     sent: int
     completed: int
@@ -298,12 +297,15 @@ async def run_stage_async(
         t0 = time.perf_counter_ns()
         last_end = [t0]
 
+        def over_time() -> bool:
+            return stage.duration_s is not None and (time.perf_counter_ns() - t0) / NS > stage.duration_s
+
         async def fire(i: int, spec: RequestSpec, at_s: float) -> None:
             target_ns = t0 + int(at_s * NS)
             delay = target_ns - time.perf_counter_ns()
             if delay > 0:
                 await asyncio.sleep(delay / NS)
-            if stage.duration_s is not None and (time.perf_counter_ns() - t0) / NS > stage.duration_s:
+            if over_time():
                 return
             # Lag: how late the request woke for its slot in the schedule (a wait for a concurrency
             # slot is the design of a capped stage, not lag).
@@ -311,7 +313,7 @@ async def run_stage_async(
             if limit:
                 await limit.acquire()
             try:
-                if stage.duration_s is not None and (time.perf_counter_ns() - t0) / NS > stage.duration_s:
+                if over_time():  # checked again: the wait for a slot may have outlasted the stage
                     return
                 schedule_lag.append(lag_ms)
                 sends.append((time.perf_counter_ns() - t0) / NS)
@@ -333,7 +335,6 @@ async def run_stage_async(
             sink(record | {"index": i, "warmup": False, "scheduled_s": at_s, "schedule_lag_ms": round(lag_ms, 4)})
 
         tasks = [asyncio.ensure_future(fire(i, s, float(at))) for i, (s, at) in enumerate(zip(requests, offsets))]
-        interrupted = False
 
         async def watch() -> None:
             while stop is not None and not stop.is_set():
@@ -346,7 +347,6 @@ async def run_stage_async(
             results = await asyncio.gather(*tasks, return_exceptions=True)
             interrupted = any(isinstance(r, asyncio.CancelledError) for r in results)
         except asyncio.CancelledError:
-            interrupted = True
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -357,7 +357,6 @@ async def run_stage_async(
             await probe.stop()
             gc.unfreeze()
         return StageOutcome(
-            started_at_s=t0 / NS,
             duration_s=(last_end[0] - t0) / NS,
             sent=len(sends),
             completed=counts["completed"],

@@ -167,12 +167,22 @@ def _closed_stages(run: RunData, layer: str) -> list[dict]:
     return sorted(stages, key=lambda s: s.get("max_concurrency") or 0)
 
 
+def _finished_closed_stages(run: RunData, layer: str) -> list[dict]:
+    return [s for s in _closed_stages(run, layer) if s["summary"].get("completed")]
+
+
+def _no_latency(run: RunData, layer: str) -> Cell:
+    """Why a layer has no latency figures: not running here, or the latency notebook did not run."""
+    return _deployment_gate(run, layer) or Cell(
+        "not-run", "no latency stage in this run (30_latency did not run)", evidence="#latency"
+    )
+
+
 def _percentiles(metric: str) -> Callable[[RunData, str, str], Cell]:
     def measure(run: RunData, layer: str, kind: str) -> Cell:
-        stages = [s for s in _closed_stages(run, layer) if s["summary"].get("completed")]
+        stages = _finished_closed_stages(run, layer)
         if not stages:
-            gate = _deployment_gate(run, layer)
-            return gate or Cell("not-run", "no latency stage in this run (30_latency did not run)", evidence="#latency")
+            return _no_latency(run, layer)
         parts = [
             f"c={s['max_concurrency']}: {s['summary'][f'median_{metric}_ms']:.1f} / {s['summary'][f'p95_{metric}_ms']:.1f} ms"
             for s in stages
@@ -185,10 +195,9 @@ def _percentiles(metric: str) -> Callable[[RunData, str, str], Cell]:
 
 
 def _goodput(run: RunData, layer: str, kind: str) -> Cell:
-    stages = [s for s in _closed_stages(run, layer) if s["summary"].get("completed")]
+    stages = _finished_closed_stages(run, layer)
     if not stages:
-        gate = _deployment_gate(run, layer)
-        return gate or Cell("not-run", "no latency stage in this run (30_latency did not run)", evidence="#latency")
+        return _no_latency(run, layer)
     slos = run.params.get("slos", {})
     limits = {k: slos.get(f"{k}_ms_p95") for k in ("ttft", "tpot", "e2e")}
     limits = {k: v for k, v in limits.items() if v}
