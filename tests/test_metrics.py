@@ -102,6 +102,17 @@ def test_client_health_warns_when_the_loop_lags():
     assert quiet["warnings"] == []
 
 
+def test_streams_delivered_in_one_burst_are_counted_and_flagged():
+    streamed = [record(10, [10 + i for i in range(0, 100, 10)], 10) for _ in range(9)]
+    burst = record(99, [99.0, 99.1, 99.2, 100.0], 4)  # first token after half the request's time
+    s = summarize(streamed + [burst], 1.0)
+    assert s["burst_deliveries"] == 1 and any("one burst" in w for w in s["warnings"])
+    clean = summarize(streamed, 1.0)
+    assert clean["burst_deliveries"] == 0 and clean["warnings"] == []
+    short = summarize([record(50, [50, 60], 2)], 1.0)  # two tokens: too short to call it a burst
+    assert short["burst_deliveries"] == 0
+
+
 def test_closed_loop_schedule_is_all_at_once():
     assert list(arrival_offsets_s(5, math.inf)) == [0.0] * 5
 

@@ -66,6 +66,9 @@ def good_request(record: dict[str, Any], slos: dict[str, float]) -> bool:
     return True
 
 
+BURST_WARN_SHARE = 0.05  # warn when at least this share of the streams arrived in one burst
+
+
 def summarize(
     records: Iterable[dict[str, Any]],
     duration_s: float,
@@ -111,7 +114,21 @@ def summarize(
         and r["prompt_tokens"] < r["expected_prompt_tokens"]
     )  # fmt: skip
     summary |= client_health(measured, requested_rate, send_window_s, schedule_lag_ms, loop_lag_ms)
+    bursts = sum(1 for r in done if delivered_in_one_burst(r))
+    summary["burst_deliveries"] = bursts
+    if bursts and bursts >= BURST_WARN_SHARE * len(done):
+        summary["warnings"].append(
+            f"{bursts} of {len(done)} streams reached the client in one burst at the end (first token after half "
+            "the request's time): the server held its chunks back, so TTFT and ITL describe its delivery, not "
+            "its generation (seen on engines that leave the API server no free core)"
+        )
     return summary
+
+
+def delivered_in_one_burst(record: dict[str, Any]) -> bool:
+    """A stream of several tokens whose first token arrived after half of the request's time."""
+    ttft, e2el, tokens = record.get("ttft_ms"), record.get("e2el_ms"), record.get("token_ms") or []
+    return len(tokens) > 2 and ttft is not None and e2el is not None and ttft > 0.5 * e2el
 
 
 def client_health(
