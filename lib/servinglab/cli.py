@@ -41,6 +41,14 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a study and print it as merged, starting nothing")
     _study_args(check)
 
+    render = sub.add_parser(
+        "render", help="write each layer's Kubernetes objects as YAML, validated, with no cluster"
+    )
+    _study_args(render)
+    render.add_argument("--out", metavar="DIR", help="one file per layer (<layer>.yaml) instead of standard output")
+    render.add_argument("--layer", action="append", default=[], help="only this layer (repeatable)")
+    render.add_argument("--run-id", help="record this run id in each object's annotations")
+
     teardown = sub.add_parser("teardown", help="stop every layer the study left running")
     _study_args(teardown)
     teardown.add_argument("--layer", action="append", default=[], help="only this layer (repeatable)")
@@ -108,6 +116,27 @@ def _check(args) -> int:
     study = load_study(args.study, args.overrides)
     print(f"# {' < '.join(study.sources)}")
     print(yaml.safe_dump(study.resolved(), sort_keys=False), end="")
+    return 0
+
+
+def _render(args) -> int:
+    from .config import load_study
+    from .layers import render_layer, to_yaml
+    from .layers.validate import validate_objects
+
+    study = load_study(args.study, args.overrides)
+    if study.platform.kind != "kubernetes":
+        raise ParamsError(f"{study.source_file}: platform.kind is '{study.platform.kind}'; render needs kubernetes")
+    rendered = {name: render_layer(study, name, run_id=args.run_id) for name in study.select_layers(args.layer)}
+    validate_objects([obj for objects in rendered.values() for obj in objects], study.platform.kubernetes_version)
+    if args.out:
+        folder = Path(args.out)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, objects in rendered.items():
+            (folder / f"{name}.yaml").write_text(to_yaml(objects))
+            print(folder / f"{name}.yaml")
+    else:
+        sys.stdout.write(to_yaml([obj for objects in rendered.values() for obj in objects]))
     return 0
 
 
@@ -193,7 +222,7 @@ def _import(args) -> int:
 
 
 COMMANDS = {"run": _run, "check": _check, "teardown": _teardown, "status": _status,
-            "build-model": _build_model, "bench": _bench, "import": _import, "report": _report}  # fmt: skip
+            "build-model": _build_model, "bench": _bench, "import": _import, "report": _report, "render": _render}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,21 @@ NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 MANAGED_ENGINE_ARGS = {"model", "served-model-name", "host", "port", "api-key"}
 
 
+def engine_argv(engine_args: dict[str, Any]) -> list[str]:
+    """``{"max-model-len": 2048, "enforce-eager": True}`` → ``["--max-model-len", "2048", "--enforce-eager"]``."""
+    argv: list[str] = []
+    for flag, value in engine_args.items():
+        if value is True:
+            argv.append(f"--{flag}")
+        elif value is False:
+            continue
+        elif isinstance(value, list):
+            argv += [f"--{flag}", *(str(v) for v in value)]
+        else:
+            argv += [f"--{flag}", str(value)]
+    return argv
+
+
 class StrictModel(BaseModel):
     """A schema node that rejects keys it does not define."""
 
@@ -71,6 +86,9 @@ class LocalPlatform(StrictModel):
     )
 
 
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$"
+
+
 class KubernetesPlatform(StrictModel):
     """Deploy each layer as Kubernetes objects on a cluster."""
 
@@ -81,6 +99,39 @@ class KubernetesPlatform(StrictModel):
     create_namespace: bool = False
     kubernetes_version: str = Field("1.33", pattern=r"^1\.\d+$")
     ready_timeout_s: float = Field(1800.0, gt=0)
+    image: str = Field(
+        "vllm/vllm-openai:v0.32.0",
+        description="vLLM OpenAI server image, pinned by tag or digest (a moving tag would change the engine between runs)",
+    )
+    image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
+    gpus: int = Field(1, ge=0, description="GPUs per replica; 0 renders a CPU-only variant (give a CPU image)")
+    gpu_resource: str = Field("nvidia.com/gpu", description="extended resource name of the GPU")
+    cpu: str = Field("4", pattern=QUANTITY_PATTERN, description="CPU request and limit per replica")
+    memory: str = Field("16Gi", pattern=QUANTITY_PATTERN, description="memory request and limit per replica")
+    shm_size: str = Field("2Gi", pattern=QUANTITY_PATTERN, description="memory-backed /dev/shm size")
+    run_as_user: int = Field(1000, ge=1, description="non-root user the engine runs as")
+    startup_budget_s: int = Field(1800, ge=30, description="time the start-up probe allows before restarting")
+    weights_claim_size: str = Field("20Gi", pattern=QUANTITY_PATTERN, description="PVC size when servinglab creates it")
+    storage_class: str | None = Field(None, description="storage class of a PVC servinglab creates")
+    staging_image: str | None = Field(
+        None, description="image with the 'hf' CLI that stages hf:// weights into the PVC (clusters that reach a hub)"
+    )
+    api_key_secret: str | None = Field(
+        None, pattern=NAME_PATTERN, description="Secret (key 'api-key') whose value the engine requires as API key"
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    gateway: str | None = Field(None, description="Gateway (name or namespace/name) llm-d routes attach to")
+
+    @field_validator("image", "staging_image")
+    @classmethod
+    def _pinned(cls, image: str | None) -> str | None:
+        if image is None:
+            return image
+        name, _, digest = image.partition("@")
+        tag = name.rsplit("/", 1)[-1].partition(":")[2]
+        if not digest and (not tag or tag == "latest"):
+            raise ValueError(f"image '{image}' must be pinned by a tag other than 'latest' or by a digest")
+        return image
 
 
 Platform = Annotated[Union[LocalPlatform, KubernetesPlatform], Field(discriminator="kind")]

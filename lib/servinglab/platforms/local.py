@@ -24,7 +24,7 @@ import httpx
 import psutil
 
 from .. import modelbuild
-from ..config import Study
+from ..config import Study, engine_argv
 from ..errors import PlatformError, ServerStartError, UnsupportedLayerError
 from ..results import utc_now
 from .base import Deployment, Endpoint
@@ -145,23 +145,6 @@ class LocalPlatform:
             return self.study.resolve_path(source.path), []
         raise UnsupportedLayerError(f"model.source kind {source.kind}: {NEEDS_KUBERNETES}")
 
-    @staticmethod
-    def engine_arg_list(engine_args: dict[str, Any]) -> list[str]:
-        """``{"max-model-len": 2048, "enforce-eager": True}`` → ``["--max-model-len", "2048", "--enforce-eager"]``."""
-        argv: list[str] = []
-        for flag, value in engine_args.items():
-            if value is True:
-                argv.append(f"--{flag}")
-            elif value is False:
-                continue
-            elif isinstance(value, list):
-                argv += [f"--{flag}", *(str(v) for v in value)]
-            elif isinstance(value, (dict,)):
-                argv += [f"--{flag}", json.dumps(value)]
-            else:
-                argv += [f"--{flag}", str(value)]
-        return argv
-
     def spec_hash(self, layer_name: str) -> str:
         """What makes two servers interchangeable: layer, model, engine args, platform, key."""
         key = self.study.api_key()
@@ -186,7 +169,7 @@ class LocalPlatform:
             "--host", self.settings.host,
             "--port", str(port),
             *source_args,
-            *self.engine_arg_list(self.study.model.engine_args),
+            *engine_argv(self.study.model.engine_args),
         ]  # fmt: skip
 
     def _environment(self) -> dict[str, str]:

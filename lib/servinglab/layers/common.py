@@ -1,0 +1,198 @@
+"""What every layer's objects share: names, labels, the model's location, the engine container's parts.
+
+Renderers are pure: a study in, plain Kubernetes objects (dicts) out. Nothing here talks to a cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import KubernetesPlatform, Study, engine_argv
+from ..errors import ParamsError
+
+MANAGED_BY = "app.kubernetes.io/managed-by"
+STUDY_LABEL = "servinglab.io/study"
+LAYER_LABEL = "servinglab.io/layer"
+HASH_LABEL = "servinglab.io/spec-hash"
+RUN_ANNOTATION = "servinglab.io/run-id"
+ENGINE_PORT = 8000
+MAX_NAME = 45  # Knative appends "-predictor-00001" to an InferenceService name inside a 63-character label
+HOME = "/home/servinglab"
+
+
+@dataclass(frozen=True)
+class Canary:
+    """A second revision that takes ``percent`` of the traffic: the same model with other engine args."""
+
+    percent: int
+    engine_args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.percent <= 100:
+            raise ValueError(f"canary percent {self.percent} is not within 0..100")
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    """Where the engine finds the weights, per layer kind."""
+
+    uri: str  # pvc://claim/path, hf://org/model or oci://image
+    scheme: str
+    rest: str
+
+    @property
+    def claim(self) -> str:
+        return self.rest.split("/", 1)[0]
+
+    @property
+    def claim_path(self) -> str:
+        return self.rest.split("/", 1)[1] if "/" in self.rest else ""
+
+
+def cluster_settings(study: Study) -> KubernetesPlatform:
+    if study.platform.kind != "kubernetes":
+        raise ParamsError(f"{study.source_file}: platform.kind is '{study.platform.kind}'; rendering needs kubernetes")
+    return study.platform
+
+
+def model_location(study: Study) -> ModelLocation:
+    source = study.model.source
+    if source.kind != "uri":
+        raise ParamsError(
+            f"{study.source_file}: model.source.kind '{source.kind}' is a path on this machine; a cluster reads "
+            "weights from pvc://, hf:// or oci:// (model.source: {kind: uri, uri: ...})"
+        )
+    scheme, rest = source.uri.split("://", 1)
+    location = ModelLocation(source.uri, scheme, rest.strip("/"))
+    if scheme == "pvc" and not location.claim:
+        raise ParamsError(f"{study.source_file}: model.source.uri '{source.uri}' names no claim (pvc://claim/path)")
+    return location
+
+
+def object_name(study: Study, layer_name: str, suffix: str = "") -> str:
+    name = f"{study.study}-{layer_name}{suffix}"
+    if len(f"{study.study}-{layer_name}") > MAX_NAME:
+        raise ParamsError(
+            f"{study.source_file}: layers.{layer_name}: object name '{study.study}-{layer_name}' is longer than "
+            f"{MAX_NAME} characters (Kubernetes and Knative derive longer names from it); shorten the study or layer name"
+        )
+    return name
+
+
+def selector_labels(study: Study, layer_name: str) -> dict[str, str]:
+    """The labels a selector may use: fixed for the life of the layer (selectors cannot change)."""
+    return {STUDY_LABEL: study.study, LAYER_LABEL: layer_name}
+
+
+def labels(study: Study, layer_name: str) -> dict[str, str]:
+    return {MANAGED_BY: "servinglab", **selector_labels(study, layer_name)}
+
+
+def metadata(study: Study, layer_name: str, name: str, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": cluster_settings(study).namespace,
+        "labels": labels(study, layer_name),
+    }
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    return meta
+
+
+def stamp(objects: list[dict[str, Any]], run_id: str | None) -> list[dict[str, Any]]:
+    """Label every object (and pod template) with the hash of the layer's spec; the run id as annotation.
+
+    The hash covers what was rendered before stamping, so the same study renders the same hash; the run
+    id stays out of pod templates and selectors, which it would roll or break on every run.
+    """
+    digest = hashlib.sha256(json.dumps(objects, sort_keys=True).encode()).hexdigest()[:12]
+    for obj in objects:
+        obj["metadata"]["labels"][HASH_LABEL] = digest
+        template = obj.get("spec", {}).get("template")
+        if obj["kind"] == "Deployment" and template is not None:
+            template["metadata"]["labels"][HASH_LABEL] = digest
+        if run_id:
+            obj["metadata"].setdefault("annotations", {})[RUN_ANNOTATION] = run_id
+    return objects
+
+
+def resources(settings: KubernetesPlatform) -> dict[str, Any]:
+    """Requests equal to limits, explicit CPU limit included (KServe would otherwise default it to 1)."""
+    amounts = {"cpu": settings.cpu, "memory": settings.memory}
+    if settings.gpus:
+        amounts[settings.gpu_resource] = str(settings.gpus)
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def tolerations(settings: KubernetesPlatform) -> list[dict[str, Any]]:
+    if not settings.gpus:
+        return []
+    return [{"key": settings.gpu_resource, "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def pod_security(settings: KubernetesPlatform) -> dict[str, Any]:
+    uid = settings.run_as_user
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": uid,
+        "runAsGroup": uid,
+        "fsGroup": uid,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def engine_env(settings: KubernetesPlatform, extra: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """A writable home for a non-root user, no usage reporting, and the API key from its Secret."""
+    env = [
+        {"name": "HOME", "value": HOME},
+        {"name": "USER", "value": "servinglab"},
+        {"name": "XDG_CACHE_HOME", "value": f"{HOME}/.cache"},
+        {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
+        {"name": "DO_NOT_TRACK", "value": "1"},
+        *extra,
+    ]
+    if settings.api_key_secret:
+        env.append(
+            {"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": settings.api_key_secret, "key": "api-key"}}}
+        )
+    return env
+
+
+def scratch_volumes(settings: KubernetesPlatform) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Memory-backed /dev/shm (PyTorch's shared memory) and a writable home; (volumes, mounts)."""
+    volumes = [
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size}},
+        {"name": "home", "emptyDir": {}},
+    ]
+    mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "home", "mountPath": HOME}]
+    return volumes, mounts
+
+
+def health_probes(settings: KubernetesPlatform, port: int | str, startup: bool = True) -> dict[str, Any]:
+    """Probes on vLLM's /health; the start-up probe gives weight loading its whole budget."""
+
+    def check() -> dict[str, Any]:
+        return {"httpGet": {"path": "/health", "port": port}}
+
+    probes: dict[str, Any] = {
+        "readinessProbe": {**check(), "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3},
+        "livenessProbe": {**check(), "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 6},
+    }
+    if startup:
+        period = 10
+        probes["startupProbe"] = {
+            **check(), "periodSeconds": period, "timeoutSeconds": 5,
+            "failureThreshold": max(1, settings.startup_budget_s // period),
+        }  # fmt: skip
+    return probes
+
+
+def engine_args(study: Study, overrides: dict[str, Any] | None = None) -> list[str]:
+    return engine_argv({**study.model.engine_args, **(overrides or {})})
