@@ -13,10 +13,11 @@ def get_platform(study: Study) -> Platform:
         from .local import LocalPlatform
 
         return LocalPlatform(study)
-    raise PlatformError(
-        f"{study.source_file}: platform.kind: {study.platform.kind}: deploying to a cluster is not "
-        "available in this version of servinglab; the local platform is (params/local.yaml)"
-    )
+    if study.platform.kind == "kubernetes":
+        from .kubernetes import KubernetesPlatform
+
+        return KubernetesPlatform(study)
+    raise PlatformError(f"{study.source_file}: platform.kind: {study.platform.kind} is not a platform")
 
 
 __all__ = ["Deployment", "Endpoint", "Platform", "get_platform"]

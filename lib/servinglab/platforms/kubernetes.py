@@ -1,0 +1,362 @@
+"""The ``kubernetes`` platform: apply each layer's objects to a cluster, wait for them precisely, explain
+failures, reach the endpoints, and delete everything the study created.
+
+Readiness is followed through watches (the layer's top object, its pods, the namespace's events) and
+every transition is stamped when servinglab sees it, on one clock: applied, pod scheduled, image
+pulled, containers started, ready. A layer that cannot become ready fails at once with the reason
+(image pull, crash loop with the last log lines, OOM kill, unschedulable with the scheduler's message,
+KServe's reconcile failure) and its objects are deleted, so no GPU stays held by a broken pod.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from ..config import Study
+from ..errors import PlatformError
+from ..layers import LAYER_LABEL, MANAGED_BY, STUDY_LABEL, render_layer
+from ..layers.common import ENGINE_PORT, object_name, selector_labels
+from ..layers.kserve import RUNTIME_PORT
+from ..layers.validate import schemas_from_crds, validate_objects
+from .base import Deployment, Endpoint
+from .kube import API_VERSIONS, Kube, WatchEvent, conditions, iter_containers, load_api_client
+
+IMAGE_FAILURES = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
+CONFIG_FAILURES = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
+RECONCILE_FAILURES = {"ReconcileFailed", "ReconcileError", "FailedCreate", "InvalidSpec"}
+MARKS = ("applied", "scheduled", "image_pulled", "started", "ready")
+PHASES = {"scheduled": "scheduling_s", "image_pulled": "image_pull_s", "started": "container_start_s",
+          "ready": "engine_ready_s"}  # fmt: skip
+# What the platform may create per layer, deleted by label at teardown (in this order).
+TEARDOWN_KINDS = ("LLMInferenceService", "InferenceService", "ServingRuntime", "Deployment", "Service",
+                  "PersistentVolumeClaim")  # fmt: skip
+
+
+class LayerNotReadyError(PlatformError):
+    """A layer's objects were applied but the layer could not become ready; they were deleted."""
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class KubernetesPlatform:
+    name = "kubernetes"
+
+    def __init__(self, study: Study, kube: Kube | None = None) -> None:
+        self.study = study
+        self.settings = study.platform
+        self._kube = kube
+        self._crds: dict | None = None
+
+    # --- the cluster --------------------------------------------------------------------------------
+
+    @property
+    def kube(self) -> Kube:
+        if self._kube is None:
+            self._kube = Kube(load_api_client(self.settings.kubeconfig, self.settings.context))
+        return self._kube
+
+    @property
+    def namespace(self) -> str:
+        return self.settings.namespace
+
+    def facts(self) -> dict[str, Any]:
+        version = self.kube.version()
+        nodes = self.kube.list("v1", "Node", None)
+        gpus = {
+            node["metadata"]["name"]: (node.get("status") or {}).get("allocatable", {}).get(self.settings.gpu_resource)
+            for node in nodes
+        }
+        return {
+            "platform": self.name,
+            "kubernetes": {"version": version.get("gitVersion"), "namespace": self.namespace},
+            "nodes": len(nodes),
+            "allocatable_gpus": {name: count for name, count in gpus.items() if count},
+            "engine": {"name": "vllm", "image": self.settings.image},
+        }
+
+    def unsupported_reason(self, layer_name: str) -> str | None:
+        return None  # every layer kind deploys here; missing prerequisites show in preflight and at apply
+
+    def crd_schemas(self) -> dict:
+        """The KServe CRDs installed on the cluster; the bundled copies when they cannot be read."""
+        if self._crds is None:
+            try:
+                crds = self.kube.list("apiextensions.k8s.io/v1", "CustomResourceDefinition", None)
+                self._crds = schemas_from_crds(c for c in crds if c["spec"]["group"] == "serving.kserve.io")
+            except ApiException:
+                self._crds = {}
+            if not self._crds:
+                from ..layers.validate import bundled_crd_schemas
+
+                self._crds = bundled_crd_schemas()
+        return self._crds
+
+    # --- deploy -------------------------------------------------------------------------------------
+
+    def ensure(self, layer_name: str, run_dir: str, run_id: str | None = None) -> Deployment:
+        """Apply the layer (validated, then dry-run on the server) and wait until it is ready.
+
+        A layer already running with the same spec hash is reused. Ctrl-C during the wait deletes the
+        layer's objects before the interrupt goes on.
+        """
+        layer = self.study.layers[layer_name]
+        objects = render_layer(self.study, layer_name, run_id=run_id)
+        validate_objects(objects, self.settings.kubernetes_version, self.crd_schemas())
+        top = objects[-1] if layer.kind != "raw-vllm" else next(o for o in objects if o["kind"] == "Deployment")
+        spec_hash = top["metadata"]["labels"]["servinglab.io/spec-hash"]
+        current = self.kube.get(top["apiVersion"], top["kind"], self.namespace, top["metadata"]["name"])
+        if current and (current["metadata"].get("labels") or {}).get("servinglab.io/spec-hash") == spec_hash \
+                and self._ready(current):  # fmt: skip
+            return Deployment(layer_name, layer.kind, self.name, "ready", reused=True, spec_hash=spec_hash,
+                              base_url=self._in_cluster_url(layer_name))  # fmt: skip
+        self._ensure_namespace()
+        try:
+            for obj in objects:
+                self.kube.apply(obj, dry_run=True)
+        except ApiException as exc:
+            raise PlatformError(f"layers.{layer_name}: the cluster rejected {obj['kind']}/{obj['metadata']['name']} "
+                                f"in a dry run: {_api_message(exc)}") from None  # fmt: skip
+        applied = time.time()
+        try:
+            for obj in objects:
+                self.kube.apply(obj)
+            marks = self._wait_ready(layer_name, top, applied)
+        except LayerNotReadyError:
+            self.teardown([layer_name])
+            raise
+        except KeyboardInterrupt:
+            self.teardown([layer_name])
+            raise
+        phases = {}
+        previous = marks["applied"]
+        for mark in MARKS[1:]:
+            if mark in marks:
+                phases[PHASES[mark]] = round(marks[mark] - previous, 3)
+                previous = marks[mark]
+        return Deployment(
+            layer_name, layer.kind, self.name, "ready", spec_hash=spec_hash, base_url=self._in_cluster_url(layer_name),
+            time_to_ready_s=round(marks["ready"] - applied, 3), phases_s=phases,
+            started_at=_iso(applied), ready_at=_iso(marks["ready"]),
+        )  # fmt: skip
+
+    def _ensure_namespace(self) -> None:
+        if self.kube.get("v1", "Namespace", None, self.namespace) is not None:
+            return
+        if not self.settings.create_namespace:
+            raise PlatformError(f"namespace {self.namespace!r} does not exist (set platform.create_namespace: true)")
+        # Not labelled with the study: teardown by label must never delete the namespace.
+        self.kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": self.namespace}})
+
+    def pod_selector(self, layer_name: str) -> dict[str, str]:
+        """The labels of the pods that serve a layer: ours on raw vLLM, the controller's on KServe kinds."""
+        kind = self.study.layers[layer_name].kind
+        name = object_name(self.study, layer_name)
+        if kind == "raw-vllm":
+            return selector_labels(self.study, layer_name)
+        if kind == "kserve":
+            return {"serving.kserve.io/inferenceservice": name}
+        return {"app.kubernetes.io/name": name, "kserve.io/component": "workload"}
+
+    def _ready(self, top: dict[str, Any]) -> bool:
+        if top["kind"] == "Deployment":
+            status = top.get("status") or {}
+            available = conditions(top).get("Available", {}).get("status") == "True"
+            fresh = status.get("observedGeneration", 0) >= top["metadata"].get("generation", 0)
+            return available and fresh and (status.get("readyReplicas") or 0) >= (top["spec"].get("replicas") or 1)
+        return conditions(top).get("Ready", {}).get("status") == "True"
+
+    def _top_failure(self, top: dict[str, Any]) -> str | None:
+        for kind, condition in conditions(top).items():
+            if condition.get("reason") in RECONCILE_FAILURES or condition.get("reason") == "ProgressDeadlineExceeded":
+                return f"{top['kind']} condition {kind}: {condition.get('reason')}: {condition.get('message', '')}"
+        failure = ((top.get("status") or {}).get("modelStatus") or {}).get("lastFailureInfo")
+        if failure:
+            return f"{top['kind']} model: {failure.get('reason')}: {failure.get('message', '')}"
+        return None
+
+    def _pod_failure(self, pod: dict[str, Any]) -> str | None:
+        name = pod["metadata"]["name"]
+        scheduled = conditions(pod).get("PodScheduled", {})
+        if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
+            return f"pod {name} is unschedulable: {scheduled.get('message', '')}"
+        limits = {c["name"]: (c.get("resources") or {}).get("limits", {}) for c in (pod.get("spec") or {}).get("containers", [])}
+        for status in iter_containers(pod):
+            state, last = status.get("state") or {}, status.get("lastState") or {}
+            waiting = state.get("waiting") or {}
+            reason = waiting.get("reason")
+            if reason in IMAGE_FAILURES or reason in CONFIG_FAILURES:
+                return f"pod {name} container {status['name']}: {reason}: {waiting.get('message', '')}"
+            terminated = state.get("terminated") or last.get("terminated") or {}
+            if terminated.get("reason") == "OOMKilled":
+                limit = limits.get(status["name"], {}).get("memory", "no limit")
+                return f"pod {name} container {status['name']} was OOMKilled (memory limit {limit})"
+            if reason == "CrashLoopBackOff":
+                logs = self.kube.log_tail(self.namespace, name, status["name"])
+                lines = "\n    ".join(logs.strip().splitlines()[-20:]) or "(no log)"
+                return (f"pod {name} container {status['name']}: CrashLoopBackOff after {status.get('restartCount', 0)} "
+                        f"restarts; last log lines:\n    {lines}")  # fmt: skip
+        return None
+
+    def _wait_ready(self, layer_name: str, top: dict[str, Any], applied: float) -> dict[str, float]:
+        """Follow the layer through watches until ready; the marks seen (time.time()) by name."""
+        events: queue.Queue[WatchEvent] = queue.Queue()
+        stop = threading.Event()
+        name = top["metadata"]["name"]
+        top_selector = selector_labels(self.study, layer_name)
+        self.kube.watch(top["apiVersion"], top["kind"], self.namespace, top_selector, events, stop)
+        self.kube.watch("v1", "Pod", self.namespace, self.pod_selector(layer_name), events, stop)
+        self.kube.watch("v1", "Event", self.namespace, None, events, stop)
+        marks = {"applied": applied}
+        pods: dict[str, dict[str, Any]] = {}
+        deadline = applied + self.settings.ready_timeout_s
+        last_state = "nothing seen yet"
+        try:
+            while True:
+                remaining = deadline - time.time()
+                if remaining <= 0:
+                    raise LayerNotReadyError(
+                        f"layers.{layer_name}: not ready within platform.ready_timeout_s "
+                        f"({self.settings.ready_timeout_s:g} s); last seen: {last_state}"
+                    )
+                try:
+                    event = events.get(timeout=min(remaining, 0.5))
+                except queue.Empty:
+                    continue
+                obj, kind = event.object, event.kind
+                if event.type == "ERROR" or event.type == "DELETED":
+                    continue
+                if kind == "Event":
+                    involved = obj.get("involvedObject") or {}
+                    if involved.get("kind") == "Pod" and involved.get("name") in pods and obj.get("reason") == "Pulled":
+                        marks.setdefault("image_pulled", event.seen)
+                    continue
+                if kind == "Pod":
+                    pods[obj["metadata"]["name"]] = obj
+                    if conditions(obj).get("PodScheduled", {}).get("status") == "True":
+                        marks.setdefault("scheduled", event.seen)
+                    statuses = (obj.get("status") or {}).get("containerStatuses") or []
+                    if statuses and all("running" in (s.get("state") or {}) for s in statuses):
+                        marks.setdefault("started", event.seen)
+                    failure = self._pod_failure(obj)
+                    last_state = f"pod {obj['metadata']['name']} phase {(obj.get('status') or {}).get('phase', '?')}"
+                    if failure:
+                        raise LayerNotReadyError(f"layers.{layer_name}: {failure}")
+                    continue
+                if obj.get("metadata", {}).get("name") == name:
+                    failure = self._top_failure(obj)
+                    if failure:
+                        raise LayerNotReadyError(f"layers.{layer_name}: {failure}")
+                    last_state = f"{top['kind']} conditions {json.dumps({k: v.get('status') for k, v in conditions(obj).items()})}"
+                    if self._ready(obj):
+                        marks["ready"] = event.seen
+                        return marks
+        finally:
+            stop.set()
+
+    # --- reach --------------------------------------------------------------------------------------
+
+    def _in_cluster_url(self, layer_name: str) -> str:
+        name = object_name(self.study, layer_name)
+        kind = self.study.layers[layer_name].kind
+        if kind == "raw-vllm":
+            return f"http://{name}.{self.namespace}.svc.cluster.local:{ENGINE_PORT}/v1"
+        if kind == "kserve":
+            return f"http://{name}-predictor.{self.namespace}.svc.cluster.local/v1"
+        return f"http://{name}-workload-svc.{self.namespace}.svc.cluster.local:{ENGINE_PORT}/v1"
+
+    def port_forward_target(self, layer_name: str) -> tuple[str, int]:
+        """The ready pod and container port a port-forward to this layer connects to."""
+        pods = self.kube.list("v1", "Pod", self.namespace, self.pod_selector(layer_name))
+        ready = [p for p in pods if conditions(p).get("Ready", {}).get("status") == "True"
+                 and not p["metadata"].get("deletionTimestamp")]  # fmt: skip
+        if not ready:
+            raise PlatformError(f"layers.{layer_name}: no ready pod to forward to (selector {self.pod_selector(layer_name)})")
+        pod = sorted(ready, key=lambda p: p["metadata"]["name"])[0]
+        for container in pod["spec"]["containers"]:
+            if container["name"] in ("vllm", "kserve-container", "main"):
+                ports = [p["containerPort"] for p in container.get("ports") or []]
+                return pod["metadata"]["name"], ports[0] if ports else (
+                    RUNTIME_PORT if container["name"] == "kserve-container" else ENGINE_PORT)  # fmt: skip
+        raise PlatformError(f"layers.{layer_name}: pod {pod['metadata']['name']} has no engine container")
+
+    def gateway_endpoint(self, layer_name: str) -> tuple[str, dict[str, str]]:
+        """``status.url`` of a KServe kind, and the Host header to send when the address is an IP."""
+        layer = self.study.layers[layer_name]
+        if layer.kind == "raw-vllm":
+            raise PlatformError(f"layers.{layer_name}: raw vLLM has no gateway; use a port-forward or in-cluster")
+        api_version = API_VERSIONS.get("InferenceService") if layer.kind == "kserve" else f"serving.kserve.io/{layer.api_version}"
+        kind = "InferenceService" if layer.kind == "kserve" else "LLMInferenceService"
+        obj = self.kube.get(api_version, kind, self.namespace, object_name(self.study, layer_name)) or {}
+        url = (obj.get("status") or {}).get("url")
+        if not url:
+            raise PlatformError(f"layers.{layer_name}: {kind} has no status.url yet")
+        return url.rstrip("/") + "/v1", {}
+
+    def endpoint(self, layer_name: str) -> Endpoint:
+        current = self.kube.get(*self._top_ref(layer_name))
+        if not current or not self._ready(current):
+            raise PlatformError(f"layers.{layer_name} is not deployed and ready in namespace {self.namespace}")
+        return Endpoint(layer_name, self._in_cluster_url(layer_name), self.study.model.served_name, self.study.api_key())
+
+    def _top_ref(self, layer_name: str) -> tuple[str, str, str, str]:
+        layer = self.study.layers[layer_name]
+        name = object_name(self.study, layer_name)
+        if layer.kind == "raw-vllm":
+            return "apps/v1", "Deployment", self.namespace, name
+        if layer.kind == "kserve":
+            return API_VERSIONS["InferenceService"], "InferenceService", self.namespace, name
+        return f"serving.kserve.io/{layer.api_version}", "LLMInferenceService", self.namespace, name
+
+    # --- stop ---------------------------------------------------------------------------------------
+
+    def teardown(self, layer_names: list[str] | None = None, wait_s: float = 300.0) -> list[str]:
+        """Delete every object labelled with the study (and layer), then wait until they are gone."""
+        selectors = (
+            [{MANAGED_BY: "servinglab", STUDY_LABEL: self.study.study, LAYER_LABEL: n} for n in layer_names]
+            if layer_names
+            else [{MANAGED_BY: "servinglab", STUDY_LABEL: self.study.study}]
+        )
+        deleted: list[tuple[str, str, str]] = []
+        for selector in selectors:
+            for kind in TEARDOWN_KINDS:
+                for api_version in self._versions_of(kind):
+                    try:
+                        found = self.kube.list(api_version, kind, self.namespace, selector)
+                    except ApiException as exc:
+                        if exc.status == 404:  # the kind is not installed on this cluster
+                            continue
+                        raise
+                    for obj in found:
+                        if self.kube.delete(api_version, kind, self.namespace, obj["metadata"]["name"]):
+                            deleted.append((api_version, kind, obj["metadata"]["name"]))
+        deadline = time.time() + wait_s
+        pending = list(deleted)
+        while pending and time.time() < deadline:
+            pending = [ref for ref in pending if self.kube.get(ref[0], ref[1], self.namespace, ref[2]) is not None]
+            if pending:
+                time.sleep(0.2)
+        if pending:
+            raise PlatformError("still there after teardown: " + ", ".join(f"{k}/{n}" for _, k, n in pending))
+        return [f"{kind}/{name}" for _, kind, name in deleted]
+
+    def _versions_of(self, kind: str) -> list[str]:
+        if kind == "LLMInferenceService":
+            return sorted({f"serving.kserve.io/{layer.api_version}" for layer in self.study.layers.values()
+                           if layer.kind == "llm-d"}) or []  # fmt: skip
+        return [API_VERSIONS[kind]]
+
+
+def _api_message(exc: ApiException) -> str:
+    try:
+        return json.loads(exc.body or "{}").get("message") or exc.reason
+    except (ValueError, AttributeError):
+        return str(exc.reason)

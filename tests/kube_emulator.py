@@ -1,0 +1,201 @@
+"""A stateful Kubernetes API for tests: kmock's emulator, extended where the platform relies on the real
+API's behaviour, served over HTTP from its own thread.
+
+Extensions (kmock's emulator leaves these out): server-side apply creates a missing object and replaces
+the applied fields of an existing one (status kept); a create answers 201; list and watch honour
+equality label selectors; objects get a uid, creationTimestamp, generation (bumped when the spec
+changes) and a resourceVersion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import itertools
+import threading
+import uuid
+from typing import Any
+
+import aiohttp.web
+import kmock
+from kmock._internal import enums
+from kmock._internal.k8s import KubernetesNotFoundError, KubernetesObjectConflictError
+
+RESOURCES = [
+    "v1/namespaces", "v1/pods", "v1/services", "v1/persistentvolumeclaims", "v1/events", "v1/nodes",
+    "apps/v1/deployments", "apps/v1/replicasets", "autoscaling/v2/horizontalpodautoscalers",
+    "serving.kserve.io/v1beta1/inferenceservices", "serving.kserve.io/v1alpha1/servingruntimes",
+    "serving.kserve.io/v1alpha1/llminferenceservices", "serving.kserve.io/v1alpha2/llminferenceservices",
+    "gateway.networking.k8s.io/v1/httproutes", "apiextensions.k8s.io/v1/customresourcedefinitions",
+]  # fmt: skip
+
+
+def _selector(text: str | None) -> list[tuple[str, str, str]]:
+    terms = []
+    for part in filter(None, (text or "").split(",")):
+        if "!=" in part:
+            key, value = part.split("!=", 1)
+            terms.append((key.strip(), "!=", value.strip()))
+        elif "=" in part:
+            key, value = part.replace("==", "=").split("=", 1)
+            terms.append((key.strip(), "=", value.strip()))
+        else:
+            terms.append((part.strip(), "exists", ""))
+    return terms
+
+
+def selected(obj: dict[str, Any], text: str | None) -> bool:
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    for key, op, value in _selector(text):
+        if op == "=" and labels.get(key) != value:
+            return False
+        if op == "!=" and labels.get(key) == value:
+            return False
+        if op == "exists" and key not in labels:
+            return False
+    return True
+
+
+class ClusterEmulator(kmock.KubernetesEmulator):
+    _versions = itertools.count(1)
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self.logs: dict[tuple[str, str], str] = {}  # (pod, container) → log text, served at pods/<pod>/log
+        self.dry_run_rejections: dict[str, str] = {}  # plural → message an admission webhook answers a dry run
+
+    def _stamp(self, obj: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
+        meta = obj.setdefault("metadata", {})
+        old = (previous or {}).get("metadata", {})
+        meta["uid"] = old.get("uid") or str(uuid.uuid4())
+        meta["creationTimestamp"] = old.get("creationTimestamp") or datetime.datetime.now(datetime.UTC).strftime(
+            "%Y-%m-%dT%H:%M:%SZ")  # fmt: skip
+        generation = old.get("generation", 0)
+        meta["generation"] = generation + 1 if previous is None or previous.get("spec") != obj.get("spec") else generation
+        meta["resourceVersion"] = str(next(self._versions))
+        return obj
+
+    async def _handle(self, request):  # noqa: ANN001 - kmock's request type
+        if request.subresource == "log" and request.method == enums.method.GET:
+            text = self.logs.get((request.name, request.params.get("container", "")))
+            if text is None:
+                return aiohttp.web.json_response({"kind": "Status", "code": 400, "reason": "BadRequest"}, status=400)
+            return aiohttp.web.Response(text=text, content_type="text/plain")
+        content_type = (request.headers or {}).get("Content-Type", "")
+        if request.resource is not None and request.method == enums.method.PATCH and "apply-patch" in content_type \
+                and request.subresource is None:  # fmt: skip
+            return await self._apply(request)
+        if request.resource is not None and request.action == enums.action.CREATE:
+            self._stamp(request.data, None)
+        try:
+            response = await super()._handle(request)
+        except (KubernetesNotFoundError, KubernetesObjectConflictError) as exc:
+            code, reason = (404, "NotFound") if isinstance(exc, KubernetesNotFoundError) else (409, "AlreadyExists")
+            return aiohttp.web.json_response(
+                {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code}, status=code
+            )
+        if request.action == enums.action.CREATE and response.status == 200:
+            response.set_status(201)
+        return response
+
+    async def _apply(self, request) -> aiohttp.web.Response:  # noqa: ANN001
+        applied = dict(request.data)
+        key = (request.resource, request.namespace, request.name)
+        async with self._lock:
+            exists = key in self._objects and not self._objects[key].deleted
+            current = dict(self._objects[key].raw) if exists else None
+            if request.params.get("dryRun"):
+                message = self.dry_run_rejections.get(request.resource.plural)
+                if message:
+                    return aiohttp.web.json_response(
+                        {"kind": "Status", "status": "Failure", "code": 422, "message": message}, status=422
+                    )
+                return aiohttp.web.json_response(applied, status=200)
+            if current is None:
+                state = self._stamp(applied, None)
+                if key in self._objects:
+                    self._objects[key].create(state)
+                else:
+                    self._objects[key] = state
+                event = "ADDED"
+            else:
+                state = {**current, **{k: v for k, v in applied.items() if k != "metadata"}}
+                meta = dict(current.get("metadata") or {})
+                for field in ("labels", "annotations"):
+                    if field in applied.get("metadata", {}):
+                        meta[field] = applied["metadata"][field]
+                state["metadata"] = meta
+                state = self._stamp(state, current)
+                self._objects[key].delete()
+                self._objects[key].create(state)
+                event = "MODIFIED"
+            raw = self._objects[key].raw
+            await self._buses[request.resource].put({"type": event, "object": raw})
+        return aiohttp.web.json_response(raw, status=201 if event == "ADDED" else 200)
+
+    async def _serve_list(self, request):  # noqa: ANN001
+        payload = await super()._serve_list(request)
+        selector = request.params.get("labelSelector")
+        payload["items"] = [item for item in payload["items"] if selected(item, selector)]
+        return payload
+
+    async def _serve_watch(self, request):  # noqa: ANN001
+        selector = request.params.get("labelSelector")
+        async for event in super()._serve_watch(request):
+            if isinstance(event, dict) and not selected(event.get("object") or {}, selector):
+                continue
+            yield event
+
+
+class EmulatedCluster:
+    """The emulator on its own event loop in a thread; ``url`` while open."""
+
+    def __init__(self) -> None:
+        self.emulator = ClusterEmulator()
+        for resource in RESOURCES:
+            self.emulator.resources[resource] = {}
+        self.url: str | None = None
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._serve, name="kube-emulator", daemon=True)
+
+    def _serve(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._main = asyncio.current_task()
+            self._stopped = asyncio.Event()
+            async with kmock.Server(self.emulator):
+                self.url = str(self.emulator.url).rstrip("/")
+                self._ready.set()
+                await self._stopped.wait()
+
+        asyncio.run(main())
+
+    def __enter__(self) -> EmulatedCluster:
+        self._thread.start()
+        if not self._ready.wait(20):
+            raise RuntimeError("the Kubernetes emulator did not start")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        def shut_down() -> None:
+            # Open watches never end on their own: cancel them, or the server waits for them.
+            for task in asyncio.all_tasks():
+                if task is not self._main:
+                    task.cancel()
+            self._stopped.set()
+
+        if self._loop and self._stopped:
+            self._loop.call_soon_threadsafe(shut_down)
+        self._thread.join(10)
+
+    def kubeconfig(self, path) -> str:  # noqa: ANN001
+        """A kubeconfig file pointing at the emulator, as a user's would (no credentials needed)."""
+        path.write_text(
+            "apiVersion: v1\nkind: Config\ncurrent-context: emulator\n"
+            f"clusters:\n- name: emulator\n  cluster:\n    server: {self.url}\n"
+            "contexts:\n- name: emulator\n  context:\n    cluster: emulator\n    user: tester\n"
+            "users:\n- name: tester\n  user:\n    token: not-a-secret\n"
+        )
+        return str(path)

@@ -1,0 +1,183 @@
+"""The kubernetes platform's flows against a stateful Kubernetes API emulator over HTTP.
+
+A test-side controller (tests/kube_controller.py) moves status as the real controllers do; each
+scenario stops where a real cluster would show the failure. Waits are bounded by the platform's own
+deadline and pytest's timeout, so a hang fails instead of stalling.
+"""
+
+from __future__ import annotations
+
+import _thread
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from kube_controller import Controller
+from kube_emulator import EmulatedCluster
+
+from servinglab import cli
+from servinglab.config import load_study
+from servinglab.deploy import deploy_layers
+from servinglab.errors import PlatformError
+from servinglab.layers import MANAGED_BY, STUDY_LABEL
+from servinglab.platforms import get_platform
+from servinglab.platforms.kube import Kube, load_api_client
+from servinglab.platforms.kubernetes import KubernetesPlatform, LayerNotReadyError
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "params" / "cluster-example.yaml"
+NS = "servinglab"
+
+
+@pytest.fixture
+def cluster(tmp_path, monkeypatch):
+    monkeypatch.delenv("SERVINGLAB_OVERRIDES", raising=False)
+    with EmulatedCluster() as emulated:
+        config = emulated.kubeconfig(tmp_path / "kubeconfig")
+        monkeypatch.setenv("KUBECONFIG", config)
+        emulated.kube = Kube(load_api_client(config))
+        yield emulated
+
+
+def study(*overrides: str):
+    return load_study(EXAMPLE, ["platform.ready_timeout_s=20", *overrides])
+
+
+def labelled(kube: Kube, study_name: str = "qwen-cluster") -> list[str]:
+    found = []
+    for api_version, kind in [("apps/v1", "Deployment"), ("v1", "Service"), ("v1", "PersistentVolumeClaim"),
+                              ("serving.kserve.io/v1beta1", "InferenceService"),
+                              ("serving.kserve.io/v1alpha1", "ServingRuntime"),
+                              ("serving.kserve.io/v1alpha2", "LLMInferenceService")]:  # fmt: skip
+        found += [f"{kind}/{o['metadata']['name']}" for o in
+                  kube.list(api_version, kind, NS, {MANAGED_BY: "servinglab", STUDY_LABEL: study_name})]  # fmt: skip
+    return found
+
+
+@pytest.mark.parametrize("layer", ["raw", "kserve-standard", "kserve-knative", "llm-d"])
+def test_apply_creates_and_waits_until_ready_with_phases(cluster, tmp_path, layer):
+    platform = get_platform(study())
+    assert isinstance(platform, KubernetesPlatform)
+    with Controller(cluster.kube, NS, step_s=0.05) as controller:
+        deployment = platform.ensure(layer, str(tmp_path))
+    assert deployment.status == "ready" and not deployment.reused
+    # Every phase was seen, in order, and they add up to the time to ready.
+    assert list(deployment.phases_s) == ["scheduling_s", "image_pull_s", "container_start_s", "engine_ready_s"]
+    assert all(v >= 0 for v in deployment.phases_s.values())
+    assert sum(deployment.phases_s.values()) == pytest.approx(deployment.time_to_ready_s, abs=0.01)
+    assert deployment.time_to_ready_s >= 4 * 0.05 * 0.9  # at least the controller's steps
+    assert any("Event/" in line for line in controller.shown)
+    # Applied to create: the objects exist, labelled, and the namespace was created (not labelled).
+    assert labelled(cluster.kube)
+    assert STUDY_LABEL not in (cluster.kube.get("v1", "Namespace", None, NS)["metadata"].get("labels") or {})
+    # Again with the same spec: reused, nothing re-applied.
+    again = platform.ensure(layer, str(tmp_path))
+    assert again.reused and again.spec_hash == deployment.spec_hash
+
+
+@pytest.mark.parametrize(
+    "scenario,expected",
+    [
+        ("image_pull", r"ImagePullBackOff: Back-off pulling image"),
+        ("crashloop", r"(?s)CrashLoopBackOff after 3 restarts; last log lines:\n.*max-model-len 8192 exceeds"),
+        ("oom", r"OOMKilled \(memory limit 16Gi\)"),
+        ("unschedulable", r"unschedulable: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu"),
+        ("reconcile_failed", r"ReconcileFailed: fails to reconcile predictor"),
+    ],
+)
+def test_failures_are_reported_with_their_reason_promptly_and_cleaned_up(cluster, tmp_path, scenario, expected):
+    platform = get_platform(study("platform.ready_timeout_s=60"))
+    layer = "kserve-standard" if scenario == "reconcile_failed" else "raw"
+    with Controller(cluster.kube, NS, scenario=scenario, step_s=0.05, emulator=cluster.emulator):
+        started = time.monotonic()
+        with pytest.raises(LayerNotReadyError, match=expected):
+            platform.ensure(layer, str(tmp_path))
+        took = time.monotonic() - started
+    assert took < 10, f"the failure was reported {took:.1f} s after the emulator showed it"  # deadline is 60 s
+    assert labelled(cluster.kube) == []  # a broken layer does not keep its GPU
+
+
+def test_deadline_names_the_last_state_seen(cluster, tmp_path):
+    platform = get_platform(study("platform.ready_timeout_s=1.5"))
+    with Controller(cluster.kube, NS, scenario="stall", step_s=0.05):
+        with pytest.raises(LayerNotReadyError, match=r"not ready within platform.ready_timeout_s \(1.5 s\); last seen: pod"):
+            platform.ensure("raw", str(tmp_path))
+    assert labelled(cluster.kube) == []
+
+
+def test_deploy_records_a_failed_layer_and_goes_on(cluster, tmp_path):
+    s = study()
+    platform = get_platform(s)
+    with Controller(cluster.kube, NS, scenario="reconcile_failed", step_s=0.05):
+        records = deploy_layers(s, platform, tmp_path, ["raw", "kserve-standard"])
+    by_layer = {r["layer"]: r for r in records}
+    assert by_layer["raw"]["status"] == "ready" and by_layer["raw"]["phases_s"]
+    assert by_layer["kserve-standard"]["status"] == "failed" and "ReconcileFailed" in by_layer["kserve-standard"]["reason"]
+
+
+def test_teardown_deletes_by_label_and_leaves_unlabelled_objects_alone(cluster, tmp_path):
+    s = study()
+    platform = get_platform(s)
+    with Controller(cluster.kube, NS, step_s=0.02):
+        for layer in s.layers:
+            platform.ensure(layer, str(tmp_path))
+        # Someone else's objects in the same namespace: one unlabelled, one of another study.
+        cluster.kube.apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "theirs", "namespace": NS},
+                            "spec": {"ports": [{"port": 80}]}})  # fmt: skip
+        cluster.kube.apply({"apiVersion": "v1", "kind": "Service", "metadata": {
+            "name": "other-study", "namespace": NS, "labels": {MANAGED_BY: "servinglab", STUDY_LABEL: "other"}},
+            "spec": {"ports": [{"port": 80}]}})  # fmt: skip
+        assert len(labelled(cluster.kube)) == 5  # Deployment, Service, 2 InferenceServices, LLMInferenceService
+        stopped = platform.teardown(["raw"])
+        assert sorted(stopped) == ["Deployment/qwen-cluster-raw", "Service/qwen-cluster-raw"]
+        assert "Deployment/qwen-cluster-raw" not in labelled(cluster.kube)
+        assert cli.main(["teardown", str(EXAMPLE)]) == 0
+    assert labelled(cluster.kube) == []
+    assert cluster.kube.get("v1", "Service", NS, "theirs") is not None
+    assert cluster.kube.get("v1", "Service", NS, "other-study") is not None
+    assert cluster.kube.list("v1", "Pod", NS) == []  # the pods went with their owners
+
+
+def test_interrupt_during_the_wait_leaves_nothing(cluster, tmp_path):
+    """Ctrl-C (an interrupt of the main thread) once the pod runs: the layer's objects are deleted."""
+    platform = get_platform(study("platform.ready_timeout_s=30"))
+    with Controller(cluster.kube, NS, scenario="stall", step_s=0.05) as controller:
+
+        def press_ctrl_c() -> None:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not any("Running" in line or "containerStatuses" in line
+                                                          for line in controller.shown):  # fmt: skip
+                time.sleep(0.01)
+            _thread.interrupt_main()
+
+        threading.Thread(target=press_ctrl_c, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            platform.ensure("kserve-knative", str(tmp_path))
+    assert labelled(cluster.kube) == []
+
+
+def test_port_forward_target_and_urls(cluster, tmp_path):
+    s = study("layers.kserve-standard.predictor=runtime")
+    platform = get_platform(s)
+    with Controller(cluster.kube, NS, step_s=0.02):
+        for layer in ("raw", "kserve-standard", "llm-d"):
+            platform.ensure(layer, str(tmp_path))
+    assert platform.port_forward_target("raw") == ("qwen-cluster-raw-1-pod", 8000)
+    assert platform.port_forward_target("kserve-standard") == ("qwen-cluster-kserve-standard-1-pod", 8080)
+    assert platform.port_forward_target("llm-d") == ("qwen-cluster-llm-d-1-pod", 8000)
+    assert platform.gateway_endpoint("kserve-standard")[0] == "http://qwen-cluster-kserve-standard.servinglab.example.com/v1"
+    with pytest.raises(PlatformError, match="raw vLLM has no gateway"):
+        platform.gateway_endpoint("raw")
+    endpoint = platform.endpoint("raw")
+    assert endpoint.base_url == "http://qwen-cluster-raw.servinglab.svc.cluster.local:8000/v1"
+    with pytest.raises(PlatformError, match="no ready pod"):
+        platform.port_forward_target("kserve-knative")
+
+
+def test_dry_run_rejection_stops_before_anything_is_applied(cluster, tmp_path):
+    platform = get_platform(study())
+    cluster.emulator.dry_run_rejections["deployments"] = "admission webhook denied the request: no GPU quota"
+    with pytest.raises(PlatformError, match="rejected Deployment/qwen-cluster-raw in a dry run: admission webhook denied"):
+        platform.ensure("raw", str(tmp_path))
+    assert labelled(cluster.kube) == []
