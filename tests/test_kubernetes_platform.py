@@ -169,8 +169,6 @@ def test_port_forward_target_and_urls(cluster, tmp_path):
     assert platform.gateway_endpoint("kserve-standard")[0] == "http://qwen-cluster-kserve-standard.servinglab.example.com/v1"
     with pytest.raises(PlatformError, match="raw vLLM has no gateway"):
         platform.gateway_endpoint("raw")
-    endpoint = platform.endpoint("raw")
-    assert endpoint.base_url == "http://qwen-cluster-raw.servinglab.svc.cluster.local:8000/v1"
     with pytest.raises(PlatformError, match="no ready pod"):
         platform.port_forward_target("kserve-knative")
 
@@ -181,3 +179,43 @@ def test_dry_run_rejection_stops_before_anything_is_applied(cluster, tmp_path):
     with pytest.raises(PlatformError, match="rejected Deployment/qwen-cluster-raw in a dry run: admission webhook denied"):
         platform.ensure("raw", str(tmp_path))
     assert labelled(cluster.kube) == []
+
+
+def test_endpoint_paths(cluster, tmp_path):
+    s = study("platform.endpoint=gateway", "platform.gateway_address=10.0.0.7:8080")
+    platform = get_platform(s)
+    with Controller(cluster.kube, NS, step_s=0.02):
+        for layer in ("raw", "kserve-knative"):
+            platform.ensure(layer, str(tmp_path))
+    through_gateway = platform.endpoint("kserve-knative")
+    assert through_gateway.base_url == "http://10.0.0.7:8080/v1"
+    assert through_gateway.headers == {"Host": "qwen-cluster-kserve-knative.servinglab.example.com"}
+    assert through_gateway.via.startswith("gateway ")
+    raw = platform.endpoint("raw")  # no gateway in front of raw vLLM: a port-forward to its pod
+    assert raw.via == "port-forward to pod qwen-cluster-raw-1-pod:8000" and raw.base_url.startswith("http://127.0.0.1:")
+    inside = get_platform(study("platform.endpoint=in-cluster")).endpoint("raw")
+    assert inside.via == "in-cluster" and inside.base_url == "http://qwen-cluster-raw.servinglab.svc.cluster.local:8000/v1"
+    with pytest.raises(PlatformError, match="not deployed and ready"):
+        platform.endpoint("llm-d")
+
+
+def test_port_forward_relays_a_streamed_completion():
+    """The relay itself, connected to a local OpenAI-compatible endpoint instead of a pod's stream."""
+    import socket
+
+    import openai
+    from streaming_endpoint import StreamingEndpoint
+
+    from servinglab.platforms.portforward import PortForward
+
+    with StreamingEndpoint() as upstream:
+        host, port = upstream.url.removeprefix("http://").split(":")
+        forward = PortForward(lambda: socket.create_connection((host, int(port))), f"test {port}")
+        try:
+            client = openai.OpenAI(base_url=f"{forward.url}/v1", api_key="k", max_retries=0, timeout=10)
+            chunks = list(client.chat.completions.create(model="m", messages=[{"role": "user", "content": "ok"}],
+                                                          max_tokens=5, stream=True))  # fmt: skip
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) == 5 and text
+        finally:
+            forward.close()

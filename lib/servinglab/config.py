@@ -121,6 +121,14 @@ class KubernetesPlatform(StrictModel):
     )
     node_selector: dict[str, str] = Field(default_factory=dict)
     gateway: str | None = Field(None, description="Gateway (name or namespace/name) llm-d routes attach to")
+    endpoint: Literal["port-forward", "gateway", "in-cluster"] = Field(
+        "port-forward",
+        description="how the client reaches each layer: a port-forward opened by servinglab to a serving pod, "
+        "the layer's gateway URL (status.url), or the in-cluster Service name (client running in the cluster)",
+    )
+    gateway_address: str | None = Field(
+        None, description="host[:port] of the gateway when status.url's name does not resolve; sent with its Host header"
+    )
 
     @field_validator("image", "staging_image")
     @classmethod

@@ -54,8 +54,9 @@ def run_layer_sweep(
     if platform.name == "local":
         tokenizer = DirectoryTokenizer(platform.model_dir()[0])
     else:
-        tokenizer = ServerTokenizer(endpoint.root_url, endpoint.served_name, endpoint.api_key)
-    target = Target(endpoint.base_url, endpoint.served_name, endpoint.api_key, w.request_timeout_s, w.ignore_eos)
+        tokenizer = ServerTokenizer(endpoint.root_url, endpoint.served_name, endpoint.api_key, endpoint.headers)
+    target = Target(endpoint.base_url, endpoint.served_name, endpoint.api_key, w.request_timeout_s, w.ignore_eos,
+                    headers=tuple(endpoint.headers.items()))  # fmt: skip
     slos = study.slos.goodput.limits()
     out = []
     for index, plan in enumerate(p for p in planned_stages(study) if p["mode"] in modes):

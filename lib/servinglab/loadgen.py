@@ -45,6 +45,7 @@ class Target:
     request_timeout_s: float = 600.0
     ignore_eos: bool = True
     continuous_usage: bool = True  # ask for usage in every chunk (vLLM's continuous_usage_stats)
+    headers: tuple[tuple[str, str], ...] = ()  # sent with every request (a gateway's Host header)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ def make_client(target: Target, pool_size: int) -> openai.AsyncOpenAI:
         max_retries=0,  # a retried request would hide the failure being measured
         timeout=target.request_timeout_s,
         http_client=http_client,
+        default_headers=dict(target.headers) or None,
     )
 
 

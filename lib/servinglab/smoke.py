@@ -57,6 +57,7 @@ def run_smoke(
         api_key=endpoint.api_key or "no-key",
         max_retries=0,
         timeout=workload.timeout_s,
+        default_headers=endpoint.headers or None,
     )
     layer = endpoint.layer
     try:
@@ -100,7 +101,7 @@ def run_smoke(
 
         if endpoint.api_key:
             t = time.perf_counter()
-            with httpx.Client(timeout=workload.timeout_s, trust_env=False) as http:
+            with httpx.Client(timeout=workload.timeout_s, trust_env=False, headers=endpoint.headers) as http:
                 refused = http.get(f"{endpoint.base_url}/models").status_code
             rows.append(
                 _check(layer, "api_key_enforced", refused == 401, "GET /v1/models without the key returns 401",

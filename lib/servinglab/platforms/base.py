@@ -15,6 +15,8 @@ class Endpoint:
     served_name: str
     # The key is read when needed and kept out of repr, so printing an endpoint never shows it.
     api_key: str | None = field(default=None, repr=False, compare=False)
+    headers: dict[str, str] = field(default_factory=dict, compare=False)  # e.g. Host, through a gateway by IP
+    via: str = "direct"  # the path the requests take: direct, port-forward, gateway or in-cluster
 
     @property
     def root_url(self) -> str:

@@ -16,6 +16,7 @@ import threading
 import time
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from kubernetes.client.exceptions import ApiException
 
@@ -27,6 +28,7 @@ from ..layers.kserve import RUNTIME_PORT
 from ..layers.validate import schemas_from_crds, validate_objects
 from .base import Deployment, Endpoint
 from .kube import API_VERSIONS, Kube, WatchEvent, conditions, iter_containers, load_api_client
+from .portforward import PortForward, kubernetes_connector
 
 IMAGE_FAILURES = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
 CONFIG_FAILURES = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
@@ -55,6 +57,7 @@ class KubernetesPlatform:
         self.settings = study.platform
         self._kube = kube
         self._crds: dict | None = None
+        self._forwards: dict[str, PortForward] = {}
 
     # --- the cluster --------------------------------------------------------------------------------
 
@@ -299,13 +302,33 @@ class KubernetesPlatform:
         url = (obj.get("status") or {}).get("url")
         if not url:
             raise PlatformError(f"layers.{layer_name}: {kind} has no status.url yet")
+        if self.settings.gateway_address:
+            parsed = urlsplit(url)
+            routed = urlunsplit((parsed.scheme, self.settings.gateway_address, parsed.path, "", ""))
+            return routed.rstrip("/") + "/v1", {"Host": parsed.netloc}
         return url.rstrip("/") + "/v1", {}
 
     def endpoint(self, layer_name: str) -> Endpoint:
+        """Where a ready layer answers, by the path ``platform.endpoint`` names (recorded in ``via``).
+
+        raw vLLM has no gateway: with ``endpoint: gateway`` it is reached through a port-forward.
+        """
         current = self.kube.get(*self._top_ref(layer_name))
         if not current or not self._ready(current):
             raise PlatformError(f"layers.{layer_name} is not deployed and ready in namespace {self.namespace}")
-        return Endpoint(layer_name, self._in_cluster_url(layer_name), self.study.model.served_name, self.study.api_key())
+        served, key = self.study.model.served_name, self.study.api_key()
+        mode = self.settings.endpoint
+        if mode == "in-cluster":
+            return Endpoint(layer_name, self._in_cluster_url(layer_name), served, key, via="in-cluster")
+        if mode == "gateway" and self.study.layers[layer_name].kind != "raw-vllm":
+            url, headers = self.gateway_endpoint(layer_name)
+            return Endpoint(layer_name, url, served, key, headers=headers, via=f"gateway {url}")
+        forward = self._forwards.get(layer_name)
+        if forward is None:
+            pod, port = self.port_forward_target(layer_name)
+            forward = PortForward(kubernetes_connector(self.kube.api, self.namespace, pod, port), f"pod {pod}:{port}")
+            self._forwards[layer_name] = forward
+        return Endpoint(layer_name, f"{forward.url}/v1", served, key, via=f"port-forward to {forward.description}")
 
     def _top_ref(self, layer_name: str) -> tuple[str, str, str, str]:
         layer = self.study.layers[layer_name]
