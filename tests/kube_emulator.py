@@ -10,7 +10,9 @@ changes) and a resourceVersion.
 from __future__ import annotations
 
 import asyncio
+import copy
 import datetime
+import functools
 import itertools
 import threading
 import uuid
@@ -27,7 +29,73 @@ RESOURCES = [
     "serving.kserve.io/v1beta1/inferenceservices", "serving.kserve.io/v1alpha1/servingruntimes",
     "serving.kserve.io/v1alpha1/llminferenceservices", "serving.kserve.io/v1alpha2/llminferenceservices",
     "gateway.networking.k8s.io/v1/httproutes", "apiextensions.k8s.io/v1/customresourcedefinitions",
+    "v1/configmaps", "storage.k8s.io/v1/storageclasses", "gateway.networking.k8s.io/v1/gatewayclasses",
 ]  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1)
+def _kserve_crds() -> list[dict[str, Any]]:
+    import gzip
+    from importlib import resources
+
+    import yaml
+
+    folder = resources.files("servinglab.layers") / "crds"
+    found = []
+    for name in ("serving.kserve.io_inferenceservices.yaml.gz", "serving.kserve.io_servingruntimes.yaml.gz",
+                 "serving.kserve.io_llminferenceservices.yaml.gz"):  # fmt: skip
+        found += [d for d in yaml.load_all(gzip.decompress((folder / name).read_bytes()), Loader=yaml.CSafeLoader) if d]
+    return found
+
+
+def _crd(name: str, versions: list[str], kind: str) -> dict[str, Any]:
+    plural, group = name.split(".", 1)
+    return {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition", "metadata": {"name": name},
+            "spec": {"group": group, "names": {"kind": kind, "plural": plural}, "scope": "Namespaced",
+                     "versions": [{"name": v, "served": True, "storage": v == versions[-1]} for v in versions]}}  # fmt: skip
+
+
+def install_serving_stack(kube, gpus_per_node: tuple[int, ...] = (1, 1), knative: bool = True,  # noqa: ANN001
+                          llmisvc_versions: tuple[str, ...] = ("v1alpha1", "v1alpha2"), kserve_version: str = "v0.20.0",
+                          inference_pools: bool = True) -> None:  # fmt: skip
+    """Nodes, CRDs, the KServe controller and its config, a gateway class and storage classes, as a GPU
+    cluster with KServe installed would show them (the KServe CRDs with their real schemas)."""
+    for index, gpus in enumerate((*gpus_per_node, 0)):
+        allocatable = {"cpu": "32", "memory": "256Gi", **({"nvidia.com/gpu": str(gpus)} if gpus else {})}
+        kube.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": f"node-{index}"},
+                    "status": {"allocatable": allocatable}})  # fmt: skip
+    for crd in copy.deepcopy(_kserve_crds()):
+        if crd:
+            if crd["spec"]["names"]["kind"] == "LLMInferenceService":
+                crd["spec"]["versions"] = [v for v in crd["spec"]["versions"] if v["name"] in llmisvc_versions]
+                if not crd["spec"]["versions"]:
+                    continue
+            kube.apply(crd)
+    extra = [("certificates.cert-manager.io", ["v1"], "Certificate"),
+             ("gateways.gateway.networking.k8s.io", ["v1"], "Gateway"),
+             ("httproutes.gateway.networking.k8s.io", ["v1"], "HTTPRoute")]  # fmt: skip
+    if knative:
+        extra.append(("services.serving.knative.dev", ["v1"], "Service"))
+    if inference_pools:
+        extra.append(("inferencepools.inference.networking.k8s.io", ["v1"], "InferencePool"))
+    for name, versions, kind in extra:
+        kube.apply(_crd(name, versions, kind))
+    container = {"name": "manager", "image": f"kserve/kserve-controller:{kserve_version}",
+                 "resources": {"requests": {"cpu": "100m", "memory": "300Mi"}}}  # fmt: skip
+    kube.apply({"apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": "kserve-controller-manager", "namespace": "kserve"},
+                "spec": {"selector": {"matchLabels": {"control-plane": "kserve-controller-manager"}},
+                         "template": {"metadata": {"labels": {"control-plane": "kserve-controller-manager"}},
+                                      "spec": {"containers": [container]}}},
+                "status": {"readyReplicas": 1}})  # fmt: skip
+    kube.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "kserve-controller-manager-0", "namespace": "kserve"},
+                "spec": {"containers": [container]}})  # fmt: skip
+    kube.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "inferenceservice-config", "namespace": "kserve"},
+                "data": {"deploy": '{"defaultDeploymentMode": "Knative"}'}})  # fmt: skip
+    kube.apply({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass", "metadata": {"name": "istio"},
+                "spec": {"controllerName": "istio.io/gateway-controller"}})  # fmt: skip
+    kube.apply({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "provisioner": "csi.example",
+                "metadata": {"name": "standard", "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}}})
 
 
 def _selector(text: str | None) -> list[tuple[str, str, str]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from kube_controller import Controller
-from kube_emulator import EmulatedCluster
+from kube_emulator import EmulatedCluster, install_serving_stack
 
 from servinglab import cli
 from servinglab.config import load_study
@@ -37,6 +37,7 @@ def cluster(tmp_path, monkeypatch):
         config = emulated.kubeconfig(tmp_path / "kubeconfig")
         monkeypatch.setenv("KUBECONFIG", config)
         emulated.kube = Kube(load_api_client(config))
+        install_serving_stack(emulated.kube)
         yield emulated
 
 
@@ -219,3 +220,37 @@ def test_port_forward_relays_a_streamed_completion():
             assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) == 5 and text
         finally:
             forward.close()
+
+
+def test_preflight_finds_what_the_cluster_runs(cluster, tmp_path):
+    from servinglab import api
+    from servinglab.preflight import run_preflight
+
+    run = api.open_study(EXAMPLE, "", [f"paths.runs_dir={tmp_path / 'runs'}"])
+    found = run_preflight(run.study, run.platform, run.run_dir)
+    checks = found["facts"]["cluster"]
+    assert checks["gpus"] == {"resource": "nvidia.com/gpu", "by_node": {"node-0": 1, "node-1": 1}, "total": 2}
+    assert checks["kserve_controllers"][0]["version"] == "v0.20.0"
+    assert checks["kserve_default_deployment_mode"] == "Knative"
+    assert checks["crds"]["llminferenceservices.serving.kserve.io"] == ["v1alpha1", "v1alpha2"]
+    assert checks["gateway_classes"] == ["istio"] and checks["storage_classes"] == ["standard (default)"]
+    assert checks["control_plane"]["kserve"] == {"pods": 1, "cpu_cores": 0.1, "memory_gib": 0.293}
+    assert checks["missing_crds"] == ["Gateway API Inference Extension (x-k8s.io)"]
+    assert all(row["hostable"] for row in found["layers"])
+
+
+def test_preflight_names_the_missing_prerequisite_per_layer(tmp_path, monkeypatch):
+    monkeypatch.delenv("SERVINGLAB_OVERRIDES", raising=False)
+    with EmulatedCluster() as bare:
+        monkeypatch.setenv("KUBECONFIG", bare.kubeconfig(tmp_path / "kubeconfig"))
+        kube = Kube(load_api_client())
+        install_serving_stack(kube, gpus_per_node=(), knative=False, llmisvc_versions=("v1alpha1",), inference_pools=False)
+        platform = get_platform(study())
+        reasons = {name: platform.unsupported_reason(name) for name in platform.study.layers}
+        cpu_only = get_platform(study("platform.gpus=0", "platform.image=vllm/vllm-openai-cpu:v0.32.0"))
+        assert cpu_only.unsupported_reason("raw") is None and cpu_only.unsupported_reason("kserve-standard") is None
+    assert reasons["raw"] == "the cluster lacks a node with 1 allocatable nvidia.com/gpu"
+    assert "Knative Serving (Knative mode)" in reasons["kserve-knative"]
+    assert "Knative" not in reasons["kserve-standard"]
+    assert "the LLMInferenceService CRD serving v1alpha2 (the cluster serves v1alpha1)" in reasons["llm-d"]
+    assert "InferencePool CRD" in reasons["llm-d"]

@@ -40,13 +40,17 @@ KINDS: dict[str, tuple[str, bool]] = {
     "HTTPRoute": ("httproutes", True),
     "CustomResourceDefinition": ("customresourcedefinitions", False),
     "Node": ("nodes", False),
+    "ConfigMap": ("configmaps", True),
+    "StorageClass": ("storageclasses", False),
+    "GatewayClass": ("gatewayclasses", False),
 }
 API_VERSIONS = {
     "Namespace": "v1", "Service": "v1", "PersistentVolumeClaim": "v1", "Pod": "v1", "Event": "v1", "Node": "v1",
     "Deployment": "apps/v1", "ReplicaSet": "apps/v1", "HorizontalPodAutoscaler": "autoscaling/v2",
     "InferenceService": "serving.kserve.io/v1beta1", "ServingRuntime": "serving.kserve.io/v1alpha1",
     "HTTPRoute": "gateway.networking.k8s.io/v1",
-    "CustomResourceDefinition": "apiextensions.k8s.io/v1",
+    "CustomResourceDefinition": "apiextensions.k8s.io/v1", "ConfigMap": "v1", "StorageClass": "storage.k8s.io/v1",
+    "GatewayClass": "gateway.networking.k8s.io/v1",
 }  # fmt: skip
 
 
@@ -216,3 +220,15 @@ def iter_containers(pod: dict[str, Any]) -> Iterator[dict[str, Any]]:
     status = pod.get("status") or {}
     yield from status.get("initContainerStatuses") or []
     yield from status.get("containerStatuses") or []
+
+
+_SUFFIXES = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def parse_quantity(text: str | int | float) -> float:
+    """A Kubernetes quantity ("500m", "16Gi", "2") as a number (cores, bytes, count)."""
+    text = str(text).strip()
+    for suffix in sorted(_SUFFIXES, key=len, reverse=True):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * _SUFFIXES[suffix]
+    return float(text or 0)

@@ -27,7 +27,7 @@ from ..layers.common import ENGINE_PORT, object_name, selector_labels
 from ..layers.kserve import RUNTIME_PORT
 from ..layers.validate import schemas_from_crds, validate_objects
 from .base import Deployment, Endpoint
-from .kube import API_VERSIONS, Kube, WatchEvent, conditions, iter_containers, load_api_client
+from .kube import API_VERSIONS, Kube, WatchEvent, conditions, iter_containers, load_api_client, parse_quantity
 from .portforward import PortForward, kubernetes_connector
 
 IMAGE_FAILURES = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
@@ -58,6 +58,7 @@ class KubernetesPlatform:
         self._kube = kube
         self._crds: dict | None = None
         self._forwards: dict[str, PortForward] = {}
+        self._checks: dict[str, Any] | None = None
 
     # --- the cluster --------------------------------------------------------------------------------
 
@@ -72,22 +73,107 @@ class KubernetesPlatform:
         return self.settings.namespace
 
     def facts(self) -> dict[str, Any]:
-        version = self.kube.version()
-        nodes = self.kube.list("v1", "Node", None)
-        gpus = {
-            node["metadata"]["name"]: (node.get("status") or {}).get("allocatable", {}).get(self.settings.gpu_resource)
-            for node in nodes
-        }
+        checks = self.cluster_checks()
         return {
             "platform": self.name,
-            "kubernetes": {"version": version.get("gitVersion"), "namespace": self.namespace},
-            "nodes": len(nodes),
-            "allocatable_gpus": {name: count for name, count in gpus.items() if count},
+            "accelerator": f"{checks['gpus']['total']} × {self.settings.gpu_resource} allocatable"
+            if checks["gpus"]["total"] else "no GPU allocatable",
+            "hardware": {"nodes": checks["nodes"], "gpu_nodes": len(checks["gpus"]["by_node"]),
+                         "allocatable_gpus": checks["gpus"]["total"]},  # fmt: skip
             "engine": {"name": "vllm", "image": self.settings.image},
+            "cluster": checks,
         }
 
+    def cluster_checks(self) -> dict[str, Any]:
+        """What the cluster runs and offers, read once per platform object: the preflight's findings."""
+        if self._checks is not None:
+            return self._checks
+        kube = self.kube
+        checks: dict[str, Any] = {"kubernetes_version": kube.version().get("gitVersion"), "namespace": self.namespace}
+        nodes = kube.list("v1", "Node", None)
+        by_node = {}
+        for node in nodes:
+            count = (node.get("status") or {}).get("allocatable", {}).get(self.settings.gpu_resource)
+            if count and parse_quantity(count) > 0:
+                by_node[node["metadata"]["name"]] = int(parse_quantity(count))
+        checks["nodes"] = len(nodes)
+        checks["gpus"] = {"resource": self.settings.gpu_resource, "by_node": by_node, "total": sum(by_node.values())}
+        try:
+            crds = {c["metadata"]["name"]: c for c in kube.list("apiextensions.k8s.io/v1", "CustomResourceDefinition", None)}
+        except ApiException as exc:
+            crds, checks["crds_unreadable"] = {}, f"HTTP {exc.status}"
+        checks["crds"] = {
+            name: sorted(v["name"] for v in crds[name]["spec"]["versions"] if v.get("served", True))
+            for name in PREREQUISITE_CRDS if name in crds
+        }
+        checks["missing_crds"] = [label for name, label in PREREQUISITE_CRDS.items() if name not in crds]
+        controllers = [d for d in kube.list("apps/v1", "Deployment", None)
+                       if d["metadata"]["name"] in ("kserve-controller-manager", "llmisvc-controller-manager")]  # fmt: skip
+        checks["kserve_controllers"] = [
+            {"name": d["metadata"]["name"], "namespace": d["metadata"]["namespace"],
+             "image": d["spec"]["template"]["spec"]["containers"][0].get("image"),
+             "version": (d["spec"]["template"]["spec"]["containers"][0].get("image") or "").rpartition(":")[2] or None,
+             "ready": (d.get("status") or {}).get("readyReplicas", 0)}  # fmt: skip
+            for d in controllers
+        ]
+        mode = None
+        for controller in checks["kserve_controllers"]:
+            config = kube.get("v1", "ConfigMap", controller["namespace"], "inferenceservice-config")
+            if config and "deploy" in (config.get("data") or {}):
+                mode = json.loads(config["data"]["deploy"]).get("defaultDeploymentMode")
+        checks["kserve_default_deployment_mode"] = mode
+        checks["gateway_classes"] = (
+            [g["metadata"]["name"] for g in kube.list("gateway.networking.k8s.io/v1", "GatewayClass", None)]
+            if "gateways.gateway.networking.k8s.io" in crds else []
+        )
+        classes = kube.list("storage.k8s.io/v1", "StorageClass", None)
+        checks["storage_classes"] = [
+            c["metadata"]["name"] + (" (default)" if (c["metadata"].get("annotations") or {}).get(
+                "storageclass.kubernetes.io/is-default-class") == "true" else "")  # fmt: skip
+            for c in classes
+        ]
+        checks["control_plane"] = {}
+        for namespace in CONTROL_PLANE_NAMESPACES:
+            pods = kube.list("v1", "Pod", namespace)
+            if pods:
+                checks["control_plane"][namespace] = {"pods": len(pods), **_sum_requests(pods)}
+        self._checks = checks
+        return checks
+
+    def missing_prerequisites(self, layer_name: str) -> list[str]:
+        """What the cluster lacks for this layer (empty when it has everything, or cannot tell)."""
+        checks = self.cluster_checks()
+        if checks.get("crds_unreadable"):
+            return []  # no permission to read CRDs: the apply itself will say what is missing
+        layer = self.study.layers[layer_name]
+        missing = []
+        need = self.settings.gpus
+        if need and not any(count >= need for count in checks["gpus"]["by_node"].values()):
+            missing.append(f"a node with {need} allocatable {self.settings.gpu_resource}")
+        crds = checks["crds"]
+        if layer.kind == "kserve":
+            if "inferenceservices.serving.kserve.io" not in crds:
+                missing.append("the KServe InferenceService CRD")
+            if layer.predictor == "runtime" and "servingruntimes.serving.kserve.io" not in crds:
+                missing.append("the KServe ServingRuntime CRD")
+            if layer.mode == "Knative" and "services.serving.knative.dev" not in crds:
+                missing.append("Knative Serving (Knative mode)")
+            if not any(c["name"] == "kserve-controller-manager" for c in checks["kserve_controllers"]):
+                missing.append("the KServe controller (kserve-controller-manager)")
+        if layer.kind == "llm-d":
+            versions = crds.get("llminferenceservices.serving.kserve.io", [])
+            if layer.api_version not in versions:
+                missing.append(f"the LLMInferenceService CRD serving {layer.api_version}"
+                               + (f" (the cluster serves {', '.join(versions)})" if versions else ""))  # fmt: skip
+            if "gateways.gateway.networking.k8s.io" not in crds:
+                missing.append("the Gateway API CRDs")
+            if layer.scheduler and not any(n.startswith("inferencepools.") for n in crds):
+                missing.append("the Gateway API Inference Extension (InferencePool CRD) for the scheduler")
+        return missing
+
     def unsupported_reason(self, layer_name: str) -> str | None:
-        return None  # every layer kind deploys here; missing prerequisites show in preflight and at apply
+        missing = self.missing_prerequisites(layer_name)
+        return f"the cluster lacks {'; '.join(missing)}" if missing else None
 
     def crd_schemas(self) -> dict:
         """The KServe CRDs installed on the cluster; the bundled copies when they cannot be read."""
@@ -383,3 +469,28 @@ def _api_message(exc: ApiException) -> str:
         return json.loads(exc.body or "{}").get("message") or exc.reason
     except (ValueError, AttributeError):
         return str(exc.reason)
+
+
+# CRDs that tell which controllers a cluster runs, by what they enable.
+PREREQUISITE_CRDS = {
+    "inferenceservices.serving.kserve.io": "KServe InferenceService",
+    "servingruntimes.serving.kserve.io": "KServe ServingRuntime",
+    "llminferenceservices.serving.kserve.io": "KServe LLMInferenceService",
+    "services.serving.knative.dev": "Knative Serving",
+    "certificates.cert-manager.io": "cert-manager",
+    "gateways.gateway.networking.k8s.io": "Gateway API",
+    "httproutes.gateway.networking.k8s.io": "Gateway API HTTPRoute",
+    "inferencepools.inference.networking.k8s.io": "Gateway API Inference Extension",
+    "inferencepools.inference.networking.x-k8s.io": "Gateway API Inference Extension (x-k8s.io)",
+}
+CONTROL_PLANE_NAMESPACES = ("kserve", "knative-serving", "cert-manager", "llm-d")
+
+
+def _sum_requests(pods: list[dict[str, Any]]) -> dict[str, float]:
+    total = {"cpu_cores": 0.0, "memory_gib": 0.0}
+    for pod in pods:
+        for container in (pod.get("spec") or {}).get("containers") or []:
+            requests = (container.get("resources") or {}).get("requests") or {}
+            total["cpu_cores"] += parse_quantity(requests.get("cpu", "0"))
+            total["memory_gib"] += parse_quantity(requests.get("memory", "0")) / 2**30
+    return {k: round(v, 3) for k, v in total.items()}
