@@ -109,6 +109,8 @@ def run_smoke(
             )  # fmt: skip
     finally:
         client.close()
+        for row in rows:
+            row["via"] = endpoint.via  # the path the requests took (direct, port-forward, gateway, in-cluster)
         results.append_records(run_dir, "smoke", rows)
     if fingerprint:
         results.update_context(run_dir, engine={"system_fingerprint": fingerprint})
@@ -147,4 +149,4 @@ def rows_frame(rows: list[dict[str, Any]]):
     """The smoke checks as a table."""
     import pandas as pd
 
-    return pd.DataFrame(rows, columns=["layer", "check", "passed", "expected", "observed", "latency_ms"])
+    return pd.DataFrame(rows, columns=["layer", "check", "passed", "expected", "observed", "latency_ms", "via"])

@@ -55,6 +55,9 @@ class Platform(Protocol):
     def facts(self) -> dict[str, Any]:
         """What the platform offers (hardware, engine, controllers), for preflight and run.json."""
 
+    def engine_version(self) -> str | None:
+        """The vLLM version the layers run, when the platform knows it."""
+
     def unsupported_reason(self, layer_name: str) -> str | None:
         """None when the platform can host this layer, otherwise why not."""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import threading
 import time
 from datetime import datetime, timezone
@@ -171,6 +172,12 @@ class KubernetesPlatform:
                 missing.append("the Gateway API Inference Extension (InferencePool CRD) for the scheduler")
         return missing
 
+    def engine_version(self) -> str | None:
+        """vLLM's version as the pinned image tag states it (``v0.32.0`` → ``0.32.0``); None for a digest."""
+        tag = self.settings.image.partition("@")[0].rsplit("/", 1)[-1].partition(":")[2]
+        match = re.match(r"^v?(\d+\.\d+(\.\d+)?)", tag)
+        return match.group(1) if match else None
+
     def unsupported_reason(self, layer_name: str) -> str | None:
         missing = self.missing_prerequisites(layer_name)
         return f"the cluster lacks {'; '.join(missing)}" if missing else None
@@ -306,6 +313,7 @@ class KubernetesPlatform:
         self.kube.watch("v1", "Event", self.namespace, None, events, stop)
         marks = {"applied": applied}
         pods: dict[str, dict[str, Any]] = {}
+        pulled: dict[str, float] = {}
         deadline = applied + self.settings.ready_timeout_s
         last_state = "nothing seen yet"
         try:
@@ -324,9 +332,10 @@ class KubernetesPlatform:
                 if event.type == "ERROR" or event.type == "DELETED":
                     continue
                 if kind == "Event":
+                    # Events and pods come through separate watches: keep every pull, match pods at the end.
                     involved = obj.get("involvedObject") or {}
-                    if involved.get("kind") == "Pod" and involved.get("name") in pods and obj.get("reason") == "Pulled":
-                        marks.setdefault("image_pulled", event.seen)
+                    if involved.get("kind") == "Pod" and obj.get("reason") == "Pulled":
+                        pulled.setdefault(involved.get("name"), event.seen)
                     continue
                 if kind == "Pod":
                     pods[obj["metadata"]["name"]] = obj
@@ -347,6 +356,9 @@ class KubernetesPlatform:
                     last_state = f"{top['kind']} conditions {json.dumps({k: v.get('status') for k, v in conditions(obj).items()})}"
                     if self._ready(obj):
                         marks["ready"] = event.seen
+                        ours = [t for pod, t in pulled.items() if pod in pods]
+                        if ours:
+                            marks["image_pulled"] = min(ours)
                         return marks
         finally:
             stop.set()
