@@ -47,7 +47,8 @@ class Controller:
 
     def __enter__(self) -> Controller:
         for api_version, kind in TOP_KINDS:
-            self.kube.watch(api_version, kind, self.namespace, None, self.events, self.stop)
+            self.kube.watch(api_version, kind, self.namespace, {"app.kubernetes.io/managed-by": "servinglab"},
+                            self.events, self.stop)
         self._thread.start()
         return self
 
@@ -82,6 +83,33 @@ class Controller:
             "status": {"phase": "Pending", "conditions": []},
         }
 
+    def _owned(self, top: dict[str, Any]) -> dict[str, Any]:
+        """The objects the real controller creates from ``top`` (owner references set); returns the pod's owner."""
+        name, kind, ns = top["metadata"]["name"], top["kind"], self.namespace
+
+        def ref(obj: dict[str, Any]) -> list[dict[str, Any]]:
+            return [{"apiVersion": obj["apiVersion"], "kind": obj["kind"], "name": obj["metadata"]["name"],
+                     "uid": obj["metadata"]["uid"], "controller": True}]  # fmt: skip
+
+        def make(api_version: str, obj_kind: str, obj_name: str, owner: dict[str, Any], spec: dict) -> dict[str, Any]:
+            body = {"apiVersion": api_version, "kind": obj_kind,
+                    "metadata": {"name": obj_name, "namespace": ns, "ownerReferences": ref(owner)}, "spec": spec}  # fmt: skip
+            return self.kube.apply(body)
+
+        if kind == "Deployment":
+            return make("apps/v1", "ReplicaSet", f"{name}-5d8f7c9b6", top, {"replicas": 1})
+        if kind == "InferenceService":
+            deployment = make("apps/v1", "Deployment", f"{name}-predictor", top, {"replicas": 1})
+            make("v1", "Service", f"{name}-predictor", top, {"ports": [{"port": 80}]})
+            make("autoscaling/v2", "HorizontalPodAutoscaler", f"{name}-predictor", top,
+                 {"minReplicas": 1, "maxReplicas": 1, "scaleTargetRef": {"kind": "Deployment", "name": f"{name}-predictor"}})
+            make("gateway.networking.k8s.io/v1", "HTTPRoute", name, top, {"parentRefs": [{"name": "kserve-gateway"}]})
+            return make("apps/v1", "ReplicaSet", f"{name}-predictor-7c6d5", deployment, {"replicas": 1})
+        deployment = make("apps/v1", "Deployment", f"{name}-kserve", top, {"replicas": 1})
+        make("v1", "Service", f"{name}-workload-svc", top, {"ports": [{"port": 8000}]})
+        make("gateway.networking.k8s.io/v1", "HTTPRoute", f"{name}-kserve-route", top, {"parentRefs": [{"name": "gw"}]})
+        return make("apps/v1", "ReplicaSet", f"{name}-kserve-6b9c8", deployment, {"replicas": 1})
+
     def _patch_status(self, api_version: str, kind: str, name: str, status: dict[str, Any]) -> None:
         from servinglab.platforms.kube import object_path
 
@@ -100,6 +128,9 @@ class Controller:
                 _condition("Ready", "False", "ReconcileFailed", "fails to reconcile predictor: no runtime found")]})
             return
         pod = self._pod_for(top)
+        owner = self._owned(top)
+        pod["metadata"]["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "controller": True,
+                                               "name": owner["metadata"]["name"], "uid": owner["metadata"]["uid"]}]  # fmt: skip
         pod_name = pod["metadata"]["name"]
         containers = [c["name"] for c in pod["spec"]["containers"]]
         self.kube.json("POST", f"/api/v1/namespaces/{self.namespace}/pods", body=pod)
@@ -154,6 +185,22 @@ class Controller:
             self._patch_status(api_version, kind, name, {"url": f"http://{host}", "conditions": [
                 _condition("PredictorReady", "True"), _condition("IngressReady", "True"), _condition("Ready", "True")]})
 
+    def _collect_garbage(self, top: dict[str, Any]) -> None:
+        """Delete what ``top`` owned, transitively, as Kubernetes' garbage collector does."""
+        owners = {top["metadata"].get("uid")}
+        kinds = [("v1", "Pod"), ("apps/v1", "ReplicaSet"), ("apps/v1", "Deployment"), ("v1", "Service"),
+                 ("autoscaling/v2", "HorizontalPodAutoscaler"), ("gateway.networking.k8s.io/v1", "HTTPRoute")]  # fmt: skip
+        grew = True
+        while grew:
+            grew = False
+            for api_version, kind in kinds:
+                for obj in self.kube.list(api_version, kind, self.namespace):
+                    refs = {r.get("uid") for r in obj["metadata"].get("ownerReferences") or []}
+                    if refs & owners and obj["metadata"]["uid"] not in owners:
+                        owners.add(obj["metadata"]["uid"])
+                        self.kube.delete(api_version, kind, self.namespace, obj["metadata"]["name"])
+                        grew = True
+
     def _run(self) -> None:
         while not self.stop.is_set():
             try:
@@ -165,10 +212,16 @@ class Controller:
                 continue
             top.setdefault("kind", event.kind)
             key = (top["kind"], top["metadata"]["name"], top["metadata"].get("generation", 1))
+            meta = top["metadata"]
+            if event.type == "MODIFIED" and meta.get("deletionTimestamp") and "foregroundDeletion" in (meta.get("finalizers") or []):
+                self._collect_garbage(top)  # then release the owner, as the garbage collector does
+                from servinglab.platforms.kube import object_path
+
+                self.kube.json("PATCH", object_path(top["apiVersion"], top["kind"], self.namespace, meta["name"]),
+                               body={"metadata": {"finalizers": []}}, content_type="application/merge-patch+json")  # fmt: skip
+                continue
             if event.type == "DELETED":
-                for pod in self.kube.list("v1", "Pod", self.namespace):
-                    if pod["metadata"]["name"].startswith(f"{top['metadata']['name']}-"):
-                        self.kube.delete("v1", "Pod", self.namespace, pod["metadata"]["name"])
+                self._collect_garbage(top)
                 self._seen = {s for s in self._seen if s[:2] != key[:2]}
                 continue
             if key in self._seen or "spec" not in top:

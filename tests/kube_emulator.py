@@ -155,6 +155,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             return await self._apply(request)
         if request.resource is not None and request.action == enums.action.CREATE:
             self._stamp(request.data, None)
+        if request.action == enums.action.DELETE and request.name and (request.data or {}).get("propagationPolicy") == "Foreground":
+            await self._hold_for_dependents(request)
         try:
             response = await super()._handle(request)
         except (KubernetesNotFoundError, KubernetesObjectConflictError) as exc:
@@ -165,6 +167,21 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         if request.action == enums.action.CREATE and response.status == 200:
             response.set_status(201)
         return response
+
+    async def _hold_for_dependents(self, request) -> None:  # noqa: ANN001
+        """Foreground deletion: an object with dependents gets the foregroundDeletion finalizer, so it stays
+        (with a deletionTimestamp) until the garbage collector (the test controller) removed them."""
+        key = (request.resource, request.namespace, request.name)
+        async with self._lock:
+            if key not in self._objects or self._objects[key].deleted:
+                return
+            uid = self._objects[key].raw.get("metadata", {}).get("uid")
+            dependents = any(
+                uid in {r.get("uid") for r in (obj.raw.get("metadata", {}).get("ownerReferences") or [])}
+                for obj in self._objects.values() if not obj.deleted
+            )
+            if dependents:
+                self._objects[key].patch({"metadata": {"finalizers": ["foregroundDeletion"]}})
 
     async def _apply(self, request) -> aiohttp.web.Response:  # noqa: ANN001
         applied = dict(request.data)

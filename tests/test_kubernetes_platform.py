@@ -254,3 +254,21 @@ def test_preflight_names_the_missing_prerequisite_per_layer(tmp_path, monkeypatc
     assert "Knative" not in reasons["kserve-standard"]
     assert "the LLMInferenceService CRD serving v1alpha2 (the cluster serves v1alpha1)" in reasons["llm-d"]
     assert "InferencePool CRD" in reasons["llm-d"]
+
+
+def test_what_you_write_and_what_the_platform_creates(cluster, tmp_path):
+    s = study()
+    platform = get_platform(s)
+    with Controller(cluster.kube, NS, step_s=0.02):
+        raw = platform.ensure("raw", str(tmp_path))
+        kserve = platform.ensure("kserve-standard", str(tmp_path))
+        llmd = platform.ensure("llm-d", str(tmp_path))
+    assert raw.applied == ["Deployment/qwen-cluster-raw", "Service/qwen-cluster-raw"]
+    assert raw.created == ["Pod/qwen-cluster-raw-1-pod", "ReplicaSet/qwen-cluster-raw-5d8f7c9b6"]
+    assert kserve.applied == ["InferenceService/qwen-cluster-kserve-standard"]
+    assert kserve.created == [
+        "Deployment/qwen-cluster-kserve-standard-predictor", "HTTPRoute/qwen-cluster-kserve-standard",
+        "HorizontalPodAutoscaler/qwen-cluster-kserve-standard-predictor", "Pod/qwen-cluster-kserve-standard-1-pod",
+        "ReplicaSet/qwen-cluster-kserve-standard-predictor-7c6d5", "Service/qwen-cluster-kserve-standard-predictor",
+    ]
+    assert "HTTPRoute/qwen-cluster-llm-d-kserve-route" in llmd.created and len(llmd.applied) == 1

@@ -42,6 +42,8 @@ class Deployment:
     pid: int | None = None
     log_path: str | None = None
     command: list[str] = field(default_factory=list)
+    applied: list[str] = field(default_factory=list)  # what servinglab wrote: Kind/name (cluster platforms)
+    created: list[str] = field(default_factory=list)  # what the platform's controllers made of it: Kind/name
     processes: int | None = None  # processes the layer runs as, when ready (local platform)
     rss_mib: float | None = None  # their resident memory, when ready
 

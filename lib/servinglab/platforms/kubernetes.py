@@ -37,6 +37,8 @@ RECONCILE_FAILURES = {"ReconcileFailed", "ReconcileError", "FailedCreate", "Inva
 MARKS = ("applied", "scheduled", "image_pulled", "started", "ready")
 PHASES = {"scheduled": "scheduling_s", "image_pulled": "image_pull_s", "started": "container_start_s",
           "ready": "engine_ready_s"}  # fmt: skip
+# Kinds a controller may create from a layer, listed by "what you write vs what the platform creates".
+OWNED_KINDS = ("Deployment", "ReplicaSet", "Service", "HorizontalPodAutoscaler", "HTTPRoute", "Pod")
 # What the platform may create per layer, deleted by label at teardown (in this order).
 TEARDOWN_KINDS = ("LLMInferenceService", "InferenceService", "ServingRuntime", "Deployment", "Service",
                   "PersistentVolumeClaim")  # fmt: skip
@@ -242,7 +244,34 @@ class KubernetesPlatform:
             layer_name, layer.kind, self.name, "ready", spec_hash=spec_hash, base_url=self._in_cluster_url(layer_name),
             time_to_ready_s=round(marks["ready"] - applied, 3), phases_s=phases,
             started_at=_iso(applied), ready_at=_iso(marks["ready"]),
+            applied=[f"{o['kind']}/{o['metadata']['name']}" for o in objects], created=self.created_objects(layer_name),
         )  # fmt: skip
+
+    def created_objects(self, layer_name: str) -> list[str]:
+        """Kind/name of every object the cluster's controllers created from the layer (owner references,
+        followed transitively from the layer's top object): what the user did not have to write."""
+        top = self.kube.get(*self._top_ref(layer_name))
+        if not top:
+            return []
+        candidates = []
+        for kind in OWNED_KINDS:
+            try:
+                candidates += [(kind, o) for o in self.kube.list(API_VERSIONS[kind], kind, self.namespace)]
+            except ApiException as exc:
+                if exc.status != 404:  # 404: the kind is not installed on this cluster
+                    raise
+        owners, found = {top["metadata"]["uid"]}, []
+        grew = True
+        while grew:
+            grew = False
+            for kind, obj in candidates:
+                uid = obj["metadata"].get("uid")
+                refs = {r.get("uid") for r in obj["metadata"].get("ownerReferences") or []}
+                if uid not in owners and refs & owners:
+                    owners.add(uid)
+                    found.append(f"{kind}/{obj['metadata']['name']}")
+                    grew = True
+        return sorted(found)
 
     def _ensure_namespace(self) -> None:
         if self.kube.get("v1", "Namespace", None, self.namespace) is not None:
