@@ -78,6 +78,16 @@ def records_frame(records: list[dict[str, Any]]):
     return pd.DataFrame(records, columns=columns)
 
 
+def objects_frame(records: list[dict[str, Any]]):
+    """Per layer: the objects servinglab wrote and those the platform's controllers created from them."""
+    import pandas as pd
+
+    rows = [{"layer": r["layer"], "written": ", ".join(r.get("applied") or []) or "—",
+             "created by the platform": ", ".join(r.get("created") or []) or "—"}
+            for r in records if r.get("status") == "ready"]  # fmt: skip
+    return pd.DataFrame(rows, columns=["layer", "written", "created by the platform"])
+
+
 def phases_frame(records: list[dict[str, Any]]):
     """Seconds per start-up phase (rows) for each fresh start (columns)."""
     import pandas as pd
