@@ -247,13 +247,16 @@ def test_preflight_names_the_missing_prerequisite_per_layer(tmp_path, monkeypatc
         install_serving_stack(kube, gpus_per_node=(), knative=False, llmisvc_versions=("v1alpha1",), inference_pools=False)
         platform = get_platform(study())
         reasons = {name: platform.unsupported_reason(name) for name in platform.study.layers}
+        assert platform.study.layers["llm-d"].api_version == "v1alpha1"  # unset in the study: what the cluster serves
+        pinned = get_platform(study("layers.llm-d.api_version=v1alpha2")).unsupported_reason("llm-d")
+        assert "the LLMInferenceService CRD serving v1alpha2 (the cluster serves v1alpha1)" in pinned
         cpu_only = get_platform(study("platform.gpus=0", "platform.image=vllm/vllm-openai-cpu:v0.32.0"))
         assert cpu_only.unsupported_reason("raw") is None and cpu_only.unsupported_reason("kserve-standard") is None
     assert reasons["raw"] == "the cluster lacks a node with 1 allocatable nvidia.com/gpu"
     assert "Knative Serving (Knative mode)" in reasons["kserve-knative"]
     assert "Knative" not in reasons["kserve-standard"]
-    assert "the LLMInferenceService CRD serving v1alpha2 (the cluster serves v1alpha1)" in reasons["llm-d"]
-    assert "InferencePool CRD" in reasons["llm-d"]
+    assert reasons["llm-d"] == ("the cluster lacks a node with 1 allocatable nvidia.com/gpu; the Gateway API "
+                                "Inference Extension (InferencePool CRD) for the scheduler")
 
 
 def test_what_you_write_and_what_the_platform_creates(cluster, tmp_path):
@@ -272,3 +275,20 @@ def test_what_you_write_and_what_the_platform_creates(cluster, tmp_path):
         "ReplicaSet/qwen-cluster-kserve-standard-predictor-7c6d5", "Service/qwen-cluster-kserve-standard-predictor",
     ]
     assert "HTTPRoute/qwen-cluster-llm-d-kserve-route" in llmd.created and len(llmd.applied) == 1
+
+
+def test_the_study_context_is_used_whatever_the_current_context(cluster, tmp_path, monkeypatch):
+    import yaml
+
+    config = yaml.safe_load(Path(cluster.kubeconfig(tmp_path / "kubeconfig")).read_text())
+    config["clusters"].append({"name": "nowhere", "cluster": {"server": "http://127.0.0.1:9"}})
+    config["contexts"].append({"name": "elsewhere", "context": {"cluster": "nowhere", "user": "tester"}})
+    config["current-context"] = "elsewhere"
+    config = yaml.safe_dump(config)
+    (tmp_path / "two-contexts").write_text(config)
+    monkeypatch.delenv("KUBECONFIG")
+    chosen = get_platform(study(f"platform.kubeconfig={tmp_path / 'two-contexts'}", "platform.context=emulator"))
+    assert chosen.cluster_checks()["gpus"]["total"] == 2
+    current = get_platform(study(f"platform.kubeconfig={tmp_path / 'two-contexts'}"))
+    with pytest.raises(PlatformError, match=r"cannot reach the Kubernetes API at http://127.0.0.1:9"):
+        current.cluster_checks()  # the current context points at a closed port

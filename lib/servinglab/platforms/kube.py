@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import kubernetes
+import urllib3
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
@@ -106,8 +107,12 @@ class Kube:
             header_params={"Content-Type": content_type, "Accept": "application/json"},
             body=body, auth_settings=["BearerToken"],
         )  # fmt: skip
-        response = self.api.call_api(method, url, header_params=headers, body=body,
-                                     _request_timeout=timeout or self.timeout)  # fmt: skip
+        try:
+            response = self.api.call_api(method, url, header_params=headers, body=body,
+                                         _request_timeout=timeout or self.timeout)  # fmt: skip
+        except urllib3.exceptions.HTTPError as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise PlatformError(f"cannot reach the Kubernetes API at {self.api.configuration.host}: {reason}") from None
         if not 200 <= response.status <= 299:
             response.read()
             raise ApiException(http_resp=response)

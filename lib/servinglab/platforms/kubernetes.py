@@ -143,11 +143,20 @@ class KubernetesPlatform:
         self._checks = checks
         return checks
 
+    def settle_llm_d_versions(self) -> None:
+        """An llm-d layer whose study leaves ``api_version`` unset uses what the cluster serves, v1alpha2 first."""
+        served = self.cluster_checks()["crds"].get("llminferenceservices.serving.kserve.io") or []
+        for layer in self.study.layers.values():
+            if layer.kind == "llm-d" and "api_version" not in layer.model_fields_set and served \
+                    and layer.api_version not in served:  # fmt: skip
+                layer.api_version = "v1alpha2" if "v1alpha2" in served else served[-1]
+
     def missing_prerequisites(self, layer_name: str) -> list[str]:
         """What the cluster lacks for this layer (empty when it has everything, or cannot tell)."""
         checks = self.cluster_checks()
         if checks.get("crds_unreadable"):
             return []  # no permission to read CRDs: the apply itself will say what is missing
+        self.settle_llm_d_versions()
         layer = self.study.layers[layer_name]
         missing = []
         need = self.settings.gpus
@@ -207,6 +216,8 @@ class KubernetesPlatform:
         layer's objects before the interrupt goes on.
         """
         layer = self.study.layers[layer_name]
+        if layer.kind == "llm-d":
+            self.settle_llm_d_versions()
         objects = render_layer(self.study, layer_name, run_id=run_id)
         validate_objects(objects, self.settings.kubernetes_version, self.crd_schemas())
         top = objects[-1] if layer.kind != "raw-vllm" else next(o for o in objects if o["kind"] == "Deployment")
@@ -499,9 +510,8 @@ class KubernetesPlatform:
         return [f"{kind}/{name}" for _, kind, name in deleted]
 
     def _versions_of(self, kind: str) -> list[str]:
-        if kind == "LLMInferenceService":
-            return sorted({f"serving.kserve.io/{layer.api_version}" for layer in self.study.layers.values()
-                           if layer.kind == "llm-d"}) or []  # fmt: skip
+        if kind == "LLMInferenceService":  # either served version lists the same objects; 404 when not served
+            return ["serving.kserve.io/v1alpha2", "serving.kserve.io/v1alpha1"]
         return [API_VERSIONS[kind]]
 
 
