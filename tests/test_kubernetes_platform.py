@@ -117,7 +117,7 @@ def test_deploy_records_a_failed_layer_and_goes_on(cluster, tmp_path):
     assert by_layer["kserve-standard"]["status"] == "failed" and "ReconcileFailed" in by_layer["kserve-standard"]["reason"]
 
 
-def test_teardown_deletes_by_label_and_leaves_unlabelled_objects_alone(cluster, tmp_path):
+def test_teardown_deletes_by_label_and_leaves_unlabelled_objects_alone(cluster, tmp_path, capsys):
     s = study()
     platform = get_platform(s)
     with Controller(cluster.kube, NS, step_s=0.02):
@@ -130,10 +130,15 @@ def test_teardown_deletes_by_label_and_leaves_unlabelled_objects_alone(cluster, 
             "name": "other-study", "namespace": NS, "labels": {MANAGED_BY: "servinglab", STUDY_LABEL: "other"}},
             "spec": {"ports": [{"port": 80}]}})  # fmt: skip
         assert len(labelled(cluster.kube)) == 5  # Deployment, Service, 2 InferenceServices, LLMInferenceService
+        assert cli.main(["status", str(EXAMPLE)]) == 0
+        shown = capsys.readouterr().out
+        assert "raw\tready\tDeployment/qwen-cluster-raw in servinglab" in shown and "llm-d\tready" in shown
         stopped = platform.teardown(["raw"])
         assert sorted(stopped) == ["Deployment/qwen-cluster-raw", "Service/qwen-cluster-raw"]
         assert "Deployment/qwen-cluster-raw" not in labelled(cluster.kube)
         assert cli.main(["teardown", str(EXAMPLE)]) == 0
+        assert cli.main(["status", str(EXAMPLE)]) == 0
+        assert "nothing of study qwen-cluster is on the cluster" in capsys.readouterr().out
     assert labelled(cluster.kube) == []
     assert cluster.kube.get("v1", "Service", NS, "theirs") is not None
     assert cluster.kube.get("v1", "Service", NS, "other-study") is not None

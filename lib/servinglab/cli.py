@@ -160,7 +160,16 @@ def _status(args) -> int:
     from .platforms import get_platform
 
     study = load_study(args.study, args.overrides)
-    entries = get_platform(study).running()
+    platform = get_platform(study)
+    if platform.name == "kubernetes":
+        rows = platform.status()
+        for r in rows:
+            print(f"{r['layer']}\t{r['state']}\t{r['object']} in {platform.namespace}\tspec {r['spec_hash']}\t"
+                  f"{r['created']} objects created by the platform")  # fmt: skip
+        if not rows:
+            print(f"nothing of study {study.study} is on the cluster")
+        return 0
+    entries = platform.running()
     for e in entries:
         print(f"{e.layer}\t{e.state}\t{e.base_url}\tpid {e.pid}\tstarted {e.started_at}\tlog {e.log_path}")
     if not entries:

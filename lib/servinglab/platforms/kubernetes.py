@@ -477,6 +477,24 @@ class KubernetesPlatform:
             return API_VERSIONS["InferenceService"], "InferenceService", self.namespace, name
         return f"serving.kserve.io/{layer.api_version}", "LLMInferenceService", self.namespace, name
 
+    def status(self) -> list[dict[str, Any]]:
+        """The study's layers present on the cluster: top object, readiness, spec hash, objects created."""
+        rows = []
+        for layer_name in self.study.layers:
+            ref = self._top_ref(layer_name)
+            try:
+                top = self.kube.get(*ref)
+            except ApiException as exc:
+                if exc.status == 404:
+                    continue
+                raise
+            if top:
+                rows.append({"layer": layer_name, "object": f"{ref[1]}/{ref[3]}",
+                             "state": "ready" if self._ready(top) else "not ready",
+                             "spec_hash": (top["metadata"].get("labels") or {}).get("servinglab.io/spec-hash"),
+                             "created": len(self.created_objects(layer_name))})  # fmt: skip
+        return rows
+
     # --- stop ---------------------------------------------------------------------------------------
 
     def teardown(self, layer_names: list[str] | None = None, wait_s: float = 300.0) -> list[str]:
