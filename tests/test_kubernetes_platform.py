@@ -172,6 +172,8 @@ def test_port_forward_target_and_urls(cluster, tmp_path):
     assert platform.port_forward_target("raw") == ("qwen-cluster-raw-1-pod", 8000)
     assert platform.port_forward_target("kserve-standard") == ("qwen-cluster-kserve-standard-1-pod", 8080)
     assert platform.port_forward_target("llm-d") == ("qwen-cluster-llm-d-1-pod", 8000)
+    with pytest.raises(PlatformError, match="reach llm-d with platform.endpoint: gateway"):
+        platform.endpoint("llm-d")
     assert platform.gateway_endpoint("kserve-standard")[0] == "http://qwen-cluster-kserve-standard.servinglab.example.com/v1"
     with pytest.raises(PlatformError, match="raw vLLM has no gateway"):
         platform.gateway_endpoint("raw")
@@ -297,3 +299,29 @@ def test_the_study_context_is_used_whatever_the_current_context(cluster, tmp_pat
     current = get_platform(study(f"platform.kubeconfig={tmp_path / 'two-contexts'}"))
     with pytest.raises(PlatformError, match=r"cannot reach the Kubernetes API at http://127.0.0.1:9"):
         current.cluster_checks()  # the current context points at a closed port
+
+
+def test_unschedulable_waits_out_the_grace_an_autoscaler_needs(cluster, tmp_path):
+    platform = get_platform(study("platform.unschedulable_grace_s=1.0"))
+    with Controller(cluster.kube, NS, scenario="unschedulable", step_s=0.05):
+        started = time.monotonic()
+        with pytest.raises(LayerNotReadyError, match="unschedulable"):
+            platform.ensure("raw", str(tmp_path))
+        assert time.monotonic() - started >= 1.0
+
+
+def test_a_ready_condition_of_the_previous_generation_does_not_count():
+    platform = KubernetesPlatform(study())
+    isvc = {"kind": "InferenceService", "metadata": {"generation": 2},
+            "status": {"observedGeneration": 1, "conditions": [{"type": "Ready", "status": "True"}]}}
+    assert not platform._ready(isvc)
+    isvc["status"]["observedGeneration"] = 2
+    assert platform._ready(isvc)
+    rolling = {"kind": "Deployment", "metadata": {"generation": 3}, "spec": {"replicas": 2},
+               "status": {"observedGeneration": 3, "replicas": 3, "updatedReplicas": 1, "readyReplicas": 3,
+                          "availableReplicas": 3, "conditions": [{"type": "Available", "status": "True"}]}}
+    assert not platform._ready(rolling)  # old replicas still serve: the rollout is not done
+    rolling["status"].update(replicas=2, updatedReplicas=2, readyReplicas=2, availableReplicas=2)
+    assert platform._ready(rolling)
+    old_pod = {"metadata": {"name": "p", "creationTimestamp": "2026-01-01T00:00:00Z"}}
+    assert not platform._current_pod(old_pod, time.time())

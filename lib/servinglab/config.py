@@ -126,6 +126,9 @@ class KubernetesPlatform(StrictModel):
         description="how the client reaches each layer: a port-forward opened by servinglab to a serving pod, "
         "the layer's gateway URL (status.url), or the in-cluster Service name (client running in the cluster)",
     )
+    unschedulable_grace_s: float = Field(
+        0.0, ge=0, description="how long a pod may stay unschedulable (a node autoscaler adding a GPU node) before it fails"
+    )
     gateway_address: str | None = Field(
         None, description="host[:port] of the gateway when status.url's name does not resolve; sent with its Host header"
     )

@@ -101,6 +101,8 @@ def render(study: Study, layer_name: str, canary: c.Canary | None = None) -> lis
         "spec": {
             "replicas": layer.replicas,
             "strategy": strategy,
+            # The default 600 s would call a long image pull plus weight load a failed rollout.
+            "progressDeadlineSeconds": settings.startup_budget_s + 1200,
             "selector": {"matchLabels": c.selector_labels(study, layer_name)},
             "template": {"metadata": {"labels": c.labels(study, layer_name)}, "spec": pod},
         },

@@ -175,7 +175,10 @@ class Kube:
         def close_when_stopped() -> None:
             stop.wait()
             try:
-                current["response"].close()
+                raw = current["response"].response  # the urllib3 response under the client's wrapper
+                if hasattr(raw, "shutdown"):
+                    raw.shutdown()  # unblocks the thread reading it
+                raw.release_conn()
             except Exception:  # noqa: BLE001 - no stream yet, or closed already
                 pass
 

@@ -10,6 +10,7 @@ KServe's reconcile failure) and its objects are deleted, so no GPU stays held by
 
 from __future__ import annotations
 
+import copy
 import json
 import queue
 import re
@@ -19,6 +20,7 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import kubernetes
 from kubernetes.client.exceptions import ApiException
 
 from ..config import Study
@@ -91,7 +93,7 @@ class KubernetesPlatform:
         """What the cluster runs and offers, read once per platform object: the preflight's findings."""
         if self._checks is not None:
             return self._checks
-        kube = self.kube
+        kube = _Lenient(self.kube)  # a list the user may not read (403) counts as unknown, not as a crash
         checks: dict[str, Any] = {"kubernetes_version": kube.version().get("gitVersion"), "namespace": self.namespace}
         nodes = kube.list("v1", "Node", None)
         by_node = {}
@@ -140,6 +142,8 @@ class KubernetesPlatform:
             pods = kube.list("v1", "Pod", namespace)
             if pods:
                 checks["control_plane"][namespace] = {"pods": len(pods), **_sum_requests(pods)}
+        if kube.forbidden:
+            checks["unreadable"] = sorted(kube.forbidden)
         self._checks = checks
         return checks
 
@@ -239,10 +243,10 @@ class KubernetesPlatform:
             for obj in objects:
                 self.kube.apply(obj)
             marks = self._wait_ready(layer_name, top, applied)
-        except LayerNotReadyError:
+        except ApiException as exc:
             self.teardown([layer_name])
-            raise
-        except KeyboardInterrupt:
+            raise PlatformError(f"layers.{layer_name}: the cluster refused an object: {_api_message(exc)}") from None
+        except BaseException:  # not ready, Ctrl-C, a lost connection: leave nothing that holds a GPU
             self.teardown([layer_name])
             raise
         phases = {}
@@ -303,27 +307,55 @@ class KubernetesPlatform:
         return {"app.kubernetes.io/name": name, "kserve.io/component": "workload"}
 
     def _ready(self, top: dict[str, Any]) -> bool:
+        """Ready for the current spec: a condition left over from the previous generation does not count."""
+        status = top.get("status") or {}
+        if top["metadata"].get("deletionTimestamp"):
+            return False
         if top["kind"] == "Deployment":
-            status = top.get("status") or {}
             available = conditions(top).get("Available", {}).get("status") == "True"
             fresh = status.get("observedGeneration", 0) >= top["metadata"].get("generation", 0)
-            return available and fresh and (status.get("readyReplicas") or 0) >= (top["spec"].get("replicas") or 1)
-        return conditions(top).get("Ready", {}).get("status") == "True"
+            want = top["spec"].get("replicas") or 1
+            # kubectl's rollout rule: every replica updated and available, no old one left.
+            rolled = (status.get("updatedReplicas", want) >= want and status.get("replicas", want) <= want
+                      and (status.get("availableReplicas") or status.get("readyReplicas") or 0) >= want)  # fmt: skip
+            return available and fresh and rolled and (status.get("readyReplicas") or 0) >= want
+        fresh = status.get("observedGeneration", top["metadata"].get("generation", 0)) >= top["metadata"].get("generation", 0)
+        return fresh and conditions(top).get("Ready", {}).get("status") == "True"
 
     def _top_failure(self, top: dict[str, Any]) -> str | None:
         for kind, condition in conditions(top).items():
             if condition.get("reason") in RECONCILE_FAILURES or condition.get("reason") == "ProgressDeadlineExceeded":
                 return f"{top['kind']} condition {kind}: {condition.get('reason')}: {condition.get('message', '')}"
-        failure = ((top.get("status") or {}).get("modelStatus") or {}).get("lastFailureInfo")
-        if failure:
+        model = (top.get("status") or {}).get("modelStatus") or {}
+        failure = model.get("lastFailureInfo")
+        # KServe keeps lastFailureInfo after a recovery: only a model blocked by it is a failure now.
+        if failure and model.get("transitionStatus") in ("BlockedByFailedLoad", "InvalidSpec"):
             return f"{top['kind']} model: {failure.get('reason')}: {failure.get('message', '')}"
         return None
 
-    def _pod_failure(self, pod: dict[str, Any]) -> str | None:
+    @staticmethod
+    def _current_pod(pod: dict[str, Any], applied: float) -> bool:
+        """Created by this apply (not before it, second resolution) and not being deleted."""
+        meta = pod["metadata"]
+        if meta.get("deletionTimestamp"):
+            return False
+        created = meta.get("creationTimestamp")
+        if not created:
+            return True
+        at = datetime.strptime(created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+        return at >= int(applied) - 1
+
+    def _pod_failure(self, pod: dict[str, Any], unschedulable_since: dict[str, float] | None = None,
+                     now: float | None = None) -> str | None:  # fmt: skip
         name = pod["metadata"]["name"]
         scheduled = conditions(pod).get("PodScheduled", {})
         if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
-            return f"pod {name} is unschedulable: {scheduled.get('message', '')}"
+            # A cluster autoscaler may be adding a node: wait platform.unschedulable_grace_s first.
+            now = time.time() if now is None else now
+            since = now if unschedulable_since is None else unschedulable_since.setdefault(name, now)
+            if now - since >= self.settings.unschedulable_grace_s:
+                return f"pod {name} is unschedulable: {scheduled.get('message', '')}"
+            return None
         limits = {c["name"]: (c.get("resources") or {}).get("limits", {}) for c in (pod.get("spec") or {}).get("containers", [])}
         for status in iter_containers(pod):
             state, last = status.get("state") or {}, status.get("lastState") or {}
@@ -354,6 +386,7 @@ class KubernetesPlatform:
         marks = {"applied": applied}
         pods: dict[str, dict[str, Any]] = {}
         pulled: dict[str, float] = {}
+        unschedulable_since: dict[str, float] = {}
         deadline = applied + self.settings.ready_timeout_s
         last_state = "nothing seen yet"
         try:
@@ -364,6 +397,9 @@ class KubernetesPlatform:
                         f"layers.{layer_name}: not ready within platform.ready_timeout_s "
                         f"({self.settings.ready_timeout_s:g} s); last seen: {last_state}"
                     )
+                for pod_name in list(unschedulable_since):  # a grace can run out between events
+                    if pod_name in pods and (failure := self._pod_failure(pods[pod_name], unschedulable_since)):
+                        raise LayerNotReadyError(f"layers.{layer_name}: {failure}")
                 try:
                     event = events.get(timeout=min(remaining, 0.5))
                 except queue.Empty:
@@ -378,13 +414,15 @@ class KubernetesPlatform:
                         pulled.setdefault(involved.get("name"), event.seen)
                     continue
                 if kind == "Pod":
+                    if not self._current_pod(obj, applied):
+                        continue  # a pod of the previous spec, or one going away: not this rollout's
                     pods[obj["metadata"]["name"]] = obj
                     if conditions(obj).get("PodScheduled", {}).get("status") == "True":
                         marks.setdefault("scheduled", event.seen)
                     statuses = (obj.get("status") or {}).get("containerStatuses") or []
                     if statuses and all("running" in (s.get("state") or {}) for s in statuses):
                         marks.setdefault("started", event.seen)
-                    failure = self._pod_failure(obj)
+                    failure = self._pod_failure(obj, unschedulable_since, event.seen)
                     last_state = f"pod {obj['metadata']['name']} phase {(obj.get('status') or {}).get('phase', '?')}"
                     if failure:
                         raise LayerNotReadyError(f"layers.{layer_name}: {failure}")
@@ -412,7 +450,8 @@ class KubernetesPlatform:
             return f"http://{name}.{self.namespace}.svc.cluster.local:{ENGINE_PORT}/v1"
         if kind == "kserve":
             return f"http://{name}-predictor.{self.namespace}.svc.cluster.local/v1"
-        return f"http://{name}-workload-svc.{self.namespace}.svc.cluster.local:{ENGINE_PORT}/v1"
+        # KServe's LLMInferenceService runs vLLM with TLS (its own certificate) behind this Service.
+        return f"https://{name}-kserve-workload-svc.{self.namespace}.svc.cluster.local:{ENGINE_PORT}/v1"
 
     def port_forward_target(self, layer_name: str) -> tuple[str, int]:
         """The ready pod and container port a port-forward to this layer connects to."""
@@ -461,10 +500,16 @@ class KubernetesPlatform:
         if mode == "gateway" and self.study.layers[layer_name].kind != "raw-vllm":
             url, headers = self.gateway_endpoint(layer_name)
             return Endpoint(layer_name, url, served, key, headers=headers, via=f"gateway {url}")
+        if self.study.layers[layer_name].kind == "llm-d":
+            raise PlatformError(
+                f"layers.{layer_name}: the llm-d workload serves TLS with a certificate of its own, which this "
+                "version does not trust over a port-forward; reach llm-d with platform.endpoint: gateway"
+            )
         forward = self._forwards.get(layer_name)
         if forward is None:
             pod, port = self.port_forward_target(layer_name)
-            forward = PortForward(kubernetes_connector(self.kube.api, self.namespace, pod, port), f"pod {pod}:{port}")
+            own_client = kubernetes.client.ApiClient(copy.deepcopy(self.kube.api.configuration))  # portforward patches it
+            forward = PortForward(kubernetes_connector(own_client, self.namespace, pod, port), f"pod {pod}:{port}")
             self._forwards[layer_name] = forward
         return Endpoint(layer_name, f"{forward.url}/v1", served, key, via=f"port-forward to {forward.description}")
 
@@ -504,6 +549,8 @@ class KubernetesPlatform:
             if layer_names
             else [{MANAGED_BY: "servinglab", STUDY_LABEL: self.study.study}]
         )
+        for name in list(self._forwards) if not layer_names else [n for n in layer_names if n in self._forwards]:
+            self._forwards.pop(name).close()
         deleted: list[tuple[str, str, str]] = []
         for selector in selectors:
             for kind in TEARDOWN_KINDS:
@@ -517,6 +564,7 @@ class KubernetesPlatform:
                     for obj in found:
                         if self.kube.delete(api_version, kind, self.namespace, obj["metadata"]["name"]):
                             deleted.append((api_version, kind, obj["metadata"]["name"]))
+                    break  # a kind's served versions list the same objects
         deadline = time.time() + wait_s
         pending = list(deleted)
         while pending and time.time() < deadline:
@@ -553,6 +601,34 @@ PREREQUISITE_CRDS = {
     "inferencepools.inference.networking.x-k8s.io": "Gateway API Inference Extension (x-k8s.io)",
 }
 CONTROL_PLANE_NAMESPACES = ("kserve", "knative-serving", "cert-manager", "llm-d")
+
+
+class _Lenient:
+    """Reads for the preflight: a list or get the user's role forbids gives nothing and is noted."""
+
+    def __init__(self, kube: Kube) -> None:
+        self.kube, self.forbidden = kube, set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.kube, name)
+
+    def list(self, api_version: str, kind: str, namespace: str | None, *args: Any) -> list[dict[str, Any]]:
+        try:
+            return self.kube.list(api_version, kind, namespace, *args)
+        except ApiException as exc:
+            if exc.status in (401, 403) and kind != "CustomResourceDefinition":
+                self.forbidden.add(f"{kind} ({'all namespaces' if namespace is None else namespace})")
+                return []
+            raise
+
+    def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        try:
+            return self.kube.get(api_version, kind, namespace, name)
+        except ApiException as exc:
+            if exc.status in (401, 403):
+                self.forbidden.add(f"{kind} {name}")
+                return None
+            raise
 
 
 def _sum_requests(pods: list[dict[str, Any]]) -> dict[str, float]:
