@@ -172,8 +172,8 @@ def test_port_forward_target_and_urls(cluster, tmp_path):
     assert platform.port_forward_target("raw") == ("qwen-cluster-raw-1-pod", 8000)
     assert platform.port_forward_target("kserve-standard") == ("qwen-cluster-kserve-standard-1-pod", 8080)
     assert platform.port_forward_target("llm-d") == ("qwen-cluster-llm-d-1-pod", 8000)
-    with pytest.raises(PlatformError, match="reach llm-d with platform.endpoint: gateway"):
-        platform.endpoint("llm-d")
+    llmd = platform.endpoint("llm-d")  # llm-d's workload speaks TLS with its own certificate
+    assert llmd.base_url.startswith("https://127.0.0.1:") and llmd.verify_tls is False and "TLS" in llmd.via
     assert platform.gateway_endpoint("kserve-standard")[0] == "http://qwen-cluster-kserve-standard.servinglab.example.com/v1"
     with pytest.raises(PlatformError, match="raw vLLM has no gateway"):
         platform.gateway_endpoint("raw")

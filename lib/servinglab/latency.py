@@ -54,9 +54,10 @@ def run_layer_sweep(
     if platform.name == "local":
         tokenizer = DirectoryTokenizer(platform.model_dir()[0])
     else:
-        tokenizer = ServerTokenizer(endpoint.root_url, endpoint.served_name, endpoint.api_key, endpoint.headers)
+        tokenizer = ServerTokenizer(endpoint.root_url, endpoint.served_name, endpoint.api_key, endpoint.headers,
+                                    endpoint.verify_tls)  # fmt: skip
     target = Target(endpoint.base_url, endpoint.served_name, endpoint.api_key, w.request_timeout_s, w.ignore_eos,
-                    headers=tuple(endpoint.headers.items()))  # fmt: skip
+                    headers=tuple(endpoint.headers.items()), verify_tls=endpoint.verify_tls)  # fmt: skip
     slos = study.slos.goodput.limits()
     out = []
     for index, plan in enumerate(p for p in planned_stages(study) if p["mode"] in modes):

@@ -46,6 +46,7 @@ class Target:
     ignore_eos: bool = True
     continuous_usage: bool = True  # ask for usage in every chunk (vLLM's continuous_usage_stats)
     headers: tuple[tuple[str, str], ...] = ()  # sent with every request (a gateway's Host header)
+    verify_tls: bool = True
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class StageSpec:
 def make_client(target: Target, pool_size: int) -> openai.AsyncOpenAI:
     """One client per stage: no retries, an explicit timeout, a connection pool larger than needed."""
     http_client = openai.DefaultAioHttpClient(
+        verify=target.verify_tls,
         limits=httpx2.Limits(max_connections=pool_size, max_keepalive_connections=pool_size),
         timeout=httpx2.Timeout(target.request_timeout_s, connect=min(30.0, target.request_timeout_s)),
     )

@@ -58,6 +58,7 @@ def run_smoke(
         max_retries=0,
         timeout=workload.timeout_s,
         default_headers=endpoint.headers or None,
+        http_client=openai.DefaultHttpxClient(verify=endpoint.verify_tls),
     )
     layer = endpoint.layer
     try:
@@ -101,7 +102,8 @@ def run_smoke(
 
         if endpoint.api_key:
             t = time.perf_counter()
-            with httpx.Client(timeout=workload.timeout_s, trust_env=False, headers=endpoint.headers) as http:
+            with httpx.Client(timeout=workload.timeout_s, trust_env=False, headers=endpoint.headers,
+                              verify=endpoint.verify_tls) as http:  # fmt: skip
                 refused = http.get(f"{endpoint.base_url}/models").status_code
             rows.append(
                 _check(layer, "api_key_enforced", refused == 401, "GET /v1/models without the key returns 401",

@@ -16,6 +16,9 @@ class Endpoint:
     # The key is read when needed and kept out of repr, so printing an endpoint never shows it.
     api_key: str | None = field(default=None, repr=False, compare=False)
     headers: dict[str, str] = field(default_factory=dict, compare=False)  # e.g. Host, through a gateway by IP
+    # False only for a TLS endpoint reached through an authenticated tunnel whose certificate is the
+    # server's own (llm-d's workload over a port-forward).
+    verify_tls: bool = field(default=True, compare=False)
     via: str = "direct"  # the path the requests take: direct, port-forward, gateway or in-cluster
 
     @property
