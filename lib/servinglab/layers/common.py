@@ -194,5 +194,18 @@ def health_probes(settings: KubernetesPlatform, port: int | str, startup: bool =
     return probes
 
 
+def serve_container(name: str, study: Study, model_path: str, port: int, argv: list[str]) -> dict[str, Any]:
+    """The head of every engine container: ``vllm serve <model>`` under the served name, on ``port``."""
+    settings = cluster_settings(study)
+    return {
+        "name": name,
+        "image": settings.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["vllm", "serve"],
+        "args": [model_path, "--served-model-name", study.model.served_name, "--host", "0.0.0.0", "--port", str(port),
+                 *argv],  # fmt: skip
+    }
+
+
 def engine_args(study: Study, overrides: dict[str, Any] | None = None) -> list[str]:
     return engine_argv({**study.model.engine_args, **(overrides or {})})

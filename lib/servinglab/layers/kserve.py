@@ -20,14 +20,7 @@ def _custom_predictor(study: Study, layer: KServeLayer, engine_overrides: dict[s
     settings = c.cluster_settings(study)
     scratch, mounts = c.scratch_volumes(settings)
     container = {
-        "name": "kserve-container",
-        "image": settings.image,
-        "imagePullPolicy": settings.image_pull_policy,
-        "command": ["vllm", "serve"],
-        "args": [
-            MODEL_MOUNT, "--served-model-name", study.model.served_name,
-            "--host", "0.0.0.0", "--port", str(c.ENGINE_PORT), *c.engine_args(study, engine_overrides),
-        ],  # fmt: skip
+        **c.serve_container("kserve-container", study, MODEL_MOUNT, c.ENGINE_PORT, c.engine_args(study, engine_overrides)),
         # STORAGE_URI on the kserve-container makes KServe stage the model into /mnt/models.
         "env": c.engine_env(settings, [{"name": "STORAGE_URI", "value": c.model_location(study).uri},
                                        {"name": "HF_HUB_OFFLINE", "value": "1"}]),  # fmt: skip
@@ -68,12 +61,7 @@ def serving_runtime(study: Study, layer_name: str) -> dict[str, Any]:
             "multiModel": False,
             "containers": [
                 {
-                    "name": "kserve-container",
-                    "image": settings.image,
-                    "imagePullPolicy": settings.image_pull_policy,
-                    "command": ["vllm", "serve"],
-                    "args": [MODEL_MOUNT, "--served-model-name", study.model.served_name,
-                             "--host", "0.0.0.0", "--port", str(RUNTIME_PORT)],  # fmt: skip
+                    **c.serve_container("kserve-container", study, MODEL_MOUNT, RUNTIME_PORT, []),
                     "env": c.engine_env(settings, [{"name": "HF_HUB_OFFLINE", "value": "1"}]),
                     "ports": [{"containerPort": RUNTIME_PORT, "protocol": "TCP"}],
                     "volumeMounts": mounts,

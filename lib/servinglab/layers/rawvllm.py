@@ -65,14 +65,7 @@ def render(study: Study, layer_name: str, canary: c.Canary | None = None) -> lis
     extra, volumes, init, weights_mount, model_arg, weights_env = _weights(study, layer_name, name)
     scratch, scratch_mounts = c.scratch_volumes(settings)
     container = {
-        "name": "vllm",
-        "image": settings.image,
-        "imagePullPolicy": settings.image_pull_policy,
-        "command": ["vllm", "serve"],
-        "args": [
-            model_arg, "--served-model-name", study.model.served_name,
-            "--host", "0.0.0.0", "--port", str(c.ENGINE_PORT), *c.engine_args(study),
-        ],  # fmt: skip
+        **c.serve_container("vllm", study, model_arg, c.ENGINE_PORT, c.engine_args(study)),
         "env": c.engine_env(settings, weights_env),
         "ports": [{"name": "http", "containerPort": c.ENGINE_PORT, "protocol": "TCP"}],
         "resources": c.resources(settings),
