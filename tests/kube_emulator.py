@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import datetime
-import functools
 import itertools
 import threading
 import uuid
@@ -23,6 +22,8 @@ import kmock
 from kmock._internal import enums
 from kmock._internal.k8s import KubernetesNotFoundError, KubernetesObjectConflictError
 
+from servinglab.layers.validate import bundled_crds
+
 RESOURCES = [
     "v1/namespaces", "v1/pods", "v1/services", "v1/persistentvolumeclaims", "v1/events", "v1/nodes",
     "apps/v1/deployments", "apps/v1/replicasets", "autoscaling/v2/horizontalpodautoscalers",
@@ -31,21 +32,6 @@ RESOURCES = [
     "gateway.networking.k8s.io/v1/httproutes", "apiextensions.k8s.io/v1/customresourcedefinitions",
     "v1/configmaps", "storage.k8s.io/v1/storageclasses", "gateway.networking.k8s.io/v1/gatewayclasses",
 ]  # fmt: skip
-
-
-@functools.lru_cache(maxsize=1)
-def _kserve_crds() -> list[dict[str, Any]]:
-    import gzip
-    from importlib import resources
-
-    import yaml
-
-    folder = resources.files("servinglab.layers") / "crds"
-    found = []
-    for name in ("serving.kserve.io_inferenceservices.yaml.gz", "serving.kserve.io_servingruntimes.yaml.gz",
-                 "serving.kserve.io_llminferenceservices.yaml.gz"):  # fmt: skip
-        found += [d for d in yaml.load_all(gzip.decompress((folder / name).read_bytes()), Loader=yaml.CSafeLoader) if d]
-    return found
 
 
 def _crd(name: str, versions: list[str], kind: str) -> dict[str, Any]:
@@ -64,7 +50,7 @@ def install_serving_stack(kube, gpus_per_node: tuple[int, ...] = (1, 1), knative
         allocatable = {"cpu": "32", "memory": "256Gi", **({"nvidia.com/gpu": str(gpus)} if gpus else {})}
         kube.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": f"node-{index}"},
                     "status": {"allocatable": allocatable}})  # fmt: skip
-    for crd in copy.deepcopy(_kserve_crds()):
+    for crd in copy.deepcopy(bundled_crds()):
         if crd:
             if crd["spec"]["names"]["kind"] == "LLMInferenceService":
                 crd["spec"]["versions"] = [v for v in crd["spec"]["versions"] if v["name"] in llmisvc_versions]

@@ -67,13 +67,19 @@ def schemas_from_crds(documents: Iterable[dict[str, Any]]) -> CrdSchemas:
 
 
 @lru_cache(maxsize=1)
-def bundled_crd_schemas() -> CrdSchemas:
-    """The KServe CRDs shipped with servinglab (see layers/crds/NOTICE), for validation without a cluster."""
+def bundled_crds() -> tuple[dict[str, Any], ...]:
+    """The KServe CRDs shipped with servinglab (see layers/crds/NOTICE), parsed once; do not mutate."""
     folder = resources.files("servinglab.layers") / "crds"
     documents: list[dict[str, Any]] = []
     for name in CRD_FILES:
-        documents += list(yaml.load_all(gzip.decompress((folder / name).read_bytes()), Loader=yaml.CSafeLoader))
-    return schemas_from_crds(documents)
+        documents += [d for d in yaml.load_all(gzip.decompress((folder / name).read_bytes()), Loader=yaml.CSafeLoader) if d]
+    return tuple(documents)
+
+
+@lru_cache(maxsize=1)
+def bundled_crd_schemas() -> CrdSchemas:
+    """The bundled CRDs' schemas, for validation without a cluster."""
+    return schemas_from_crds(bundled_crds())
 
 
 def _path(parts: Iterable[Any]) -> str:

@@ -25,7 +25,7 @@ from kubernetes.client.exceptions import ApiException
 
 from ..config import Study
 from ..errors import PlatformError
-from ..layers import LAYER_LABEL, MANAGED_BY, STUDY_LABEL, render_layer
+from ..layers import HASH_LABEL, LAYER_LABEL, MANAGED_BY, STUDY_LABEL, render_layer
 from ..layers.common import ENGINE_PORT, object_name, selector_labels
 from ..layers.kserve import RUNTIME_PORT
 from ..layers.validate import schemas_from_crds, validate_objects
@@ -62,6 +62,7 @@ class KubernetesPlatform:
         self.settings = study.platform
         self._kube = kube
         self._crds: dict | None = None
+        self._crd_docs: list[dict[str, Any]] | None = None
         self._forwards: dict[str, PortForward] = {}
         self._checks: dict[str, Any] | None = None
 
@@ -104,7 +105,7 @@ class KubernetesPlatform:
         checks["nodes"] = len(nodes)
         checks["gpus"] = {"resource": self.settings.gpu_resource, "by_node": by_node, "total": sum(by_node.values())}
         try:
-            crds = {c["metadata"]["name"]: c for c in kube.list("apiextensions.k8s.io/v1", "CustomResourceDefinition", None)}
+            crds = {c["metadata"]["name"]: c for c in self._crd_documents()}
         except ApiException as exc:
             crds, checks["crds_unreadable"] = {}, f"HTTP {exc.status}"
         checks["crds"] = {
@@ -197,11 +198,17 @@ class KubernetesPlatform:
         missing = self.missing_prerequisites(layer_name)
         return f"the cluster lacks {'; '.join(missing)}" if missing else None
 
+    def _crd_documents(self) -> list[dict[str, Any]]:
+        """The cluster's CRDs, read once (they are large): the preflight and the validation share them."""
+        if self._crd_docs is None:
+            self._crd_docs = self.kube.list("apiextensions.k8s.io/v1", "CustomResourceDefinition", None)
+        return self._crd_docs
+
     def crd_schemas(self) -> dict:
         """The KServe CRDs installed on the cluster; the bundled copies when they cannot be read."""
         if self._crds is None:
             try:
-                crds = self.kube.list("apiextensions.k8s.io/v1", "CustomResourceDefinition", None)
+                crds = self._crd_documents()
                 self._crds = schemas_from_crds(c for c in crds if c["spec"]["group"] == "serving.kserve.io")
             except ApiException:
                 self._crds = {}
@@ -224,10 +231,11 @@ class KubernetesPlatform:
             self.settle_llm_d_versions()
         objects = render_layer(self.study, layer_name, run_id=run_id)
         validate_objects(objects, self.settings.kubernetes_version, self.crd_schemas())
-        top = objects[-1] if layer.kind != "raw-vllm" else next(o for o in objects if o["kind"] == "Deployment")
-        spec_hash = top["metadata"]["labels"]["servinglab.io/spec-hash"]
+        top_kind = self._top_ref(layer_name)[1]
+        top = next(o for o in objects if o["kind"] == top_kind)
+        spec_hash = top["metadata"]["labels"][HASH_LABEL]
         current = self.kube.get(top["apiVersion"], top["kind"], self.namespace, top["metadata"]["name"])
-        if current and (current["metadata"].get("labels") or {}).get("servinglab.io/spec-hash") == spec_hash \
+        if current and (current["metadata"].get("labels") or {}).get(HASH_LABEL) == spec_hash \
                 and self._ready(current):  # fmt: skip
             return Deployment(layer_name, layer.kind, self.name, "ready", reused=True, spec_hash=spec_hash,
                               base_url=self._in_cluster_url(layer_name))  # fmt: skip
@@ -470,12 +478,11 @@ class KubernetesPlatform:
 
     def gateway_endpoint(self, layer_name: str) -> tuple[str, dict[str, str]]:
         """``status.url`` of a KServe kind, and the Host header to send when the address is an IP."""
-        layer = self.study.layers[layer_name]
-        if layer.kind == "raw-vllm":
+        if self.study.layers[layer_name].kind == "raw-vllm":
             raise PlatformError(f"layers.{layer_name}: raw vLLM has no gateway; use a port-forward or in-cluster")
-        api_version = API_VERSIONS.get("InferenceService") if layer.kind == "kserve" else f"serving.kserve.io/{layer.api_version}"
-        kind = "InferenceService" if layer.kind == "kserve" else "LLMInferenceService"
-        obj = self.kube.get(api_version, kind, self.namespace, object_name(self.study, layer_name)) or {}
+        ref = self._top_ref(layer_name)
+        kind = ref[1]
+        obj = self.kube.get(*ref) or {}
         url = (obj.get("status") or {}).get("url")
         if not url:
             raise PlatformError(f"layers.{layer_name}: {kind} has no status.url yet")
@@ -537,7 +544,7 @@ class KubernetesPlatform:
             if top:
                 rows.append({"layer": layer_name, "object": f"{ref[1]}/{ref[3]}",
                              "state": "ready" if self._ready(top) else "not ready",
-                             "spec_hash": (top["metadata"].get("labels") or {}).get("servinglab.io/spec-hash"),
+                             "spec_hash": (top["metadata"].get("labels") or {}).get(HASH_LABEL),
                              "created": len(self.created_objects(layer_name))})  # fmt: skip
         return rows
 
