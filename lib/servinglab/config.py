@@ -204,6 +204,14 @@ class Model(StrictModel):
         default_factory=dict,
         description="vLLM server arguments without the leading dashes, e.g. max-model-len: 2048",
     )
+    revision: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9.-]*$",
+        max_length=20,
+        description="a tag for this revision of the spec: the engine then answers as '<served_name>:<revision>' "
+        "(vLLM names its first served name in every response) and still accepts served_name, so the "
+        "responses tell two revisions apart",
+    )
 
     @field_validator("engine_args")
     @classmethod
@@ -219,6 +227,10 @@ class Model(StrictModel):
                 raise ValueError(f"'{key}' is given twice (as {flag})")
             normalised[flag] = value
         return normalised
+
+    def served_names(self) -> list[str]:
+        """The ``--served-model-name`` values: the revision's name first, since vLLM answers with the first."""
+        return [f"{self.served_name}:{self.revision}", self.served_name] if self.revision else [self.served_name]
 
     @model_validator(mode="after")
     def _dummy_owns_load_format(self) -> Model:
@@ -323,9 +335,67 @@ class LatencyWorkload(StrictModel):
         return levels
 
 
+LIFECYCLE_EXPERIMENTS = ("time_to_ready", "model_update", "canary", "scale_to_zero", "gateway_hop")
+
+
+class LifecycleWorkload(StrictModel):
+    """The operational experiments of 40_lifecycle: what each changes, how often, under which load."""
+
+    experiments: list[Literal["time_to_ready", "model_update", "canary", "scale_to_zero", "gateway_hop"]] = Field(
+        default_factory=lambda: list(LIFECYCLE_EXPERIMENTS), description="the experiments to run, in this order"
+    )
+    repeats: int = Field(3, ge=1, description="time-to-ready cycles per layer, each a teardown and a fresh start")
+    update_engine_args: dict[str, EngineArgValue] = Field(
+        default_factory=lambda: {"max-num-seqs": 128},
+        description="the change a model update and a canary make to the engine arguments",
+    )
+    prompt: str = Field("Count from one to twenty.", min_length=1, description="the prompt of every request here")
+    max_tokens: int = Field(16, ge=1, description="output tokens per request (ignore_eos)")
+    request_timeout_s: float = Field(120.0, gt=0)
+    steady_rate: float = Field(2.0, gt=0, description="requests/s sent while a layer changes (Poisson, seeded)")
+    baseline_s: float = Field(10.0, gt=0, description="steady load measured before a change, for comparison")
+    canary_percent: int = Field(20, ge=1, le=99, description="share of the requests the new revision should get")
+    canary_requests: int = Field(200, ge=10, description="requests whose answering revision is counted")
+    hop_requests: int = Field(40, ge=4, description="requests per path in the gateway-vs-direct comparison")
+    warm_requests: int = Field(5, ge=1, description="requests on a warm layer, the cold start's comparison")
+    scale_to_zero_timeout_s: float = Field(900.0, gt=0, description="longest wait for a layer to reach zero pods")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="level of every confidence interval")
+    seed: int = 7
+    on_interrupt: Literal["restore", "teardown"] = Field(
+        "restore",
+        description="after an interrupted or failed experiment: put the layer back as the study specifies it, "
+        "or delete it",
+    )
+
+    @field_validator("update_engine_args")
+    @classmethod
+    def _update_args(cls, args: dict[str, EngineArgValue]) -> dict[str, EngineArgValue]:
+        return Model._normalise_engine_args(args)
+
+
 class Workloads(StrictModel):
     smoke: SmokeWorkload = Field(default_factory=SmokeWorkload)
     latency: LatencyWorkload = Field(default_factory=LatencyWorkload)
+    lifecycle: LifecycleWorkload = Field(default_factory=LifecycleWorkload)
+
+
+class Costs(StrictModel):
+    """Prices that turn measured throughput into cost. Empty: no cost figures."""
+
+    currency: str = Field("USD", min_length=1, max_length=8)
+    gpu_hourly: float | None = Field(None, gt=0, description="price of one GPU for an hour")
+    replica_hourly: float | None = Field(
+        None, gt=0, description="price of one whole replica for an hour (instead of gpu_hourly × GPUs per replica; "
+        "the way to price a CPU machine)"
+    )
+
+    def replica_price_per_hour(self, gpus_per_replica: int) -> float | None:
+        """What one replica costs an hour, or None when the study gives no price that applies."""
+        if self.replica_hourly is not None:
+            return self.replica_hourly
+        if self.gpu_hourly is not None and gpus_per_replica:
+            return self.gpu_hourly * gpus_per_replica
+        return None
 
 
 class Goodput(StrictModel):
@@ -405,6 +475,7 @@ class Study(StrictModel):
     layers: dict[str, Layer] = Field(min_length=1)
     workloads: Workloads = Field(default_factory=Workloads)
     slos: Slos = Field(default_factory=Slos)
+    costs: Costs = Field(default_factory=Costs)
     telemetry: Telemetry = Field(default_factory=Telemetry)
     auth: Auth = Field(default_factory=Auth)
     run: RunSettings = Field(default_factory=RunSettings)
@@ -484,6 +555,15 @@ class Study(StrictModel):
         if self.auth.api_key_file:
             return self.resolve_path(self.auth.api_key_file).read_text(encoding="utf-8").strip()
         return None
+
+    def revised(self, engine_args: dict[str, Any], revision: str | None) -> Study:
+        """The same study with the model's engine arguments changed and its revision tagged (a model update)."""
+        model = Model.model_validate(
+            self.model.model_dump() | {"engine_args": {**self.model.engine_args, **engine_args}, "revision": revision}
+        )
+        changed = self.model_copy(deep=True)
+        changed.model = model
+        return changed
 
     def resolved(self) -> dict[str, Any]:
         """The merged study as plain data (what run.json records); holds no secret by construction."""

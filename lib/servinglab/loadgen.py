@@ -85,15 +85,18 @@ class TokenClock:
     that is not a role-only delta bears the first token, and every later chunk with a delta bears one.
     """
 
-    __slots__ = ("sent_ns", "token_ns", "tokens", "usage")
+    __slots__ = ("model", "sent_ns", "token_ns", "tokens", "usage")
 
     def __init__(self, sent_ns: int) -> None:
         self.sent_ns = sent_ns
         self.token_ns: list[int] = []
         self.tokens = 0  # counted on the client side
         self.usage: dict[str, Any] | None = None
+        self.model: str | None = None  # the name the server answered as: which revision served the request
 
     def feed(self, now_ns: int, chunk: dict[str, Any]) -> None:
+        if self.model is None:
+            self.model = chunk.get("model")
         usage = chunk.get("usage")
         if usage:
             self.usage = usage
@@ -215,6 +218,7 @@ async def send_one(client: openai.AsyncOpenAI, target: Target, spec: RequestSpec
         "expected_prompt_tokens": spec.prompt_len,
         "max_tokens": spec.max_tokens,
         "chunks": chunks,
+        "model": clock.model,
     }
 
 

@@ -29,6 +29,7 @@ class Canary:
 
     percent: int
     engine_args: dict[str, Any] = field(default_factory=dict)
+    revision: str | None = None  # the new revision's tag: it answers as '<served_name>:<revision>'
 
     def __post_init__(self) -> None:
         if not 0 <= self.percent <= 100:
@@ -202,10 +203,15 @@ def serve_container(name: str, study: Study, model_path: str, port: int, argv: l
         "image": settings.image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["vllm", "serve"],
-        "args": [model_path, "--served-model-name", study.model.served_name, "--host", "0.0.0.0", "--port", str(port),
-                 *argv],  # fmt: skip
+        "args": [model_path, "--served-model-name", *study.model.served_names(), "--host", "0.0.0.0", "--port",
+                 str(port), *argv],  # fmt: skip
     }
 
 
-def engine_args(study: Study, overrides: dict[str, Any] | None = None) -> list[str]:
-    return engine_argv({**study.model.engine_args, **(overrides or {})})
+def engine_args(study: Study, served_names: bool = False) -> list[str]:
+    """The study's engine arguments; with ``served_names``, a revision's names too (for a container whose
+    head someone else writes: vLLM takes the last ``--served-model-name`` it is given)."""
+    argv = engine_argv(study.model.engine_args)
+    if served_names and study.model.revision:
+        argv += ["--served-model-name", *study.model.served_names()]
+    return argv

@@ -15,12 +15,12 @@ def runtime_name(study: Study, layer_name: str) -> str:
     return c.object_name(study, layer_name, "-vllm")
 
 
-def _custom_predictor(study: Study, layer: KServeLayer, engine_overrides: dict[str, Any]) -> dict[str, Any]:
+def _custom_predictor(study: Study, layer: KServeLayer) -> dict[str, Any]:
     """A ``kserve-container`` that runs vLLM's arguments verbatim, weights through the storage initializer."""
     settings = c.cluster_settings(study)
     scratch, mounts = c.scratch_volumes(settings)
     container = {
-        **c.serve_container("kserve-container", study, MODEL_MOUNT, c.ENGINE_PORT, c.engine_args(study, engine_overrides)),
+        **c.serve_container("kserve-container", study, MODEL_MOUNT, c.ENGINE_PORT, c.engine_args(study)),
         # STORAGE_URI on the kserve-container makes KServe stage the model into /mnt/models.
         "env": c.engine_env(settings, [{"name": "STORAGE_URI", "value": c.model_location(study).uri},
                                        {"name": "HF_HUB_OFFLINE", "value": "1"}]),  # fmt: skip
@@ -34,7 +34,7 @@ def _custom_predictor(study: Study, layer: KServeLayer, engine_overrides: dict[s
     return {"containers": [container], "volumes": scratch}
 
 
-def _runtime_predictor(study: Study, layer_name: str, engine_overrides: dict[str, Any]) -> dict[str, Any]:
+def _runtime_predictor(study: Study, layer_name: str) -> dict[str, Any]:
     """``model`` + ``runtime``: KServe picks the namespaced ServingRuntime rendered beside it."""
     settings = c.cluster_settings(study)
     return {
@@ -43,7 +43,7 @@ def _runtime_predictor(study: Study, layer_name: str, engine_overrides: dict[str
             "modelFormat": {"name": "vllm"},
             "runtime": runtime_name(study, layer_name),
             "storageUri": c.model_location(study).uri,
-            "args": c.engine_args(study, engine_overrides),
+            "args": c.engine_args(study, served_names=True),  # appended to the runtime's own
             "resources": c.resources(settings),
         }
     }
@@ -73,14 +73,10 @@ def serving_runtime(study: Study, layer_name: str) -> dict[str, Any]:
     }
 
 
-def predictor(study: Study, layer_name: str, engine_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def predictor(study: Study, layer_name: str) -> dict[str, Any]:
     layer = study.layers[layer_name]
     settings = c.cluster_settings(study)
-    body = (
-        _custom_predictor(study, layer, engine_overrides or {})
-        if layer.predictor == "custom"
-        else _runtime_predictor(study, layer_name, engine_overrides or {})
-    )
+    body = _custom_predictor(study, layer) if layer.predictor == "custom" else _runtime_predictor(study, layer_name)
     spec: dict[str, Any] = {
         "minReplicas": layer.min_replicas,
         "maxReplicas": layer.max_replicas,
@@ -103,15 +99,14 @@ def render(study: Study, layer_name: str, canary: c.Canary | None = None) -> lis
     annotations = {"serving.kserve.io/deploymentMode": layer.mode}
     spec: dict[str, Any] = {"predictor": predictor(study, layer_name)}
     if canary is not None:
+        revised = study.revised(canary.engine_args, canary.revision)
         if layer.mode == "Knative":
             # Knative: the spec as changed becomes the new revision and takes canaryTrafficPercent.
-            spec["predictor"] = predictor(study, layer_name, canary.engine_args)
+            spec["predictor"] = predictor(revised, layer_name)
             spec["predictor"]["canaryTrafficPercent"] = canary.percent
         else:
             # Standard mode (KServe 0.20+): a weighted second predictor, split in the HTTPRoute.
-            spec["canary"] = [
-                {"trafficPercent": canary.percent, "predictor": predictor(study, layer_name, canary.engine_args)}
-            ]
+            spec["canary"] = [{"trafficPercent": canary.percent, "predictor": predictor(revised, layer_name)}]
     isvc = {
         "apiVersion": "serving.kserve.io/v1beta1",
         "kind": "InferenceService",

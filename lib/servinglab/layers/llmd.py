@@ -20,7 +20,8 @@ def render(study: Study, layer_name: str, canary: c.Canary | None = None) -> lis
     layer = study.layers[layer_name]
     scratch, mounts = c.scratch_volumes(settings)
     # KServe's well-known config runs `vllm serve` itself; extra engine arguments travel in this variable.
-    extra = [{"name": "VLLM_ADDITIONAL_ARGS", "value": shlex.join(c.engine_args(study))}] if study.model.engine_args else []
+    argv = c.engine_args(study, served_names=True)
+    extra = [{"name": "VLLM_ADDITIONAL_ARGS", "value": shlex.join(argv)}] if argv else []
     container = {
         "name": "main",
         "image": settings.image,
