@@ -14,6 +14,7 @@ import copy
 import json
 import queue
 import re
+import socket
 import threading
 import time
 from datetime import datetime, timezone
@@ -25,13 +26,14 @@ from kubernetes.client.exceptions import ApiException
 
 from ..config import Study
 from ..errors import PlatformError
-from ..layers import HASH_LABEL, LAYER_LABEL, MANAGED_BY, STUDY_LABEL, render_layer
+from ..layers import HASH_LABEL, LAYER_LABEL, MANAGED_BY, STUDY_LABEL, Canary, render_layer
 from ..layers.common import ENGINE_PORT, object_name, selector_labels
 from ..layers.kserve import RUNTIME_PORT
 from ..layers.validate import schemas_from_crds, validate_objects
 from .base import Deployment, Endpoint
-from .kube import API_VERSIONS, Kube, WatchEvent, conditions, iter_containers, load_api_client, parse_quantity
-from .portforward import PortForward, kubernetes_connector
+from .kube import (API_VERSIONS, Kube, WatchEvent, conditions, iter_containers, load_api_client, object_path,
+                   parse_quantity)  # fmt: skip
+from .portforward import Connector, PortForward, kubernetes_connector
 
 IMAGE_FAILURES = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
 CONFIG_FAILURES = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
@@ -65,6 +67,13 @@ class KubernetesPlatform:
         self._crd_docs: list[dict[str, Any]] | None = None
         self._forwards: dict[str, PortForward] = {}
         self._checks: dict[str, Any] | None = None
+
+    def with_study(self, study: Study) -> KubernetesPlatform:
+        """The same cluster and connection for a changed study (a model update, a canary's revision)."""
+        sibling = KubernetesPlatform(study, self.kube)
+        sibling._crds, sibling._crd_docs, sibling._checks = self._crds, self._crd_docs, self._checks
+        sibling._forwards = self._forwards  # one port-forward per layer, whichever revision answers
+        return sibling
 
     # --- the cluster --------------------------------------------------------------------------------
 
@@ -220,16 +229,23 @@ class KubernetesPlatform:
 
     # --- deploy -------------------------------------------------------------------------------------
 
-    def ensure(self, layer_name: str, run_dir: str, run_id: str | None = None) -> Deployment:
+    def ensure(self, layer_name: str, run_dir: str, run_id: str | None = None, canary: Canary | None = None,
+               keep_on_failure: bool = False) -> Deployment:  # fmt: skip
         """Apply the layer (validated, then dry-run on the server) and wait until it is ready.
 
-        A layer already running with the same spec hash is reused. Ctrl-C during the wait deletes the
-        layer's objects before the interrupt goes on.
+        A layer already running with the same spec hash is reused. A failure or Ctrl-C during the wait
+        deletes the layer's objects before the error goes on, unless ``keep_on_failure`` (a change to a
+        running layer, which the caller rolls back).
+
+        Parameters
+        ----------
+        canary : Canary, optional
+            Apply the layer with a second revision that takes part of the traffic (KServe only).
         """
         layer = self.study.layers[layer_name]
         if layer.kind == "llm-d":
             self.settle_llm_d_versions()
-        objects = render_layer(self.study, layer_name, run_id=run_id)
+        objects = render_layer(self.study, layer_name, run_id=run_id, canary=canary)
         validate_objects(objects, self.settings.kubernetes_version, self.crd_schemas())
         top_kind = self._top_ref(layer_name)[1]
         top = next(o for o in objects if o["kind"] == top_kind)
@@ -252,10 +268,12 @@ class KubernetesPlatform:
                 self.kube.apply(obj)
             marks = self._wait_ready(layer_name, top, applied)
         except ApiException as exc:
-            self.teardown([layer_name])
+            if not keep_on_failure:
+                self.teardown([layer_name])
             raise PlatformError(f"layers.{layer_name}: the cluster refused an object: {_api_message(exc)}") from None
         except BaseException:  # not ready, Ctrl-C, a lost connection: leave nothing that holds a GPU
-            self.teardown([layer_name])
+            if not keep_on_failure:
+                self.teardown([layer_name])
             raise
         phases = {}
         previous = marks["applied"]
@@ -476,6 +494,11 @@ class KubernetesPlatform:
                     RUNTIME_PORT if container["name"] == "kserve-container" else ENGINE_PORT)  # fmt: skip
         raise PlatformError(f"layers.{layer_name}: pod {pod['metadata']['name']} has no engine container")
 
+    def pod_connector(self, pod: str, port: int) -> Connector:
+        """Opens one stream to ``pod:port`` through the API server (the websocket port-forward)."""
+        own_client = kubernetes.client.ApiClient(copy.deepcopy(self.kube.api.configuration))  # portforward patches it
+        return kubernetes_connector(own_client, self.namespace, pod, port)
+
     def gateway_endpoint(self, layer_name: str) -> tuple[str, dict[str, str]]:
         """``status.url`` of a KServe kind, and the Host header to send when the address is an IP."""
         if self.study.layers[layer_name].kind == "raw-vllm":
@@ -492,8 +515,9 @@ class KubernetesPlatform:
             return routed.rstrip("/") + "/v1", {"Host": parsed.netloc}
         return url.rstrip("/") + "/v1", {}
 
-    def endpoint(self, layer_name: str) -> Endpoint:
-        """Where a ready layer answers, by the path ``platform.endpoint`` names (recorded in ``via``).
+    def endpoint(self, layer_name: str, via: str | None = None) -> Endpoint:
+        """Where a ready layer answers, by the path ``via`` (default ``platform.endpoint``) names; the path
+        taken is recorded in the endpoint's ``via``.
 
         raw vLLM has no gateway: with ``endpoint: gateway`` it is reached through a port-forward.
         """
@@ -501,7 +525,7 @@ class KubernetesPlatform:
         if not current or not self._ready(current):
             raise PlatformError(f"layers.{layer_name} is not deployed and ready in namespace {self.namespace}")
         served, key = self.study.model.served_name, self.study.api_key()
-        mode = self.settings.endpoint
+        mode = via or self.settings.endpoint
         if mode == "in-cluster":
             return Endpoint(layer_name, self._in_cluster_url(layer_name), served, key, via="in-cluster")
         if mode == "gateway" and self.study.layers[layer_name].kind != "raw-vllm":
@@ -510,8 +534,15 @@ class KubernetesPlatform:
         forward = self._forwards.get(layer_name)
         if forward is None:
             pod, port = self.port_forward_target(layer_name)
-            own_client = kubernetes.client.ApiClient(copy.deepcopy(self.kube.api.configuration))  # portforward patches it
-            forward = PortForward(kubernetes_connector(own_client, self.namespace, pod, port), f"pod {pod}:{port}")
+
+            def connect() -> socket.socket:
+                # Each connection goes to a ready pod found now, as a Service would send it: the forward
+                # outlives a rollout or a scale to zero and back.
+                target = self.port_forward_target(layer_name)
+                return self.pod_connector(*target)()
+
+            forward = PortForward(connect, f"a ready pod of {self._top_ref(layer_name)[1]}/{self._top_ref(layer_name)[3]} "
+                                  f"(first {pod}:{port})")  # fmt: skip
             self._forwards[layer_name] = forward
         if self.study.layers[layer_name].kind == "llm-d":
             # The workload serves TLS with a certificate of its own; the tunnel itself is authenticated by the
@@ -520,6 +551,61 @@ class KubernetesPlatform:
             return Endpoint(layer_name, f"{url}/v1", served, key, verify_tls=False,
                             via=f"port-forward to {forward.description} (TLS, the workload's own certificate)")  # fmt: skip
         return Endpoint(layer_name, f"{forward.url}/v1", served, key, via=f"port-forward to {forward.description}")
+
+    def paths(self, layer_name: str) -> dict[str, Endpoint]:
+        """The ways to reach a ready layer side by side: through its gateway (when it has one) and directly
+        to its engine (the predictor's Service in-cluster, else a port-forward to a ready pod)."""
+        out = {}
+        if self.study.layers[layer_name].kind != "raw-vllm":
+            out["gateway"] = self.endpoint(layer_name, via="gateway")
+        out["direct"] = self.endpoint(layer_name, via="in-cluster" if self.settings.endpoint == "in-cluster" else "port-forward")
+        return out
+
+    # --- change, scale, watch (the lifecycle experiments) -------------------------------------------
+
+    def pods(self, layer_name: str) -> list[dict[str, Any]]:
+        """The layer's pods that are not being deleted."""
+        return [p for p in self.kube.list("v1", "Pod", self.namespace, self.pod_selector(layer_name))
+                if not p["metadata"].get("deletionTimestamp")]  # fmt: skip
+
+    def wait_for_pods(self, layer_name: str, count: int, timeout_s: float) -> float:
+        """Seconds until the layer has exactly ``count`` pods (ready ones, when ``count`` > 0)."""
+        t0 = time.time()
+        while True:
+            pods = self.pods(layer_name)
+            if count == 0:
+                if not self.kube.list("v1", "Pod", self.namespace, self.pod_selector(layer_name)):
+                    return round(time.time() - t0, 3)
+            elif len([p for p in pods if conditions(p).get("Ready", {}).get("status") == "True"]) == count:
+                return round(time.time() - t0, 3)
+            if time.time() - t0 > timeout_s:
+                raise PlatformError(f"layers.{layer_name}: still {len(pods)} pod(s), not {count}, after {timeout_s:g} s")
+            time.sleep(0.1)
+
+    def scale(self, layer_name: str, replicas: int) -> None:
+        """Set a raw vLLM Deployment's replicas, as ``kubectl scale`` does (the only scaling it has)."""
+        if self.study.layers[layer_name].kind != "raw-vllm":
+            raise PlatformError(f"layers.{layer_name}: only a raw vLLM Deployment is scaled by hand")
+        api_version, kind, namespace, name = self._top_ref(layer_name)
+        self.kube.json("PATCH", object_path(api_version, kind, namespace, name), body={"spec": {"replicas": replicas}},
+                       content_type="application/merge-patch+json")  # fmt: skip
+
+    def wait_ready(self, layer_name: str, since: float) -> dict[str, float]:
+        """Wait until the layer is ready again after a change made at ``since`` (time.time()); the marks seen."""
+        top = self.kube.get(*self._top_ref(layer_name))
+        if top is None:
+            raise PlatformError(f"layers.{layer_name} is not deployed in namespace {self.namespace}")
+        return self._wait_ready(layer_name, top, since)
+
+    def traffic(self, layer_name: str) -> list[dict[str, Any]]:
+        """What the controller reports of the traffic split: ``status.components.predictor.traffic``."""
+        top = self.kube.get(*self._top_ref(layer_name)) or {}
+        predictor = (((top.get("status") or {}).get("components") or {}).get("predictor") or {})
+        return list(predictor.get("traffic") or [])
+
+    def pod_timeline(self, layer_name: str) -> PodTimeline:
+        """Stamps, from now on, when the layer's new pods are created, scheduled, pulled, started and ready."""
+        return PodTimeline(self.kube, self.namespace, self.pod_selector(layer_name))
 
     def _top_ref(self, layer_name: str) -> tuple[str, str, str, str]:
         layer = self.study.layers[layer_name]
@@ -587,6 +673,66 @@ class KubernetesPlatform:
         if kind == "LLMInferenceService":  # either served version lists the same objects; 404 when not served
             return ["serving.kserve.io/v1alpha2", "serving.kserve.io/v1alpha1"]
         return [API_VERSIONS[kind]]
+
+
+class PodTimeline:
+    """Watches a layer's pods and the namespace's events, keeping the first time each pod reached each mark
+    (created, scheduled, image pulled, started, ready), on the same clock as everything else (time.time())."""
+
+    MARKS = ("created", "scheduled", "image_pulled", "started", "ready")
+
+    def __init__(self, kube: Kube, namespace: str, selector: dict[str, str]) -> None:
+        self.kube, self.namespace, self.selector = kube, namespace, selector
+        self.marks: dict[str, dict[str, float]] = {}
+        self._events: queue.Queue[WatchEvent] = queue.Queue()
+        self._stop = threading.Event()
+        self._known: set[str] = set()
+
+    def __enter__(self) -> PodTimeline:
+        self._known = {p["metadata"]["name"] for p in self.kube.list("v1", "Pod", self.namespace, self.selector)}
+        self.kube.watch("v1", "Pod", self.namespace, self.selector, self._events, self._stop)
+        self.kube.watch("v1", "Event", self.namespace, None, self._events, self._stop)
+        self._thread = threading.Thread(target=self._run, name="servinglab-pod-timeline", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(2)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                event = self._events.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            obj = event.object
+            if event.type == "ERROR" or not obj.get("metadata"):
+                continue
+            if event.kind == "Event":
+                involved = obj.get("involvedObject") or {}
+                if involved.get("kind") == "Pod" and obj.get("reason") == "Pulled" and involved.get("name") in self.marks:
+                    self.marks[involved["name"]].setdefault("image_pulled", event.seen)
+                continue
+            name = obj["metadata"]["name"]
+            if name in self._known or event.type == "DELETED":
+                continue  # a pod that was there before: not part of what is being timed
+            marks = self.marks.setdefault(name, {"created": event.seen})
+            if conditions(obj).get("PodScheduled", {}).get("status") == "True":
+                marks.setdefault("scheduled", event.seen)
+            statuses = (obj.get("status") or {}).get("containerStatuses") or []
+            if statuses and all("running" in (c.get("state") or {}) for c in statuses):
+                marks.setdefault("started", event.seen)
+            if conditions(obj).get("Ready", {}).get("status") == "True":
+                marks.setdefault("ready", event.seen)
+
+    def first(self) -> dict[str, float]:
+        """The earliest time each mark was reached by any new pod."""
+        out: dict[str, float] = {}
+        for marks in self.marks.values():
+            for mark, at in marks.items():
+                out[mark] = min(out.get(mark, at), at)
+        return {mark: out[mark] for mark in self.MARKS if mark in out}
 
 
 def _api_message(exc: ApiException) -> str:

@@ -46,6 +46,17 @@ def free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
+def port_free(host: str, port: int) -> bool:
+    """Whether ``port`` can be bound now (a stopped server's port, for its successor)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT port is free
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def cpu_facts() -> dict[str, Any]:
     """The CPU, its vector extensions (what vLLM's CPU build cares about), cores and memory."""
     model, flags = None, set()
@@ -165,7 +176,7 @@ class LocalPlatform:
         return [
             self.python, "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(directory),
-            "--served-model-name", self.study.model.served_name,
+            "--served-model-name", *self.study.model.served_names(),
             "--host", self.settings.host,
             "--port", str(port),
             *source_args,
@@ -228,6 +239,7 @@ class LocalPlatform:
         """
         self._check_layer(layer_name)
         spec_hash = self.spec_hash(layer_name)
+        port = None
         for entry in self.registry.entries(self.study.study, layer_name):
             if entry.spec_hash == spec_hash:
                 if entry.state == "starting":
@@ -236,10 +248,13 @@ class LocalPlatform:
                     return self._deployment(entry, reused=True)
             stop_group(entry.pid, self.settings.stop_grace_s)
             self.registry.remove(entry)
-        return self._start(layer_name, spec_hash, Path(run_dir))
+            port = entry.port
+        return self._start(layer_name, spec_hash, Path(run_dir), port)
 
-    def _start(self, layer_name: str, spec_hash: str, run_dir: Path) -> Deployment:
-        port = free_port(self.settings.host)
+    def _start(self, layer_name: str, spec_hash: str, run_dir: Path, port: int | None = None) -> Deployment:
+        # A replaced server keeps its predecessor's port, as a restarted service keeps its address.
+        if port is None or not port_free(self.settings.host, port):
+            port = free_port(self.settings.host)
         command = self.command(layer_name, port)
         log_path = run_dir / "logs" / f"{layer_name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
