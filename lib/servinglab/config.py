@@ -306,6 +306,28 @@ class RateSweep(StrictModel):
         return rates
 
 
+class InClusterClient(StrictModel):
+    """The load generator as an indexed Kubernetes Job: N pods, each a slice of every stage's schedule."""
+
+    image: str | None = Field(
+        None, description="the load generator's image (docker/loadgen), pinned; required with client: in-cluster"
+    )
+    pods: int = Field(2, ge=1, description="pods of the Job; each sends its share of a stage's requests")
+    start_delay_s: float = Field(
+        60.0, ge=0, description="every pod starts its slice at the Job's creation + this (time to schedule and pull)"
+    )
+    cpu: str = Field("2", pattern=QUANTITY_PATTERN, description="CPU request and limit per pod")
+    memory: str = Field("2Gi", pattern=QUANTITY_PATTERN, description="memory request and limit per pod")
+    timeout_s: float = Field(
+        3600.0, gt=0, description="bound on one stage's Job from its creation (its activeDeadlineSeconds)"
+    )
+
+    @field_validator("image")
+    @classmethod
+    def _pinned(cls, image: str | None) -> str | None:
+        return KubernetesPlatform._pinned(image)
+
+
 class LatencyWorkload(StrictModel):
     """The reference experiment by default: chat, 256 tokens in / 128 out, ignore_eos, seed 42."""
 
@@ -326,6 +348,10 @@ class LatencyWorkload(StrictModel):
     on_server_death: Literal["stop", "continue"] = Field(
         "stop", description="a stage whose server died ends the sweep (stop) or the next stage is tried"
     )
+    client: Literal["local", "in-cluster"] = Field(
+        "local", description="where the load generator runs: this machine, or a Job in the cluster (in_cluster)"
+    )
+    in_cluster: InClusterClient = Field(default_factory=InClusterClient)
 
     @field_validator("concurrency")
     @classmethod
@@ -761,6 +787,7 @@ def load_study(
     study._source_file = study_path
     study._sources = [label for label, _ in sources]
     _check_files(study, sources)
+    _check_client(study, sources)
     return study
 
 
@@ -771,6 +798,24 @@ def _origin(sources: list[tuple[str, dict[str, Any]]], path: tuple[str, ...]) ->
             if _defines(data, path[:length]):
                 return label
     return sources[0][0]
+
+
+def _check_client(study: Study, sources: list[tuple[str, dict[str, Any]]]) -> None:
+    """An in-cluster load generator needs a cluster and an image to run."""
+    latency = study.workloads.latency
+    if latency.client != "in-cluster":
+        return
+    origin = _origin(sources, ("workloads", "latency", "client"))
+    if study.platform.kind != "kubernetes":
+        raise ParamsError(
+            f"{origin}: workloads.latency.client: in-cluster runs the load generator as a Kubernetes Job and needs "
+            f"platform: kubernetes (the platform is {study.platform.kind}); use client: local"
+        )
+    if not latency.in_cluster.image:
+        raise ParamsError(
+            f"{origin}: workloads.latency.in_cluster.image: required with client: in-cluster (the load generator's "
+            "image, built from docker/loadgen and pushed where the cluster pulls from)"
+        )
 
 
 def _check_files(study: Study, sources: list[tuple[str, dict[str, Any]]]) -> None:

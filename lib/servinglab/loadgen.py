@@ -22,7 +22,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import aiohttp
 import httpx2
@@ -261,6 +261,7 @@ class StageOutcome:
     schedule_lag_ms: list[float]
     loop_lag_ms: list[float]
     interrupted: bool
+    started_unix_s: float | None = None  # wall-clock time of t0, to place the stage beside other clients'
 
 
 async def run_stage_async(
@@ -270,11 +271,16 @@ async def run_stage_async(
     sink: Callable[[dict[str, Any]], None],
     warmups: list[RequestSpec] = (),
     stop: threading.Event | None = None,
+    offsets_s: Sequence[float] | None = None,
+    start_at_unix_s: float | None = None,
 ) -> StageOutcome:
     """Send ``warmups`` (recorded, marked, not timed into the stage), then ``requests`` per ``stage``.
 
     ``sink`` receives each request's record the moment it ends. ``stop`` (set from another thread)
-    cancels what is in flight; those requests are recorded as cancelled.
+    cancels what is in flight; those requests are recorded as cancelled. ``offsets_s`` gives each
+    request's send time from the stage start instead of drawing them from ``stage`` (a slice of a
+    schedule computed for several clients); ``start_at_unix_s`` holds the stage start until that
+    wall-clock time (after the warmups), so clients on several machines start together.
     """
     pool = (stage.max_concurrency or len(requests) or 1) + 8
     client = make_client(target, pool)
@@ -290,19 +296,28 @@ async def run_stage_async(
 
             await asyncio.gather(*(warm(i, s) for i, s in enumerate(warmups)))
 
-        offsets = arrival_offsets_s(len(requests), stage.request_rate, stage.burstiness, stage.seed)
+        if offsets_s is None:
+            offsets = arrival_offsets_s(len(requests), stage.request_rate, stage.burstiness, stage.seed)
+        elif len(offsets_s) != len(requests):
+            raise ValueError(f"{len(offsets_s)} send offsets for {len(requests)} requests")
+        else:
+            offsets = offsets_s
         # A full collection walks every object the process holds (transformers and torch hold millions)
         # and stops the event loop for 100 ms or more: move what exists now out of the collector's
         # reach for the stage, as vllm bench serve does.
         gc.collect()
         gc.freeze()
         limit = asyncio.Semaphore(stage.max_concurrency) if stage.max_concurrency else None
+        if start_at_unix_s is not None:
+            while (wait_s := start_at_unix_s - time.time()) > 0 and not (stop is not None and stop.is_set()):
+                await asyncio.sleep(min(wait_s, 0.05))
         probe = LoopLagProbe()
         probe.start()
         schedule_lag: list[float] = []
         sends: list[float] = []
         counts = {"completed": 0, "failed": 0, "cancelled": 0}
         t0 = time.perf_counter_ns()
+        t0_unix_s = time.time()
         last_end = [t0]
 
         def over_time() -> bool:
@@ -374,6 +389,7 @@ async def run_stage_async(
             schedule_lag_ms=schedule_lag,
             loop_lag_ms=probe.lags_ms,
             interrupted=interrupted or bool(stop is not None and stop.is_set()),
+            started_unix_s=t0_unix_s,
         )
     finally:
         await client.close()
@@ -385,23 +401,25 @@ def run_stage(
     stage: StageSpec,
     sink: Callable[[dict[str, Any]], None],
     warmups: list[RequestSpec] = (),
+    offsets_s: Sequence[float] | None = None,
 ) -> StageOutcome:
     """Run a stage from synchronous code: a plain script, or a Jupyter cell whose loop already runs.
 
     Inside a running event loop (Jupyter) the stage gets its own loop in a worker thread; Ctrl-C
     (KeyboardInterrupt in the calling thread) stops it, and the records written so far stay.
+    ``offsets_s`` as in :func:`run_stage_async`.
     """
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(run_stage_async(target, requests, stage, sink, warmups))
+        return asyncio.run(run_stage_async(target, requests, stage, sink, warmups, offsets_s=offsets_s))
 
     stop = threading.Event()
     box: dict[str, Any] = {}
 
     def work() -> None:
         try:
-            box["outcome"] = asyncio.run(run_stage_async(target, requests, stage, sink, warmups, stop))
+            box["outcome"] = asyncio.run(run_stage_async(target, requests, stage, sink, warmups, stop, offsets_s))
         except BaseException as exc:  # handed to the calling thread
             box["error"] = exc
 
