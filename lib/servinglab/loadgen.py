@@ -115,7 +115,22 @@ class TokenClock:
             self.token_ns.append(now_ns - self.sent_ns)
 
 
+def _refused(exc: BaseException) -> bool:
+    """Whether a failure was a refused connection (nothing listening: a server restarting or gone), which
+    the aiohttp transport reports as a connect timeout."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, ConnectionRefusedError) or "Connect call failed" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _error_kind(exc: BaseException) -> str:
+    if _refused(exc):
+        return "connection_refused"
     if isinstance(exc, openai.APIStatusError):
         return f"http_{exc.status_code}"
     if isinstance(exc, (openai.APITimeoutError, asyncio.TimeoutError)):

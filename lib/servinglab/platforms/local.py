@@ -104,6 +104,10 @@ class LocalPlatform:
         self.registry = Registry(study.cache_dir)
         self.python = self.settings.python or sys.executable
 
+    def with_study(self, study: Study) -> LocalPlatform:
+        """The same machine and registry for a changed study (a model update): its server replaces this one's."""
+        return LocalPlatform(study)
+
     # --- what the platform offers ------------------------------------------------------------------
 
     def engine_packages(self) -> dict[str, str]:

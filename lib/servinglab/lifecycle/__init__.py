@@ -1,0 +1,200 @@
+"""The lifecycle experiments of a study (notebook 40_lifecycle): time to ready, model update, canary split,
+scale to zero and cold start, gateway overhead, per layer where the layer supports them.
+
+Every outcome is one record in ``data/lifecycle.jsonl``, written when the experiment ends (measured,
+unsupported with the reason, failed with the error, or interrupted); every request the experiments send
+is one record in ``data/lifecycle_requests.jsonl``, written as it ends. After a failure or an interruption
+the layer is put back as the study specifies it, or deleted, as ``workloads.lifecycle.on_interrupt`` says.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import results
+from ..config import Study
+from ..errors import ServinglabError
+from ..platforms import Platform
+from .experiments import EXPERIMENTS, REQUESTS_TABLE, Trial, unsupported_reason
+
+TABLE = "lifecycle"
+
+__all__ = ["TABLE", "REQUESTS_TABLE", "run_lifecycle", "plan_frame", "outcomes_frame", "time_to_ready_frame",
+           "settle"]  # fmt: skip
+
+
+def _record(trial: Trial, status: str, started: float, **fields: Any) -> dict[str, Any]:
+    record = {
+        "layer": trial.layer, "kind": trial.kind, "platform": trial.platform.name, "experiment": trial.experiment,
+        "trial": trial.trial, "status": status, "reason": None, "started_at_unix": round(started, 3),
+        "ended_at_unix": round(time.time(), 3), "measurements": {}, "settled": None,
+    } | fields  # fmt: skip
+    results.append_records(trial.run_dir, TABLE, [record])
+    return record
+
+
+def settle(study: Study, platform: Platform, layer_name: str, run_dir: str | os.PathLike) -> str:
+    """Put a layer back as the study specifies it (``restore``) or delete it (``teardown``); what was done."""
+    if study.workloads.lifecycle.on_interrupt == "teardown":
+        platform.teardown([layer_name])
+        return "torn down"
+    layer = study.layers[layer_name]
+    if platform.name == "kubernetes" and layer.kind == "raw-vllm":
+        top = platform.kube.get(*platform._top_ref(layer_name))
+        if top and (top["spec"].get("replicas") or 0) != layer.replicas:  # scaled by hand during the experiment
+            since = time.time()
+            platform.scale(layer_name, layer.replicas)
+            platform.wait_ready(layer_name, since)
+    platform.ensure(layer_name, str(run_dir))
+    return "restored"
+
+
+def run_lifecycle(
+    study: Study,
+    platform: Platform,
+    run_dir: str | os.PathLike,
+    layers: list[str] | None = None,
+    experiments: list[str] | None = None,
+    deploy_missing: bool = False,
+) -> list[dict[str, Any]]:
+    """Run the study's lifecycle experiments on each layer (all of the study's when ``layers`` is empty).
+
+    Parameters
+    ----------
+    experiments : list of str, optional
+        A subset of ``workloads.lifecycle.experiments``; empty: all of them, in the study's order.
+    deploy_missing : bool
+        Deploy a hostable layer that is not running first (a notebook run on its own); otherwise such a
+        layer's experiments are recorded as failed.
+
+    Returns the records written to ``data/lifecycle.jsonl``. Ctrl-C stops at once: the experiment under
+    way is recorded as interrupted, the layer settled, and the interrupt goes on.
+    """
+    settings = study.workloads.lifecycle
+    names = experiments or list(settings.experiments)
+    for name in names:
+        if name not in EXPERIMENTS:
+            raise ServinglabError(f"unknown lifecycle experiment '{name}'; known: {', '.join(EXPERIMENTS)}")
+    out = []
+    for layer_name in study.select_layers(layers):
+        hosted = platform.unsupported_reason(layer_name)
+        for name in names:
+            repeats = settings.repeats if name == "time_to_ready" else 1
+            for index in range(repeats):
+                trial = Trial(study, platform, Path(run_dir), layer_name, name, index)
+                started = time.time()
+                reason = hosted or unsupported_reason(study, platform, layer_name, name)
+                if reason:
+                    out.append(_record(trial, "unsupported", started, reason=reason))
+                    break
+                out.append(_run_one(trial, started, deploy_missing))
+    return out
+
+
+def _run_one(trial: Trial, started: float, deploy_missing: bool) -> dict[str, Any]:
+    try:
+        _ready(trial, deploy_missing)
+        measurements = EXPERIMENTS[trial.experiment](trial)
+    except BaseException as exc:
+        interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
+        try:
+            settled = settle(trial.study, trial.platform, trial.layer, trial.run_dir)
+        except BaseException as settle_error:  # noqa: BLE001 - recorded; the original error goes on
+            settled = f"could not settle: {settle_error}"
+        record = _record(trial, "interrupted" if interrupted else "failed", started,
+                         reason=f"{type(exc).__name__}: {exc}", settled=settled)  # fmt: skip
+        if interrupted or not isinstance(exc, (ServinglabError, OSError, ValueError)):
+            raise
+        return record
+    return _record(trial, "measured", started, measurements=measurements)
+
+
+def _ready(trial: Trial, deploy_missing: bool) -> None:
+    """The layer must be running with the study's spec before an experiment starts from it."""
+    from ..errors import PlatformError
+
+    try:
+        trial.platform.endpoint(trial.layer)
+    except PlatformError:
+        if not deploy_missing:
+            raise
+        trial.platform.ensure(trial.layer, str(trial.run_dir))
+
+
+# --- tables ------------------------------------------------------------------------------------------
+
+
+def plan_frame(study: Study, platform: Platform, layers: list[str] | None = None):
+    """Which experiment runs on which layer here, and why not where it does not."""
+    import pandas as pd
+
+    rows = []
+    for layer_name in study.select_layers(layers):
+        hosted = platform.unsupported_reason(layer_name)
+        row = {"layer": layer_name}
+        for name in study.workloads.lifecycle.experiments:
+            reason = hosted or unsupported_reason(study, platform, layer_name, name)
+            row[name] = f"no: {reason}" if reason else "yes"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+HEADLINE = {
+    "time_to_ready": ("time_to_ready_s", "s"),
+    "model_update": ("change_to_served_s", "s"),
+    "canary": ("split", ""),
+    "scale_to_zero": ("cold_start_s", "s"),
+    "gateway_hop": ("overhead_ttft_ms", "ms"),
+}
+
+
+def _headline(record: dict[str, Any]) -> str:
+    m = record["measurements"]
+    name = record["experiment"]
+    if record["status"] != "measured":
+        return f"{record['status']}: {record.get('reason')}"
+    if name == "time_to_ready":
+        return f"{m['time_to_ready_s']:.1f} s to ready"
+    if name == "model_update":
+        served = m.get("change_to_served_s")
+        return (f"new revision served after {served:.1f} s" if served is not None else "new revision not seen") + (
+            f"; {m['during']['failed']} of {m['during']['requests']} requests failed during the change, "
+            f"longest gap {m['longest_gap_s']:.1f} s")  # fmt: skip
+    if name == "canary":
+        split = m["split"]
+        return (f"requested {split['requested_percent']:g} %, observed {split['observed_percent']:.1f} % "
+                f"[{split['ci_low_percent']:.1f}, {split['ci_high_percent']:.1f}] over {split['answered']} requests; "
+                f"errors at promote {m['promote']['during']['failed']}, at rollback {m['rollback']['during']['failed']}")  # fmt: skip
+    if name == "scale_to_zero":
+        return (f"zero after {m['time_to_zero_s']:.1f} s; first request from zero {m['cold_start_s']:.1f} s "
+                f"(warm TTFT {m['warm_ttft_ms_p50']:.0f} ms)")  # fmt: skip
+    if name == "gateway_hop":
+        o = m["overhead_ttft_ms"]
+        return f"gateway adds {o['median_difference']:.2f} ms TTFT [{o['ci_low']:.2f}, {o['ci_high']:.2f}] over {o['pairs']} pairs"
+    return ""
+
+
+def outcomes_frame(run_dir: str | os.PathLike):
+    """One row per experiment trial: layer, experiment, status and the headline figure or the reason."""
+    import pandas as pd
+
+    rows = [{"layer": r["layer"], "experiment": r["experiment"], "trial": r["trial"], "status": r["status"],
+             "result": _headline(r), "settled": r.get("settled")}
+            for r in results.read_records(run_dir, TABLE)]  # fmt: skip
+    return pd.DataFrame(rows, columns=["layer", "experiment", "trial", "status", "result", "settled"])
+
+
+def time_to_ready_frame(run_dir: str | os.PathLike):
+    """Seconds per phase of every measured fresh start (rows: layer and trial)."""
+    import pandas as pd
+
+    rows = []
+    for r in results.read_records(run_dir, TABLE):
+        if r["experiment"] == "time_to_ready" and r["status"] == "measured":
+            m = r["measurements"]
+            rows.append({"layer": r["layer"], "trial": r["trial"], "time_to_ready_s": m["time_to_ready_s"],
+                         "teardown_s": m["teardown_s"], **m["phases_s"]})  # fmt: skip
+    return pd.DataFrame(rows)
