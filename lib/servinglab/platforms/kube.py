@@ -44,6 +44,7 @@ KINDS: dict[str, tuple[str, bool]] = {
     "ConfigMap": ("configmaps", True),
     "StorageClass": ("storageclasses", False),
     "GatewayClass": ("gatewayclasses", False),
+    "Job": ("jobs", True),
 }
 API_VERSIONS = {
     "Namespace": "v1", "Service": "v1", "PersistentVolumeClaim": "v1", "Pod": "v1", "Event": "v1", "Node": "v1",
@@ -51,7 +52,7 @@ API_VERSIONS = {
     "InferenceService": "serving.kserve.io/v1beta1", "ServingRuntime": "serving.kserve.io/v1alpha1",
     "HTTPRoute": "gateway.networking.k8s.io/v1",
     "CustomResourceDefinition": "apiextensions.k8s.io/v1", "ConfigMap": "v1", "StorageClass": "storage.k8s.io/v1",
-    "GatewayClass": "gateway.networking.k8s.io/v1",
+    "GatewayClass": "gateway.networking.k8s.io/v1", "Job": "batch/v1",
 }  # fmt: skip
 
 
@@ -165,6 +166,15 @@ class Kube:
             if previous:
                 return self.log_tail(namespace, pod, container, lines, previous=False)
             return ""
+
+    def log(self, namespace: str, pod: str, container: str, timeout_s: float = 300.0) -> str | None:
+        """The container's whole current log; None when the API has none to give (never started, pod gone)."""
+        path = object_path("v1", "Pod", namespace, pod, "log")
+        try:
+            response = self.request("GET", path, query={"container": container}, timeout=(10, timeout_s))
+        except ApiException:
+            return None
+        return response.read().decode("utf-8", "replace")
 
     def watch(self, api_version: str, kind: str, namespace: str | None, selector: dict[str, str] | None,
               events: queue.Queue, stop: threading.Event) -> threading.Thread:  # fmt: skip
