@@ -84,6 +84,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", required=True, help="result JSON (vllm bench serve --save-result key names)")
     bench.add_argument("--records", help="per-request records, appended as JSONL as each request ends")
 
+    worker = sub.add_parser(
+        "loadgen-worker", help="one pod's slice of an in-cluster load stage (the entrypoint of docker/loadgen)"
+    )
+    worker.add_argument("--plan", required=True, help="the stage plan (JSON) servinglab mounts from a ConfigMap")
+    worker.add_argument("--index", type=int, help="the slice to send (default: $JOB_COMPLETION_INDEX)")
+
     imp = sub.add_parser("import", help="read another tool's results into a run directory")
     imp.add_argument("format", choices=["vllm-bench"], help="vllm-bench: a vllm bench serve --save-result JSON")
     imp.add_argument("file")
@@ -222,6 +228,12 @@ def _bench(args) -> int:
     return 0
 
 
+def _loadgen_worker(args) -> int:
+    from .clusterload import worker_main
+
+    return worker_main(args.plan, args.index)
+
+
 def _import(args) -> int:
     from .bench import import_vllm_bench
 
@@ -231,7 +243,8 @@ def _import(args) -> int:
 
 
 COMMANDS = {"run": _run, "check": _check, "teardown": _teardown, "status": _status,
-            "build-model": _build_model, "bench": _bench, "import": _import, "report": _report, "render": _render}  # fmt: skip
+            "build-model": _build_model, "bench": _bench, "import": _import, "report": _report, "render": _render,
+            "loadgen-worker": _loadgen_worker}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -327,6 +327,13 @@ class InClusterClient(StrictModel):
     def _pinned(cls, image: str | None) -> str | None:
         return KubernetesPlatform._pinned(image)
 
+    @model_validator(mode="after")
+    def _deadline_after_start(self) -> InClusterClient:
+        if self.timeout_s <= self.start_delay_s:
+            raise ValueError(f"timeout_s ({self.timeout_s:g}) must exceed start_delay_s ({self.start_delay_s:g}): "
+                             "the Job's deadline counts from its creation")  # fmt: skip
+        return self
+
 
 class LatencyWorkload(StrictModel):
     """The reference experiment by default: chat, 256 tokens in / 128 out, ignore_eos, seed 42."""
