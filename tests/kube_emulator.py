@@ -3,8 +3,8 @@ API's behaviour, served over HTTP from its own thread.
 
 Extensions (kmock's emulator leaves these out): server-side apply creates a missing object and replaces
 the applied fields of an existing one (status kept); a create answers 201; list and watch honour
-equality label selectors; objects get a uid, creationTimestamp, generation (bumped when the spec
-changes) and a resourceVersion.
+equality label selectors; objects get a uid, creationTimestamp, generation (bumped when an apply or
+a merge patch changes the spec) and a resourceVersion.
 """
 
 from __future__ import annotations
@@ -110,6 +110,19 @@ def selected(obj: dict[str, Any], text: str | None) -> bool:
     return True
 
 
+def merge_patch(target: Any, patch: Any) -> Any:
+    """``target`` with a JSON merge patch (RFC 7386) applied: dicts merge, null deletes, the rest replaces."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
 class ClusterEmulator(kmock.KubernetesEmulator):
     _versions = itertools.count(1)
 
@@ -141,6 +154,9 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             return await self._apply(request)
         if request.resource is not None and request.action == enums.action.CREATE:
             self._stamp(request.data, None)
+        if request.resource is not None and request.action == enums.action.UPDATE and request.name \
+                and request.subresource is None and isinstance(request.data, dict) and "spec" in request.data:  # fmt: skip
+            await self._observe_spec_change(request)
         if request.action == enums.action.DELETE and request.name and (request.data or {}).get("propagationPolicy") == "Foreground":
             await self._hold_for_dependents(request)
         try:
@@ -153,6 +169,19 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         if request.action == enums.action.CREATE and response.status == 200:
             response.set_status(201)
         return response
+
+    async def _observe_spec_change(self, request) -> None:  # noqa: ANN001
+        """A patch that changes the spec bumps metadata.generation, as the API server does for any write
+        (``kubectl scale`` and ``kubectl patch`` included), so controllers see a new generation to roll out."""
+        key = (request.resource, request.namespace, request.name)
+        async with self._lock:
+            if key not in self._objects or self._objects[key].deleted:
+                return
+            current = self._objects[key].raw
+        if merge_patch(current.get("spec"), request.data["spec"]) != current.get("spec"):
+            meta = request.data.setdefault("metadata", {})
+            meta["generation"] = (current.get("metadata") or {}).get("generation", 0) + 1
+            meta["resourceVersion"] = str(next(self._versions))
 
     async def _hold_for_dependents(self, request) -> None:  # noqa: ANN001
         """Foreground deletion: an object with dependents gets the foregroundDeletion finalizer, so it stays
