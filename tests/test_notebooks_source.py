@@ -16,7 +16,7 @@ def code_cells(path):
 
 
 def test_the_suite_has_its_stages():
-    assert [p.stem for p in NOTEBOOKS] == ["00_preflight", "10_deploy", "20_smoke", "30_latency", "90_report"]
+    assert [p.stem for p in NOTEBOOKS] == ["00_preflight", "10_deploy", "20_smoke", "30_latency", "40_lifecycle", "90_report"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

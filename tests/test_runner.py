@@ -48,11 +48,12 @@ def test_whole_suite_with_an_api_key_that_appears_nowhere(private_overrides, tmp
     assert context["git"]["sha"] and len(context["git"]["sha"]) == 40
     assert context["engine"]["system_fingerprint"].startswith("vllm-")
     assert context["hardware"]["logical_cores"] >= 1
-    assert [n["name"] for n in context["notebooks"]] == ["00_preflight", "10_deploy", "20_smoke", "30_latency", "90_report"]
+    assert [n["name"] for n in context["notebooks"]] == ["00_preflight", "10_deploy", "20_smoke", "30_latency",
+                                                          "40_lifecycle", "90_report"]  # fmt: skip
     assert all(n["status"] == "ok" for n in context["notebooks"])
 
     # Executed copies live in the run directory; the sources stay without outputs.
-    for name in ("00_preflight", "10_deploy", "20_smoke", "30_latency", "90_report"):
+    for name in ("00_preflight", "10_deploy", "20_smoke", "30_latency", "40_lifecycle", "90_report"):
         executed = json.loads((run_dir / "notebooks" / f"{name}.ipynb").read_text())
         assert any(c.get("outputs") for c in executed["cells"] if c["cell_type"] == "code")
         source = json.loads((REPO / "notebooks" / f"{name}.ipynb").read_text())
@@ -71,6 +72,22 @@ def test_whole_suite_with_an_api_key_that_appears_nowhere(private_overrides, tmp
     requests = (run_dir / "data" / "latency_requests.jsonl").read_text().splitlines()
     assert len(requests) == sum(s["summary"]["completed"] for s in stages)
     assert "c=4:" in report.read_text()  # the TTFT row is measured
+
+    # Lifecycle: what the local platform can do is measured on the real engine; the rest says why not.
+    outcomes = {(r["layer"], r["experiment"]): r for r in
+                map(json.loads, (run_dir / "data" / "lifecycle.jsonl").read_text().splitlines())}  # fmt: skip
+    measured = {key for key, r in outcomes.items() if r["status"] == "measured"}
+    assert measured == {("raw", "time_to_ready"), ("raw", "model_update"), ("raw", "scale_to_zero")}
+    assert all(r["reason"] for key, r in outcomes.items() if key not in measured)
+    assert outcomes[("kserve", "canary")]["reason"] == "needs platform: kubernetes"
+    ready = outcomes[("raw", "time_to_ready")]["measurements"]
+    assert ready["time_to_ready_s"] > 1 and sum(ready["phases_s"].values()) == pytest.approx(ready["time_to_ready_s"], abs=1)
+    update = outcomes[("raw", "model_update")]["measurements"]
+    # A restart is an outage: the new revision answers under its own name only after it, and nothing in between.
+    assert update["answered_as_after"] == ["tiny:update"] and update["change_to_served_s"] >= update["change_to_ready_s"] - 1
+    assert update["longest_gap_s"] > 1 and update["before"]["failed"] == 0
+    cold = outcomes[("raw", "scale_to_zero")]["measurements"]
+    assert cold["cold_start_s"] > 1 and cold["cold_start_s"] * 1000 > 10 * cold["warm_ttft_ms_p50"]
 
     # Torn down at the end of the batch.
     assert engine_processes(owner_fragment=str(workspace / "cache")) == []

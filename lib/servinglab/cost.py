@@ -73,3 +73,13 @@ def idle_costs(study: Study) -> list[dict[str, Any]]:
             "idle_cost_per_month": None if price is None else round(idle * price * HOURS_PER_MONTH, 2),
         })  # fmt: skip
     return rows
+
+
+def frame(rows: list[dict[str, Any]]):
+    """Cost rows as a table (an empty one says so: the study sets no price)."""
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    if table.empty:
+        table = pd.DataFrame({"cost": ["no price in the study: set costs.gpu_hourly or costs.replica_hourly"]})
+    return table

@@ -22,8 +22,8 @@ from .experiments import EXPERIMENTS, REQUESTS_TABLE, Trial, unsupported_reason
 
 TABLE = "lifecycle"
 
-__all__ = ["TABLE", "REQUESTS_TABLE", "run_lifecycle", "plan_frame", "outcomes_frame", "time_to_ready_frame",
-           "settle"]  # fmt: skip
+__all__ = ["TABLE", "REQUESTS_TABLE", "assert_measured", "run_lifecycle", "plan_frame", "outcomes_frame",
+           "time_to_ready_frame", "settle"]  # fmt: skip
 
 
 def _record(trial: Trial, status: str, started: float, **fields: Any) -> dict[str, Any]:
@@ -110,6 +110,14 @@ def _run_one(trial: Trial, started: float, deploy_missing: bool) -> dict[str, An
             raise
         return record
     return _record(trial, "measured", started, measurements=measurements)
+
+
+def assert_measured(records: list[dict[str, Any]]) -> None:
+    """Raise when an experiment that could run did not measure (failed or interrupted)."""
+    failed = [r for r in records if r["status"] in ("failed", "interrupted")]
+    if failed:
+        raise ServinglabError("lifecycle experiments did not measure:\n  " + "\n  ".join(
+            f"{r['layer']} {r['experiment']} #{r['trial'] + 1}: {r['reason']} (layer {r['settled']})" for r in failed))  # fmt: skip
 
 
 def _ready(trial: Trial, deploy_missing: bool) -> None:

@@ -103,10 +103,13 @@ class LocalPlatform:
         self.settings = study.platform
         self.registry = Registry(study.cache_dir)
         self.python = self.settings.python or sys.executable
+        self._last_ports: dict[str, int] = {}  # a layer stopped here restarts on its old port
 
     def with_study(self, study: Study) -> LocalPlatform:
         """The same machine and registry for a changed study (a model update): its server replaces this one's."""
-        return LocalPlatform(study)
+        sibling = LocalPlatform(study)
+        sibling._last_ports = self._last_ports
+        return sibling
 
     # --- what the platform offers ------------------------------------------------------------------
 
@@ -243,7 +246,7 @@ class LocalPlatform:
         """
         self._check_layer(layer_name)
         spec_hash = self.spec_hash(layer_name)
-        port = None
+        port = self._last_ports.get(layer_name)
         for entry in self.registry.entries(self.study.study, layer_name):
             if entry.spec_hash == spec_hash:
                 if entry.state == "starting":
@@ -259,6 +262,7 @@ class LocalPlatform:
         # A replaced server keeps its predecessor's port, as a restarted service keeps its address.
         if port is None or not port_free(self.settings.host, port):
             port = free_port(self.settings.host)
+        self._last_ports[layer_name] = port
         command = self.command(layer_name, port)
         log_path = run_dir / "logs" / f"{layer_name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -427,6 +431,7 @@ class LocalPlatform:
                 continue
             how = stop_group(entry.pid, self.settings.stop_grace_s)
             self.registry.remove(entry)
+            self._last_ports[entry.layer] = entry.port
             stopped.append(f"{entry.layer} (pid {entry.pid}, port {entry.port}): {how}")
         if not layer_names:
             for pgid in self.unregistered_groups():

@@ -13,7 +13,7 @@ import jinja2
 from .. import __version__
 from ..errors import RunDirError
 from .advice import derive_advice
-from .plots import PHASE_LABELS, figures, latency_figures
+from .plots import PHASE_LABELS, figures, latency_figures, lifecycle_figures
 from .rundata import RunData, load_run
 from .table import decision_table, table_frame
 
@@ -188,4 +188,4 @@ def table_for(run_dir: str | os.PathLike) -> Any:
     return table_frame(decision_table(load_run(run_dir)))
 
 
-__all__ = ["latency_figures", "publish", "render_html", "table_for", "write_index"]
+__all__ = ["latency_figures", "lifecycle_figures", "publish", "render_html", "table_for", "write_index"]

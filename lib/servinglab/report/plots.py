@@ -13,6 +13,16 @@ PHASE_LABELS = {
     "api_server_up_s": "API server up (/health)",
     "model_listed_s": "model listed (/v1/models)",
 }
+# The phases a cluster start goes through (the kubernetes platform's marks), and a cold request's last one.
+CLUSTER_PHASE_LABELS = {
+    "pod_created_s": "pod created",
+    "scheduling_s": "scheduling",
+    "image_pull_s": "image pull",
+    "container_start_s": "container start",
+    "engine_ready_s": "engine ready (weights, KV cache, probes)",
+}
+FIRST_TOKEN_LABEL = {"first_token_s": "first token of the first request"}
+PHASE_COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3"]
 
 
 @dataclass(frozen=True)
@@ -170,6 +180,117 @@ def goodput_figure(run: RunData) -> Figure | None:
     return Figure("fig-goodput", "Goodput against load", _svg(fig), reading)
 
 
+def _measured(run: RunData, experiment: str) -> list[dict]:
+    return [r for r in run.lifecycle if r["experiment"] == experiment and r["status"] == "measured"]
+
+
+def _phase_bars(ax, rows: list[tuple[str, dict[str, float]]]) -> None:  # noqa: ANN001 - a matplotlib Axes
+    labels = {**PHASE_LABELS, **CLUSTER_PHASE_LABELS, **FIRST_TOKEN_LABEL}
+    present = [p for p in labels if any(p in phases for _, phases in rows)]
+    lefts = [0.0] * len(rows)
+    for phase, color in zip(present, PHASE_COLORS):
+        widths = [phases.get(phase, 0.0) for _, phases in rows]
+        ax.barh([name for name, _ in rows], widths, left=lefts, color=color, label=labels[phase])
+        lefts = [a + b for a, b in zip(lefts, widths)]
+    ax.invert_yaxis()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3 - 0.05 * len(rows)), ncol=2, fontsize=8, frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+
+
+def lifecycle_ready_figure(run: RunData) -> Figure | None:
+    """Stacked bars: every repeated start from nothing, by phase, so the spread between starts shows."""
+    trials = _measured(run, "time_to_ready")
+    if not trials:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 0.8 + 0.45 * len(trials)))
+    _phase_bars(ax, [(f"{r['layer']} #{r['trial'] + 1}", r["measurements"]["phases_s"]) for r in trials])
+    ax.set_xlabel("seconds from the start")
+    by_layer: dict[str, list[float]] = {}
+    for r in trials:
+        by_layer.setdefault(r["layer"], []).append(r["measurements"]["time_to_ready_s"])
+    reading = "; ".join(f"{layer} took {min(v):.1f}–{max(v):.1f} s over {len(v)} starts" for layer, v in by_layer.items()) + "."
+    return Figure("fig-lifecycle-ready", "Time to ready from nothing, repeated", _svg(fig), reading)
+
+
+def update_timeline_figure(run: RunData) -> Figure | None:
+    """Each steady request around a model update: its latency at its send time, failures marked."""
+    updates = _measured(run, "model_update")
+    if not updates:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(updates), 1, figsize=(8, 2.6 * len(updates)), squeeze=False)
+    parts = []
+    for ax, update in zip(axes[:, 0], updates):
+        m = update["measurements"]
+        requests = [r for r in run.lifecycle_requests if r["experiment"] == "model_update" and r["layer"] == update["layer"]
+                    and r["trial"] == update["trial"]]  # fmt: skip
+        change = min((r["sent_at_unix"] for r in requests if r.get("phase") == "during"), default=None)
+        if change is None:
+            continue
+        ok = [r for r in requests if r.get("ok")]
+        bad = [r for r in requests if not r.get("ok")]
+        ax.scatter([r["sent_at_unix"] - change for r in ok], [r["e2el_ms"] for r in ok], s=8, color="#4c72b0", label="answered")
+        ax.scatter([r["sent_at_unix"] - change for r in bad], [0] * len(bad), s=14, marker="x", color="#c44e52", label="failed")
+        ax.axvline(0, color="#555", linewidth=0.8)
+        ax.axvline(m["change_to_ready_s"], color="#55a868", linewidth=0.8, linestyle="--", label="change ready")
+        ax.set_title(f"{update['layer']}: {m['how']}", fontsize=9)
+        ax.set_ylabel("E2E (ms)")
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.legend(fontsize=7, frameon=False, loc="upper right")
+        parts.append(f"{update['layer']} failed {m['during']['failed']} of {m['during']['requests']} requests "
+                     f"with a longest gap of {m['longest_gap_s']:.1f} s")  # fmt: skip
+    axes[-1, 0].set_xlabel("seconds since the change began")
+    return Figure("fig-update-timeline", "Requests during a model update", _svg(fig), "; ".join(parts) + ".")
+
+
+def cold_start_figure(run: RunData) -> Figure | None:
+    """The first request from zero replicas by phase, with the warm request's TTFT for scale."""
+    colds = _measured(run, "scale_to_zero")
+    if not colds:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 0.9 + 0.5 * len(colds)))
+    _phase_bars(ax, [(r["layer"], r["measurements"]["cold_phases_s"]) for r in colds])
+    ax.set_xlabel("seconds from the start of the wake-up")
+    reading = "; ".join(
+        f"{r['layer']}: {r['measurements']['cold_start_s']:.1f} s from zero to the first token against a warm TTFT "
+        f"of {r['measurements']['warm_ttft_ms_p50']:.0f} ms ({r['measurements']['how']})" for r in colds) + "."  # fmt: skip
+    return Figure("fig-cold-start", "Cold start from zero replicas", _svg(fig), reading)
+
+
+def canary_figure(run: RunData) -> Figure | None:
+    """Requested against observed canary share, with the confidence interval, per layer."""
+    canaries = _measured(run, "canary")
+    if not canaries:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 0.9 + 0.5 * len(canaries)))
+    names = [r["layer"] for r in canaries]
+    split = [r["measurements"]["split"] for r in canaries]
+    observed = [s["observed_percent"] for s in split]
+    errors = [[o - s["ci_low_percent"] for o, s in zip(observed, split)], [s["ci_high_percent"] - o for o, s in zip(observed, split)]]
+    ax.errorbar(observed, names, xerr=errors, fmt="o", color="#4c72b0", capsize=4, label="observed (CI)")
+    ax.scatter([s["requested_percent"] for s in split], names, marker="|", s=300, color="#c44e52", label="requested")
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("share of requests answered by the new revision (%)")
+    ax.legend(fontsize=8, frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    reading = "; ".join(
+        f"{r['layer']}: {s['observed_percent']:.1f} % observed [{s['ci_low_percent']:.1f}, {s['ci_high_percent']:.1f}] "
+        f"for {s['requested_percent']:g} % requested" for r, s in zip(canaries, split)) + "."  # fmt: skip
+    return Figure("fig-canary", "Canary split, requested against observed", _svg(fig), reading)
+
+
+def lifecycle_figures(run_dir) -> Figures:
+    """The lifecycle figures of a run, for a notebook."""
+    from .rundata import load_run
+
+    run = load_run(run_dir)
+    makers = (lifecycle_ready_figure, update_timeline_figure, cold_start_figure, canary_figure)
+    return Figures([f for f in (make(run) for make in makers) if f])
+
+
 def figures(run: RunData) -> list[Figure]:
     makers = (time_to_ready_figure, latency_throughput_figure, distributions_figure, goodput_figure)
     return [f for f in (make(run) for make in makers) if f is not None]
@@ -182,7 +303,7 @@ class Figures:
     items: list[Figure]
 
     def _repr_html_(self) -> str:
-        return "".join(f._repr_html_() for f in self.items) or "<p>No latency stage in this run.</p>"
+        return "".join(f._repr_html_() for f in self.items) or "<p>Nothing measured to draw in this run.</p>"
 
 
 def latency_figures(run_dir) -> Figures:

@@ -19,6 +19,8 @@ class RunData:
     preflight: list[dict[str, Any]]
     latency_stages: list[dict[str, Any]]
     latency_requests: list[dict[str, Any]]
+    lifecycle: list[dict[str, Any]]
+    lifecycle_requests: list[dict[str, Any]]
 
     @property
     def study(self) -> str:
@@ -64,4 +66,6 @@ def load_run(run_dir: str | os.PathLike) -> RunData:
         preflight=results.read_records(run_dir, "preflight"),
         latency_stages=results.read_records(run_dir, "latency_stages"),
         latency_requests=results.read_records(run_dir, "latency_requests"),
+        lifecycle=results.read_records(run_dir, "lifecycle"),
+        lifecycle_requests=results.read_records(run_dir, "lifecycle_requests"),
     )
