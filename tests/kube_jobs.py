@@ -20,6 +20,8 @@ import threading
 import time
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
+
 from servinglab.clusterload import CONTAINER, INDEX_ANNOTATION, JOB_NAME_LABEL, PLAN_KEY, RECORD_PREFIX, run_worker
 from servinglab.platforms.kube import Kube, object_path
 
@@ -162,8 +164,12 @@ class JobController:
                 continue
             if meta.get("deletionTimestamp") and "foregroundDeletion" in (meta.get("finalizers") or []):
                 self._collect_garbage(meta["name"])  # then release the Job, as the garbage collector does
-                self.kube.json("PATCH", object_path("batch/v1", "Job", self.namespace, meta["name"]),
-                               body={"metadata": {"finalizers": []}}, content_type="application/merge-patch+json")  # fmt: skip
+                try:
+                    self.kube.json("PATCH", object_path("batch/v1", "Job", self.namespace, meta["name"]),
+                                   body={"metadata": {"finalizers": []}}, content_type="application/merge-patch+json")  # fmt: skip
+                except ApiException as exc:
+                    if exc.status != 404:  # gone already: an event that arrived after the deletion
+                        raise
                 continue
             if meta["uid"] in seen or "spec" not in job:
                 continue

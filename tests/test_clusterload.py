@@ -423,3 +423,14 @@ def test_the_sweep_records_where_each_stage_ran(cluster, endpoint, tmp_path, mon
     else:
         assert [st["client"] for st in stages] == [latency.this_machine()] * 2 and jobs.jobs == []
     assert leftovers(cluster.kube) == []
+
+
+def test_teardown_removes_a_load_job_left_behind(cluster, endpoint, tmp_path):
+    """A kernel killed mid-stage leaves its Job running: the study's teardown deletes it with the layers."""
+    s = job_study("workloads.latency.in_cluster.start_delay_s=30")
+    platform = KubernetesPlatform(s)
+    with JobController(cluster.kube, NS, cluster.emulator, endpoint.url, scenario="image_pull"):
+        for obj in render_load_job(s, "raw", plan_for(s)):
+            cluster.kube.apply(obj)
+        assert sorted(platform.teardown(["raw"])) == ["ConfigMap/qwen-cluster-raw-load", "Job/qwen-cluster-raw-load"]
+        assert leftovers(cluster.kube) == []

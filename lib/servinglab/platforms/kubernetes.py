@@ -44,8 +44,9 @@ PHASES = {"scheduled": "scheduling_s", "image_pulled": "image_pull_s", "started"
 # Kinds a controller may create from a layer, listed by "what you write vs what the platform creates".
 OWNED_KINDS = ("Deployment", "ReplicaSet", "Service", "HorizontalPodAutoscaler", "HTTPRoute", "Pod")
 # What the platform may create per layer, deleted by label at teardown (in this order).
-TEARDOWN_KINDS = ("LLMInferenceService", "InferenceService", "ServingRuntime", "Deployment", "Service",
-                  "PersistentVolumeClaim")  # fmt: skip
+# An in-cluster load Job (and its plan) goes first: a client left running would load the next study.
+TEARDOWN_KINDS = ("Job", "ConfigMap", "LLMInferenceService", "InferenceService", "ServingRuntime", "Deployment",
+                  "Service", "PersistentVolumeClaim")  # fmt: skip
 
 
 class LayerNotReadyError(PlatformError):
