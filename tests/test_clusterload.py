@@ -432,5 +432,27 @@ def test_teardown_removes_a_load_job_left_behind(cluster, endpoint, tmp_path):
     with JobController(cluster.kube, NS, cluster.emulator, endpoint.url, scenario="image_pull"):
         for obj in render_load_job(s, "raw", plan_for(s)):
             cluster.kube.apply(obj)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (
+            len(pods := cluster.kube.list("v1", "Pod", NS)) == 3 and all((p.get("status") or {}).get("containerStatuses")
+                                                                       for p in pods)):  # fmt: skip
+            time.sleep(0.05)  # until the Job's pods are stuck pulling, as a left-behind Job's would be
         assert sorted(platform.teardown(["raw"])) == ["ConfigMap/qwen-cluster-raw-load", "Job/qwen-cluster-raw-load"]
         assert leftovers(cluster.kube) == []
+
+
+def test_a_refused_job_is_named_and_its_plan_deleted(cluster, tmp_path, monkeypatch):
+    from kubernetes.client.exceptions import ApiException
+
+    apply = Kube.apply
+
+    def forbid_jobs(self, obj, dry_run=False):  # an RBAC role that may create ConfigMaps but not Jobs
+        if obj["kind"] == "Job":
+            raise ApiException(status=403, reason="Forbidden")
+        return apply(self, obj, dry_run)
+
+    monkeypatch.setattr(Kube, "apply", forbid_jobs)
+    s = job_study()
+    with pytest.raises(LoadJobError, match=r"layers.raw: stage c=4: the cluster refused Job/qwen-cluster-raw-load: Forbidden"):
+        run_in_cluster_stage(s, KubernetesPlatform(s), "raw", PLAN, tmp_path, specs(4), [], StageSpec(max_concurrency=4))
+    assert leftovers(cluster.kube) == []  # the plan went too

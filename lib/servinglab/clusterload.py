@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
 import numpy as np
+from kubernetes.client.exceptions import ApiException
 
 from . import results
 from .bench import REQUESTS_TABLE, STAGES_TABLE
@@ -498,11 +499,22 @@ def _pod_index(pod: dict[str, Any]) -> int | None:
     return int(value) if value is not None and str(value).isdigit() else None
 
 
+def _refused(exc: ApiException) -> str:
+    try:
+        return json.loads(exc.body or "{}").get("message") or str(exc.reason)
+    except (ValueError, AttributeError):
+        return str(exc.reason)
+
+
 def _delete(platform, name: str) -> None:  # noqa: ANN001 - a KubernetesPlatform
     """Delete the Job (its pods with it) and the ConfigMap, and wait until the Job is gone."""
     kube, namespace = platform.kube, platform.namespace
-    kube.delete("batch/v1", "Job", namespace, name)
-    kube.delete("v1", "ConfigMap", namespace, name)
+    try:
+        kube.delete("batch/v1", "Job", namespace, name)
+        kube.delete("v1", "ConfigMap", namespace, name)
+    except ApiException as exc:
+        raise PlatformError(f"cannot delete the load Job {name} in namespace {namespace}: {_refused(exc)} "
+                            "(in-cluster load needs the rights to create and delete Jobs and ConfigMaps)") from None  # fmt: skip
     deadline = time.monotonic() + DELETE_WAIT_S
     while kube.get("batch/v1", "Job", namespace, name) is not None:
         if time.monotonic() > deadline:
@@ -689,7 +701,11 @@ def run_in_cluster_stage(
 
             applied = time.time()
             for obj in objects:
-                platform.kube.apply(obj)
+                try:
+                    platform.kube.apply(obj)
+                except ApiException as exc:
+                    raise LoadJobError(f"layers.{layer}: stage {plan['stage']}: the cluster refused {obj['kind']}/{name}: "
+                                       f"{_refused(exc)}") from None  # fmt: skip
             failure = _wait_for_job(platform, name, load_labels(study, layer), applied, client.timeout_s,
                                     (start_at - WINDOW_LEAD_S, open_window))  # fmt: skip
             open_window()
