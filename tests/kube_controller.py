@@ -619,7 +619,7 @@ class Controller:
             status["url"] = f"http://{self._host(workload)}"
             status["address"] = {"url": f"http://{name}-predictor.{self.namespace}.svc.cluster.local"}
             component: dict[str, Any] = {"url": f"http://{name}-predictor.{self.namespace}.svc.cluster.local"}
-            if percents:
+            if percents:  # Standard mode has no revisions: the entries name the predictors' Deployments
                 component["traffic"] = [{"revisionName": s, "percent": p, "latestRevision": s != f"{name}-predictor",
                                          "tag": "canary" if s != f"{name}-predictor" else "default"} for s, p in route]  # fmt: skip
             else:

@@ -51,6 +51,8 @@ ENGINE_CONTAINERS = ("vllm", "kserve-container", "main")
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "upgrade", "te", "trailer",
               "proxy-connection"}  # fmt: skip
 WORDS = ("the", "model", "answers", "with", "a", "few", "plain", "words", "and", "then", "stops")
+BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
+HISTOGRAMS = ("vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds", "vllm:e2e_request_latency_seconds")
 
 
 # --- what a pod runs ---------------------------------------------------------------------------------
@@ -151,6 +153,7 @@ class PodServer:
         self.port = 0
         self.running = 0
         self.totals = Counter()  # request_success, prompt_tokens, generation_tokens
+        self.histograms = {name: [0] * len(BUCKETS_S) + [0.0, 0] for name in HISTOGRAMS}  # buckets…, sum, count
         self._open: set[asyncio.Transport] = set()  # connections with a request being answered
 
     def model(self, body: dict[str, Any]) -> str:
@@ -209,12 +212,17 @@ class PodServer:
             "# TYPE vllm:num_requests_running gauge", f"vllm:num_requests_running{{{label}}} {self.running}",
             "# TYPE vllm:num_requests_waiting gauge", f"vllm:num_requests_waiting{{{label}}} 0",
             "# TYPE vllm:kv_cache_usage_perc gauge", f"vllm:kv_cache_usage_perc{{{label}}} 0.0",
-            "# TYPE vllm:prompt_tokens counter", f"vllm:prompt_tokens_total{{{label}}} {self.totals['prompt_tokens']}",
-            "# TYPE vllm:generation_tokens counter",
+            "# TYPE vllm:prompt_tokens_total counter", f"vllm:prompt_tokens_total{{{label}}} {self.totals['prompt_tokens']}",
+            "# TYPE vllm:generation_tokens_total counter",
             f"vllm:generation_tokens_total{{{label}}} {self.totals['generation_tokens']}",
-            "# TYPE vllm:request_success counter",
+            "# TYPE vllm:request_success_total counter",
             f'vllm:request_success_total{{finished_reason="length",{label}}} {self.totals["request_success"]}',
         ]  # fmt: skip
+        for name, values in self.histograms.items():
+            lines.append(f"# TYPE {name} histogram")
+            for bound, count in zip(BUCKETS_S, values):
+                lines.append(f'{name}_bucket{{le="{"+Inf" if bound == float("inf") else bound}",{label}}} {count}')
+            lines += [f"{name}_sum{{{label}}} {values[-2]}", f"{name}_count{{{label}}} {values[-1]}"]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
@@ -232,14 +240,16 @@ class PodServer:
         base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model,
                 "system_fingerprint": f"vllm-{self.version}-{self.revision[-5:]}"}  # fmt: skip
         words = [f" {WORDS[i % len(WORDS)]}" for i in range(n)]
+        started = time.perf_counter()
         self.running += 1
         try:
             if not body.get("stream"):
                 await asyncio.sleep(delay * n)
+                self._observe("vllm:time_to_first_token_seconds", time.perf_counter() - started)
                 text = "".join(words).strip()
                 choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
                           if chat else {"index": 0, "text": text, "finish_reason": "length"})  # fmt: skip
-                self._done(prompt_tokens, n)
+                self._done(prompt_tokens, n, started)
                 return web.json_response({**base, "object": "chat.completion" if chat else "text_completion",
                                           "choices": [choice], "usage": self._usage(prompt_tokens, n)})  # fmt: skip
             options = body.get("stream_options") or {}
@@ -257,9 +267,14 @@ class PodServer:
             if chat:  # vLLM's role-only first chunk, sent with the first token's
                 await response.write(event([{"index": 0, "delta": {"role": "assistant", "content": ""},
                                              "logprobs": None, "finish_reason": None}], 0))  # fmt: skip
+            previous = time.perf_counter()
+            self._observe("vllm:time_to_first_token_seconds", previous - started)
             for i, word in enumerate(words):
                 if i:
                     await asyncio.sleep(delay)
+                    now = time.perf_counter()
+                    self._observe("vllm:inter_token_latency_seconds", now - previous)
+                    previous = now
                 last = "length" if i == n - 1 else None
                 choice = ({"index": 0, "delta": {"content": word}, "logprobs": None, "finish_reason": last} if chat
                           else {"index": 0, "text": word, "logprobs": None, "finish_reason": last})  # fmt: skip
@@ -268,17 +283,26 @@ class PodServer:
                 await response.write(event([], n))
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
-            self._done(prompt_tokens, n)
+            self._done(prompt_tokens, n, started)
             return response
         finally:
             self.running -= 1
+
+    def _observe(self, name: str, seconds: float) -> None:
+        values = self.histograms[name]
+        for i, bound in enumerate(BUCKETS_S):
+            if seconds <= bound:
+                values[i] += 1
+        values[-2] += seconds
+        values[-1] += 1
 
     @staticmethod
     def _usage(prompt_tokens: int, tokens: int) -> dict[str, int]:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens}
 
-    def _done(self, prompt_tokens: int, tokens: int) -> None:
+    def _done(self, prompt_tokens: int, tokens: int, started: float) -> None:
         self.totals.update(request_success=1, prompt_tokens=prompt_tokens, generation_tokens=tokens)
+        self._observe("vllm:e2e_request_latency_seconds", time.perf_counter() - started)
 
 
 # --- the network -----------------------------------------------------------------------------------
@@ -362,7 +386,8 @@ class Network:
             await server.start()
             self.servers[server.pod_name] = server
 
-        asyncio.run_coroutine_threadsafe(start(), self._loop).result(10)
+        if self._loop.is_running():  # a controller step finishing after the network closed starts nothing
+            asyncio.run_coroutine_threadsafe(start(), self._loop).result(10)
 
     def pod_gone(self, pod_name: str) -> None:
         """Stop the pod's server (nothing happens for a pod that had none); returns once it is down."""
@@ -372,7 +397,7 @@ class Network:
             if server is not None:
                 await server.stop()
 
-        if self._thread.is_alive():
+        if self._loop.is_running():
             asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
 
     def count(self, server: PodServer, model: str) -> None:

@@ -16,12 +16,15 @@ import time
 from pathlib import Path
 
 import httpx
+import jsonschema
 import pytest
 from kube_emulator import EmulatedCluster, install_serving_stack
 from kube_network import EmulatedServing, engine_argv, served_names
 
+from servinglab import servermetrics
 from servinglab.config import load_study
 from servinglab.layers import Canary
+from servinglab.layers.validate import bundled_crd_schemas, unknown_fields
 from servinglab.platforms import get_platform
 from servinglab.platforms.kube import Kube, conditions, load_api_client
 from servinglab.platforms.kubernetes import KubernetesPlatform, LayerNotReadyError
@@ -129,6 +132,13 @@ def predictor_status(platform: KubernetesPlatform, layer: str) -> dict:
     return top(platform, layer)["status"]["components"]["predictor"]
 
 
+def assert_status_follows_the_crd(obj: dict) -> None:
+    """The status the test controller wrote uses the CRD's field names only (what the real controller writes)."""
+    schema = bundled_crd_schemas()[(obj["apiVersion"], obj["kind"])]["properties"]["status"]
+    jsonschema.validate(obj["status"], schema)
+    assert list(unknown_fields(obj["status"], schema)) == []
+
+
 def test_served_name_is_the_first_value_of_the_last_flag():
     assert served_names(["vllm", "serve", "/m", "--served-model-name", "a:v2", "a", "--port", "8000"]) == ["a:v2", "a"]
     assert served_names(["--served-model-name", "a", "--served-model-name=b"]) == ["b"]
@@ -215,6 +225,7 @@ def test_knative_canary_splits_traffic_and_reports_it(cluster, tmp_path):
         assert status["latestRolledoutRevision"] == f"{name}-predictor-00001"
         revisions = {p["metadata"]["labels"]["serving.knative.dev/revision"] for p in platform.pods("kserve-knative")}
         assert revisions == {f"{name}-predictor-00001", f"{name}-predictor-00002"}  # both revisions keep pods
+        assert_status_follows_the_crd(top(platform, "kserve-knative"))
 
         endpoint = platform.endpoint("kserve-knative")
         with httpx.Client(trust_env=False, timeout=10) as client:
@@ -272,6 +283,7 @@ def test_standard_mode_canary_predictor_takes_its_share(cluster, tmp_path):
         assert [(t["revisionName"], t["percent"]) for t in status["components"]["predictor"]["traffic"]] == [
             (f"{name}-predictor", 70), (f"{name}-predictor-canary", 30)]
         assert status["canaryStatuses"] == [{"name": f"{name}-predictor-canary", "trafficPercent": 30, "ready": True}]
+        assert_status_follows_the_crd(top(platform, "kserve-standard"))
         assert len(ready_pods(platform, "kserve-standard")) == 2
         endpoint = platform.endpoint("kserve-standard")
         with httpx.Client(trust_env=False, timeout=10) as client:
@@ -386,5 +398,9 @@ def test_gateway_routes_by_host_and_costs_its_overhead(cluster, tmp_path, monkey
             assert [m["id"] for m in models["data"]] == [SERVED]
             unknown = client.get(f"{gateway.base_url}/models", headers={"Host": "nobody.servinglab.example.com"})
             assert unknown.status_code == 404
+            scraped = servermetrics.parse(client.get(f"{direct.base_url.removesuffix('/v1')}/metrics").text)
+        assert scraped["vllm:generation_tokens"] == 40 * 3 and scraped["vllm:e2e_request_latency_seconds"]["count"] == 40
+        assert scraped["vllm:inter_token_latency_seconds"]["count"] == 40 * 2
+        assert_status_follows_the_crd(top(platform, "llm-d"))
         median = {k: sorted(v)[len(v) // 2] for k, v in timings.items()}
         assert median["gateway"] - median["direct"] >= 0.010
