@@ -846,8 +846,18 @@ class Controller:
                         owners.add(obj["metadata"]["uid"])
                         if kind == "Pod" and self.network is not None:
                             self.network.pod_gone(obj["metadata"]["name"])
-                        self.kube.delete(api_version, kind, self.namespace, obj["metadata"]["name"])
+                        self._delete_dependent(api_version, kind, obj["metadata"]["name"])
                         grew = True
+
+    def _delete_dependent(self, api_version: str, kind: str, name: str) -> None:
+        """Deleted at once, not held by a foregroundDeletion finalizer nobody would release: the collector
+        itself removes the dependents' own dependents."""
+        try:
+            self.kube.request("DELETE", object_path(api_version, kind, self.namespace, name),
+                              body={"propagationPolicy": "Background"}).read()  # fmt: skip
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
 
     def _pod_event(self, event: Any) -> None:
         """A pod deleted by someone else: its containers stop (the kubelet's part)."""

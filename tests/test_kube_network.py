@@ -404,3 +404,17 @@ def test_gateway_routes_by_host_and_costs_its_overhead(cluster, tmp_path, monkey
         assert_status_follows_the_crd(top(platform, "llm-d"))
         median = {k: sorted(v)[len(v) // 2] for k, v in timings.items()}
         assert median["gateway"] - median["direct"] >= 0.010
+
+
+def test_a_layer_deployed_again_after_teardown_owns_all_its_pods(cluster, tmp_path):
+    """The garbage collector removes every dependent for good, so a namesake deployed next owns its pods."""
+    with EmulatedServing(cluster.kube, NS, step_s=0.02) as serving:
+        platform = platform_for(serving)
+        for _ in range(3):
+            platform.ensure("raw", str(tmp_path))
+            platform.teardown(["raw"])
+        assert cluster.kube.list("v1", "Pod", NS) == [] and cluster.kube.list("apps/v1", "ReplicaSet", NS) == []
+        platform.ensure("raw", str(tmp_path))
+        platform.scale("raw", 0)
+        platform.wait_for_pods("raw", 0, timeout_s=10)
+        assert not serving.controller.errors
