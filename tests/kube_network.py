@@ -285,6 +285,8 @@ class PodServer:
             await response.write_eof()
             self._done(prompt_tokens, n, started)
             return response
+        except ConnectionResetError:  # the client, the gateway or the pod's end cut the stream
+            return response
         finally:
             self.running -= 1
 
