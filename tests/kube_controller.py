@@ -96,7 +96,7 @@ class Revision:
     template: dict[str, Any]  # {"labels": ..., "containers": [...]}
     template_hash: str
     owner: dict[str, Any]  # the object its pods are owned by
-    first: bool  # the workload's first revision of this service (a canary never is)
+    first: bool  # the workload's first template of this service, or a rollback to it (a canary never is)
     canary: bool = False
     min_replicas: int = 1  # Knative: 0 lets the revision scale to zero
     pods: dict[str, bool] = field(default_factory=dict)  # pod name → ready
@@ -682,7 +682,9 @@ class Controller:
             deployment = self._make(workload, "apps/v1", "Deployment", f"{revision_name}-deployment", top, {"replicas": 1})
             owner = self._make(workload, "apps/v1", "ReplicaSet", f"{revision_name}-deployment-{_digest(template)[:10]}",
                                deployment, {"replicas": 1})  # fmt: skip
-            revision = Revision(revision_name, revision_name, template, _digest(body), owner, first=latest is None,
+            # A rollback to the first template is a new Knative revision, but of the first (working) spec.
+            first = latest is None or any(r.first and r.template_hash == _digest(body) for r in workload.revisions)
+            revision = Revision(revision_name, revision_name, template, _digest(body), owner, first=first,
                                 min_replicas=int(body.get("minReplicas", 1)))  # fmt: skip
             with self._state:
                 workload.revisions.append(revision)

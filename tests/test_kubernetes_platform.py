@@ -200,7 +200,8 @@ def test_endpoint_paths(cluster, tmp_path):
     assert through_gateway.headers == {"Host": "qwen-cluster-kserve-knative.servinglab.example.com"}
     assert through_gateway.via.startswith("gateway ")
     raw = platform.endpoint("raw")  # no gateway in front of raw vLLM: a port-forward to its pod
-    assert raw.via == "port-forward to pod qwen-cluster-raw-1-pod:8000" and raw.base_url.startswith("http://127.0.0.1:")
+    assert raw.via == "port-forward to a ready pod of Deployment/qwen-cluster-raw (first qwen-cluster-raw-1-pod:8000)"
+    assert raw.base_url.startswith("http://127.0.0.1:")
     inside = get_platform(study("platform.endpoint=in-cluster")).endpoint("raw")
     assert inside.via == "in-cluster" and inside.base_url == "http://qwen-cluster-raw.servinglab.svc.cluster.local:8000/v1"
     with pytest.raises(PlatformError, match="not deployed and ready"):

@@ -230,7 +230,7 @@ def canary(trial: Trial) -> dict[str, Any]:
     platform.ensure(trial.layer, str(trial.run_dir), canary=split, keep_on_failure=True)
     canary_ready_s = round(time.time() - t0, 3)
     status_traffic = platform.traffic(trial.layer)
-    gateway = platform.paths(trial.layer)["gateway"]
+    gateway = platform.endpoint(trial.layer, via="gateway")
     sent = traffic.send_batch(gateway, trial.request(), s.canary_requests, 4, s.request_timeout_s, trial.sink,
                               trial.tags(phase="split"))  # fmt: skip
     answered_by = [r.get("model") if r.get("ok") else None for r in sent]
@@ -334,7 +334,7 @@ def _scale_by_hand(trial: Trial) -> dict[str, Any]:
 def _knative_scale_to_zero(trial: Trial) -> dict[str, Any]:
     """KServe in Knative mode with minReplicas 0: wait for zero pods, then let the activator wake it."""
     platform, layer = trial.platform, trial.layer
-    gateway = platform.paths(layer)["gateway"]
+    gateway = platform.endpoint(layer, via="gateway")
     warm = _warm(trial, gateway)
     last_end = max((r["ended_at_unix"] or r["sent_at_unix"]) for r in warm)
     waited = platform.wait_for_pods(layer, 0, trial.settings.scale_to_zero_timeout_s)
@@ -352,6 +352,9 @@ def _knative_scale_to_zero(trial: Trial) -> dict[str, Any]:
 def gateway_hop(trial: Trial) -> dict[str, Any]:
     """The same requests through the gateway and straight to the engine, interleaved, as pairs."""
     s = trial.settings
+    # Through the gateway first: a layer scaled to zero is woken, so the direct path has a pod to reach.
+    gateway = trial.platform.endpoint(trial.layer, via="gateway")
+    traffic.send_batch(gateway, trial.request(), 1, 1, s.request_timeout_s, trial.sink, trial.tags(phase="wake"))
     paths = trial.platform.paths(trial.layer)
     records = traffic.send_interleaved({"gateway": paths["gateway"], "direct": paths["direct"]}, trial.request(),
                                        s.hop_requests, s.request_timeout_s, trial.sink, trial.tags())  # fmt: skip

@@ -341,7 +341,7 @@ class KubernetesPlatform:
         if top["kind"] == "Deployment":
             available = conditions(top).get("Available", {}).get("status") == "True"
             fresh = status.get("observedGeneration", 0) >= top["metadata"].get("generation", 0)
-            want = top["spec"].get("replicas") or 1
+            want = top["spec"].get("replicas", 1)
             # kubectl's rollout rule: every replica updated and available, no old one left.
             rolled = (status.get("updatedReplicas", want) >= want and status.get("replicas", want) <= want
                       and (status.get("availableReplicas") or status.get("readyReplicas") or 0) >= want)  # fmt: skip
@@ -534,7 +534,11 @@ class KubernetesPlatform:
             return Endpoint(layer_name, url, served, key, headers=headers, via=f"gateway {url}")
         forward = self._forwards.get(layer_name)
         if forward is None:
-            pod, port = self.port_forward_target(layer_name)
+            try:
+                pod, port = self.port_forward_target(layer_name)
+                first = f"first {pod}:{port}"
+            except PlatformError:  # ready with no pod: scaled to zero; a request finds the pod woken later
+                first = "none ready now"
 
             def connect() -> socket.socket:
                 # Each connection goes to a ready pod found now, as a Service would send it: the forward
@@ -542,8 +546,8 @@ class KubernetesPlatform:
                 target = self.port_forward_target(layer_name)
                 return self.pod_connector(*target)()
 
-            forward = PortForward(connect, f"a ready pod of {self._top_ref(layer_name)[1]}/{self._top_ref(layer_name)[3]} "
-                                  f"(first {pod}:{port})")  # fmt: skip
+            _, kind, _, name = self._top_ref(layer_name)
+            forward = PortForward(connect, f"a ready pod of {kind}/{name} ({first})")
             self._forwards[layer_name] = forward
         if self.study.layers[layer_name].kind == "llm-d":
             # The workload serves TLS with a certificate of its own; the tunnel itself is authenticated by the
