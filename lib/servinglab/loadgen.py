@@ -210,6 +210,10 @@ async def send_one(client: openai.AsyncOpenAI, target: Target, spec: RequestSpec
         error_kind, error = _error_kind(exc), str(exc)[:300]
         if isinstance(exc, openai.APIStatusError):
             status = exc.status_code
+        elapsed_s = (time.perf_counter_ns() - sent_ns) / NS
+        if error_kind == "timeout" and elapsed_s < 0.9 * target.request_timeout_s:
+            # The aiohttp transport reports a connection closed before any answer as a timeout too.
+            error_kind = "connection_error"
     if error_kind is None and not done:
         error_kind, error = "disconnect", "the stream ended without [DONE]"
     token_ns, usage = clock.token_ns, clock.usage
