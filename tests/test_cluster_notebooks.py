@@ -67,3 +67,61 @@ def test_preflight_deploy_and_smoke_notebooks_on_a_cluster_study(engine, tmp_pat
         assert left == []
         executed = json.loads((run_dir / "notebooks" / "20_smoke.ipynb").read_text())
         assert "gateway" in json.dumps(executed["cells"])  # the notebook says which path the requests took
+
+
+@pytest.mark.timeout(600)
+def test_lifecycle_notebook_runs_every_experiment_on_a_cluster_study(tmp_path, monkeypatch):
+    """40_lifecycle, unchanged, through `servinglab run`: every experiment on every layer that has it.
+
+    The controllers and the gateway are the test side's (tests/kube_network.py); the notebook's kernel
+    reaches pods through a relay that stands in for the API server's port-forward.
+    """
+    from forward_relay import ENV, Relay
+    from kube_network import EmulatedServing
+
+    monkeypatch.delenv("SERVINGLAB_OVERRIDES", raising=False)
+    with EmulatedCluster() as cluster:
+        kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig")
+        kube = Kube(load_api_client(kubeconfig))
+        install_serving_stack(kube)
+        with EmulatedServing(kube, "servinglab", step_s=0.05, idle_s=0.5, gateway_overhead_ms=5.0) as serving:
+            relay = Relay(serving.connect)
+            study_file = tmp_path / "cluster.yaml"
+            study_file.write_text(yaml.safe_dump({
+                "study": "emulated",
+                "platform": {"kind": "kubernetes", "namespace": "servinglab", "create_namespace": True,
+                             "ready_timeout_s": 30, "endpoint": "gateway", "gateway_address": serving.gateway_address},
+                "model": {"name": "qwen", "served_name": "qwen2.5-0.5b", "source": {"kind": "uri", "uri": "pvc://models/q"}},
+                "layers": {"raw": {"kind": "raw-vllm"}, "kserve-knative": {"kind": "kserve", "mode": "Knative", "min_replicas": 0},
+                           "kserve-standard": {"kind": "kserve", "mode": "Standard"}, "llm-d": {"kind": "llm-d"}},
+                "workloads": {"lifecycle": {"repeats": 2, "baseline_s": 0.6, "steady_rate": 20, "canary_requests": 200,
+                                            "hop_requests": 20, "warm_requests": 3, "scale_to_zero_timeout_s": 30}},
+                "costs": {"gpu_hourly": 0.7},
+                "run": {"notebooks": ["00_preflight", "10_deploy", "40_lifecycle"]},
+                "paths": {"runs_dir": str(tmp_path / "runs"), "reports_dir": str(tmp_path / "reports"),
+                          "cache_dir": str(tmp_path / "cache")},
+            }, sort_keys=False))  # fmt: skip
+            try:
+                done = run_cli("run", str(study_file), "--no-progress", timeout=540, extra_env={
+                    "KUBECONFIG": kubeconfig, ENV: relay.address,
+                    "PYTHONPATH": str(relay.site_folder(tmp_path / "site"))})  # fmt: skip
+            finally:
+                relay.close()
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        run_dir = (tmp_path / "runs" / "emulated" / "latest").resolve()
+        outcomes = [json.loads(line) for line in (run_dir / "data" / "lifecycle.jsonl").read_text().splitlines()]
+        measured = {(r["layer"], r["experiment"]) for r in outcomes if r["status"] == "measured"}
+        assert measured == {
+            *((layer, e) for layer in ("raw", "kserve-knative", "kserve-standard", "llm-d")
+              for e in ("time_to_ready", "model_update")),
+            ("kserve-knative", "canary"), ("kserve-standard", "canary"),
+            ("kserve-knative", "scale_to_zero"), ("raw", "scale_to_zero"),
+            ("kserve-knative", "gateway_hop"), ("kserve-standard", "gateway_hop"), ("llm-d", "gateway_hop"),
+        }  # fmt: skip
+        assert all(r["status"] == "unsupported" and r["reason"] for r in outcomes if (r["layer"], r["experiment"]) not in measured)
+        executed = json.dumps(json.loads((run_dir / "notebooks" / "40_lifecycle.ipynb").read_text())["cells"])
+        assert "requested 20 %, observed" in executed and "gateway adds" in executed  # the outcomes table
+        assert "cost_per_1k_requests" not in executed  # no latency stage in this batch: no load-point cost
+        assert "idle_cost_per_month" in executed
+        # The batch tore everything down.
+        assert kube.list("apps/v1", "Deployment", "servinglab", {MANAGED_BY: "servinglab"}) == []
