@@ -96,9 +96,23 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--run-dir", required=True, help="runs/<study>/<run-id>")
     imp.add_argument("--layer", default="imported", help="the layer the results belong to")
 
-    report = sub.add_parser("report", help="render a run directory into reports/ (no re-run, no cluster)")
-    report.add_argument("run_dir", help="runs/<study>/<run-id>")
-    report.add_argument("--out", help="reports folder (default: the study's paths.reports_dir)")
+    report = sub.add_parser(
+        "report",
+        help="render a run directory into reports/ (no re-run, no cluster); several: one page comparing them",
+    )
+    report.add_argument(
+        "run_dirs", nargs="+", metavar="RUN_DIR",
+        help="runs/<study>/<run-id>; with two or more, the first is the baseline the others are compared with",
+    )  # fmt: skip
+    report.add_argument("--out", help="reports folder (default: the (first) study's paths.reports_dir)")
+
+    export = sub.add_parser("export", help="write a run's results in another tool's format")
+    export.add_argument(
+        "format", choices=["llmd-benchmark"],
+        help="llmd-benchmark: one llm-d-benchmark Benchmark Report v0.2 (YAML) per layer and load point",
+    )  # fmt: skip
+    export.add_argument("run_dir", help="runs/<study>/<run-id>")
+    export.add_argument("--out", metavar="DIR", help="folder (default: <reports_dir>/llmd-benchmark/<study>-<run-id>)")
     return parser
 
 
@@ -194,9 +208,28 @@ def _build_model(args) -> int:
 
 
 def _report(args) -> int:
-    from .report import publish
+    from .results import read_context
 
-    print(publish(Path(args.run_dir), args.out))
+    if len(args.run_dirs) == 1:
+        from .report import publish
+
+        print(publish(Path(args.run_dirs[0]), args.out))
+        return 0
+    from .report.compare import publish_comparison
+
+    path = publish_comparison([Path(d) for d in args.run_dirs], args.out)
+    studies = sorted({read_context(d)["study"] for d in args.run_dirs})
+    if len(studies) > 1:
+        print(f"note: the runs come from different studies ({', '.join(studies)}); the page says so", file=sys.stderr)
+    print(path)
+    return 0
+
+
+def _export(args) -> int:
+    from .report.export import export_llmd_benchmark
+
+    for path in export_llmd_benchmark(Path(args.run_dir), args.out):
+        print(path)
     return 0
 
 
@@ -243,7 +276,8 @@ def _import(args) -> int:
 
 
 COMMANDS = {"run": _run, "check": _check, "teardown": _teardown, "status": _status,
-            "build-model": _build_model, "bench": _bench, "import": _import, "report": _report, "render": _render,
+            "build-model": _build_model, "bench": _bench, "import": _import, "report": _report, "export": _export,
+            "render": _render,
             "loadgen-worker": _loadgen_worker}  # fmt: skip
 
 

@@ -96,7 +96,8 @@ def render_html(run_dir: str | os.PathLike) -> str:
         undefined=jinja2.ChainableUndefined,
         keep_trailing_newline=True,
     )
-    env.globals["fmt"] = lambda v: "–" if v is None else f"{v:.1f}"
+    # A value a stage does not hold (an imported result has no server side) reads as missing, not as an error.
+    env.globals["fmt"] = lambda v: "–" if v is None or isinstance(v, jinja2.Undefined) else f"{v:.1f}"
     data_files = sorted(str(p.relative_to(run.run_dir)) for p in (run.run_dir / "data").glob("*.jsonl"))
     return env.get_template("report.html.j2").render(
         version=__version__,
@@ -131,12 +132,20 @@ def _write_if_changed(path: Path, text: str) -> None:
         tmp.replace(path)
 
 
+# A comparison's file name holds a run id followed by "-vs-"; a study name (lowercase) never does.
+COMPARISON_NAME = re.compile(r"^compare-.*\d{8}T\d{6}Z(?:-\d+)?-vs-.*\.html$")
+
+
 def write_index(reports_dir: Path) -> Path:
-    """``reports/index.html``: every published report, newest first per study."""
-    entries = sorted(
-        (p.name for p in reports_dir.glob("*.html") if p.name != "index.html"), reverse=True
-    )
+    """``reports/index.html``: every published report, newest first per study, then the comparisons."""
+    names = sorted((p.name for p in reports_dir.glob("*.html") if p.name != "index.html"), reverse=True)
+    entries = [n for n in names if not COMPARISON_NAME.match(n)]
+    comparisons = [n for n in names if COMPARISON_NAME.match(n)]
     items = "\n".join(f'<li><a href="{name}">{name.removesuffix(".html")}</a></li>' for name in entries)
+    if comparisons:
+        items += "\n</ul><h2>Comparisons</h2><ul>\n" + "\n".join(
+            f'<li><a href="{name}">{name.removesuffix(".html")}</a></li>' for name in comparisons
+        )
     html = (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
@@ -149,6 +158,17 @@ def write_index(reports_dir: Path) -> Path:
     path = reports_dir / "index.html"
     _write_if_changed(path, html)
     return path
+
+
+def reports_dir_of(run: RunData, reports_dir: str | os.PathLike | None = None) -> Path:
+    """``reports_dir`` when given, else the run's study's ``paths.reports_dir`` resolved from its project."""
+    if reports_dir is not None:
+        return Path(reports_dir)
+    project = run.context.get("project_dir")
+    configured = run.params.get("paths", {}).get("reports_dir", "reports")
+    if not project and not Path(configured).is_absolute():
+        raise RunDirError(f"{run.run_dir}: run.json has no project_dir; pass reports_dir")
+    return Path(project or "/") / os.path.expanduser(configured)
 
 
 def publish(run_dir: str | os.PathLike, reports_dir: str | os.PathLike | None = None) -> Path:
@@ -164,13 +184,7 @@ def publish(run_dir: str | os.PathLike, reports_dir: str | os.PathLike | None = 
     Returns the path of the run's report.
     """
     run = load_run(run_dir)
-    if reports_dir is None:
-        project = run.context.get("project_dir")
-        configured = run.params.get("paths", {}).get("reports_dir", "reports")
-        if not project and not Path(configured).is_absolute():
-            raise RunDirError(f"{run_dir}: run.json has no project_dir; pass reports_dir")
-        reports_dir = Path(project or "/") / os.path.expanduser(configured)
-    reports_dir = Path(reports_dir)
+    reports_dir = reports_dir_of(run, reports_dir)
     reports_dir.mkdir(parents=True, exist_ok=True)
     html = render_html(run_dir)
     path = reports_dir / f"{run.study}-{run.run_id}.html"

