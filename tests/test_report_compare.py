@@ -58,6 +58,7 @@ def make_run(root: Path, run_id: str, *, study: str = "ci", ttft: float = 10.0, 
     """A finished run of the ci study on the local platform, with two closed-loop stages and lifecycle records."""
     params = load_study(PARAMS / "ci.yaml").resolved()
     params["study"] = study
+    params["paths"]["reports_dir"] = "reports"  # beside the run, under the test's own folder
     if input_len:
         params["workloads"]["latency"]["input_len"] = input_len
     run = root / "runs" / study / run_id
