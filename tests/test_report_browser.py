@@ -70,3 +70,29 @@ def test_table_and_figure_render(browser, tmp_path, width, height):
     assert image.width == width and image.height > height
     assert MEASURED_BACKGROUND in {c for _, c in image.getcolors(maxcolors=1 << 20)}
     page.close()
+
+
+def test_comparison_renders_at_phone_width(browser, tmp_path):
+    from test_report_compare import make_run as make_compared_run
+
+    from servinglab.report.compare import publish_comparison
+
+    runs = [make_compared_run(tmp_path, "20261126T000000Z"),
+            make_compared_run(tmp_path, "20261127T000000Z", ttft=11.0, version="0.33.0")]  # fmt: skip
+    published = publish_comparison(runs, tmp_path / "reports")
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    requests = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(published.as_uri())
+    page.wait_for_load_state("load")
+
+    assert page.locator("#run-context tr.differs").count() == 2  # engine version and fingerprint
+    ttft = page.locator('#latency-table-raw tr[data-load="c=1"][data-metric="median_ttft_ms"]')
+    assert ttft.is_visible() and "+10.0 %" in ttft.inner_text()
+    box = page.locator("#fig-compare-latency-throughput svg").bounding_box()
+    assert box and 200 < box["width"] <= 390 and box["height"] > 50
+    scroll_width, inner_width = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+    assert scroll_width <= inner_width  # wide tables scroll inside their own box
+    assert requests == [published.as_uri()]
+    page.screenshot(path=str(tmp_path / "compare-390.png"), full_page=True)
+    page.close()
