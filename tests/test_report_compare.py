@@ -88,13 +88,19 @@ def make_run(root: Path, run_id: str, *, study: str = "ci", ttft: float = 10.0, 
             results.append_records(run, "latency_requests", records)
             results.append_records(run, "latency_stages", [s])
     if lifecycle:
+        phases = {"interpreter_and_import_s": 6.0, "engine_init_s": 22.0, "api_server_up_s": 1.0, "model_listed_s": 0.0}
+        common = {"layer": "raw", "kind": "raw-vllm", "platform": "local", "status": "measured", "reason": None,
+                  "settled": None, "started_at_unix": 1_795_000_100.0, "ended_at_unix": 1_795_000_200.0}  # fmt: skip
+        cold_start_s = 36.0 if ttft == 10.0 else 45.0
         results.append_records(run, "lifecycle", [
-            {"layer": "raw", "experiment": "time_to_ready", "trial": t, "status": "measured",
-             "measurements": {"time_to_ready_s": 30.0 + 10 * t + (ttft - 10.0), "phases_s": {}, "teardown_s": 1.0}}
+            common | {"experiment": "time_to_ready", "trial": t, "measurements": {
+                "how": "teardown, then deploy from nothing", "phases_s": phases, "stopped": [], "teardown_s": 1.0,
+                "time_to_ready_s": 30.0 + 10 * t + (ttft - 10.0)}}
             for t in range(3)
-        ] + [{"layer": "raw", "experiment": "scale_to_zero", "trial": 0, "status": "measured",
-              "measurements": {"cold_start_s": 36.0 if ttft == 10.0 else 45.0, "time_to_zero_s": 1.0, "warm_ttft_ms_p50": 9.0,
-                               "how": "by hand"}}])  # fmt: skip
+        ] + [common | {"experiment": "scale_to_zero", "trial": 0, "measurements": {
+            "cold_phases_s": phases | {"first_token_s": 0.07}, "cold_request_e2el_ms": 120.0, "cold_request_ttft_ms": 68.0,
+            "cold_start_s": cold_start_s, "how": "by hand", "time_to_zero_s": 1.0, "via": "direct",
+            "warm_e2el_ms_p50": 33.0, "warm_requests": 3, "warm_ttft_ms_p50": 9.0}}])  # fmt: skip
     return run
 
 
