@@ -275,3 +275,22 @@ def test_cli_report_with_several_run_directories(two_runs, tmp_path):
     assert single.returncode == 0 and Path(single.stdout.strip()) == out / "ci-20261126T000000Z.html"
     bad = run_cli("report", str(two_runs[0]), str(tmp_path / "nope"), "--out", str(out), timeout=300)
     assert bad.returncode == 1 and f"{tmp_path / 'nope'}: no such directory" in bad.stderr
+
+
+def test_imported_results_keep_their_own_rows(two_runs, tmp_path):
+    from servinglab.bench import import_vllm_bench
+
+    saved = {"date": "20261127-120000", "completed": 10, "failed": 0, "duration": 1.5, "request_rate": "inf",
+             "max_concurrency": 1, "request_throughput": 6.0, "output_throughput": 800.0, "mean_ttft_ms": 9.0,
+             "median_ttft_ms": 9.5}  # fmt: skip
+    path = tmp_path / "vllm.json"
+    path.write_text(json.dumps(saved))
+    import_vllm_bench(path, two_runs[1], "raw")
+    rows = compare(two_runs).latency["raw"]
+    groups = list(dict.fromkeys(r.group for r in rows))
+    assert groups == ["c=1", "c=1 (vllm bench serve)", "c=4"]
+    ours = next(r for r in rows if r.group == "c=1" and r.metric.key == "median_ttft_ms")
+    assert ours.values[1].text == "11.0 ms"  # the import did not replace servinglab's own stage
+    imported = next(r for r in rows if r.group == "c=1 (vllm bench serve)" and r.metric.key == "median_ttft_ms")
+    assert [v.text for v in imported.values] == ["–", "9.5 ms"]
+    assert render_comparison_html(two_runs).count("<svg") == 1

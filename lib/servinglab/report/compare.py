@@ -187,11 +187,17 @@ def _stage_order(stage: dict[str, Any]) -> tuple:
     return (2, 0, stage["stage"])
 
 
+def _load_label(stage: dict[str, Any]) -> str:
+    """The load point's name; results another tool measured (an import) keep their own rows."""
+    source = stage.get("source") or "servinglab"
+    return stage["stage"] if source == "servinglab" else f"{stage['stage']} ({source})"
+
+
 def _stages_by_key(run: RunData) -> dict[tuple[str, str], dict[str, Any]]:
     """The stage to compare for each (layer, load point): the last one with completed requests."""
     out: dict[tuple[str, str], dict[str, Any]] = {}
     for stage in run.latency_stages:
-        key = (stage["layer"], stage["stage"])
+        key = (stage["layer"], _load_label(stage))
         if stage["summary"].get("completed") or key not in out:
             out[key] = stage
     return out
@@ -209,7 +215,7 @@ def _latency_rows(runs: list[RunData], notes: list[str]) -> dict[str, list[Metri
             layers.append(layer)
     out: dict[str, list[MetricRow]] = {}
     for layer in layers:
-        points = sorted((k for k in keys if k[0] == layer), key=lambda k: _stage_order(keys[k]))
+        points = sorted((k for k in keys if k[0] == layer), key=lambda k: (_stage_order(keys[k]), k[1]))
         rows: list[MetricRow] = []
         for key in points:
             first = len(rows)
@@ -220,13 +226,11 @@ def _latency_rows(runs: list[RunData], notes: list[str]) -> dict[str, list[Metri
                 notes.append(f"layer {layer} at {key[1]} was not measured in run {', '.join(absent)}")
             if empty:
                 notes.append(f"layer {layer} at {key[1]} completed no request in run {', '.join(empty)}")
-            sources = [(s or {}).get("source", "servinglab") if s else "" for s in stages]
-            labels = [f"by {src}" if src and src != "servinglab" else "" for src in sources]
             for metric in LATENCY_METRICS:
                 numbers = [(s["summary"].get(metric.key) if s and s["summary"].get("completed") else None) for s in stages]
                 if all(n is None for n in numbers):
                     continue
-                rows.append(MetricRow(key[1], metric, _values(numbers, metric, labels), span=0))
+                rows.append(MetricRow(key[1], metric, _values(numbers, metric), span=0))
             if len(rows) > first:
                 rows[first].span = len(rows) - first
         if rows:
@@ -392,7 +396,9 @@ def latency_throughput_svg(runs: list[RunData]) -> tuple[str | None, str]:
         by_layer: dict[str, list[dict[str, Any]]] = {}
         for stage in _stages_by_key(run).values():
             if stage.get("mode") == "closed" and stage["summary"].get("completed"):
-                by_layer.setdefault(stage["layer"], []).append(stage)
+                source = stage.get("source") or "servinglab"
+                name = stage["layer"] if source == "servinglab" else f"{stage['layer']} ({source})"
+                by_layer.setdefault(name, []).append(stage)
         for layer, stages in by_layer.items():
             stages.sort(key=lambda s: s.get("max_concurrency") or 0)
             if layer not in layers:
