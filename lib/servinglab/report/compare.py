@@ -265,7 +265,8 @@ def lifecycle_headlines(run: RunData, layer: str) -> dict[str, tuple[float, str]
         split = canary[-1]
         out["canary_observed_percent"] = (
             split["observed_percent"],
-            f"{split['requested_percent']:g} % requested, interval {split['ci_low_percent']:.1f}–{split['ci_high_percent']:.1f}",
+            f"{split['requested_percent']:g} % requested, "
+            f"interval {split['ci_low_percent']:.1f}–{split['ci_high_percent']:.1f}",
         )
     hop = [m["overhead_ttft_ms"] for m in of("gateway_hop") if m.get("overhead_ttft_ms")]
     if hop:
@@ -333,7 +334,8 @@ def _context_rows(runs: list[RunData]) -> list[ContextRow]:
         ("Fingerprint", lambda r: r.context.get("engine", {}).get("system_fingerprint") or "not seen"),
         ("Model", model),
         ("Server args", lambda r: " ".join(engine_command_args(r)) or "none recorded"),
-        ("Layers", lambda r: ", ".join(f"{n} ({KIND_TITLES.get(s.get('kind'), s.get('kind'))})" for n, s in r.layers.items())),
+        ("Layers", lambda r: ", ".join(f"{n} ({KIND_TITLES.get(s.get('kind'), s.get('kind'))})"
+                                        for n, s in r.layers.items())),
         ("Request shape", _request_shape),
         ("Load pattern", _load_pattern),
         ("Code", lambda r: f"git {git(r)} · servinglab {r.context.get('servinglab_version') or '?'}"),

@@ -203,7 +203,8 @@ def _stack(run: RunData, layer: str, stage: dict[str, Any]) -> list[dict[str, An
         "native": {"args": args} if args else {},
     }]  # fmt: skip
     if kind in ("kserve", "llm-d"):
-        controllers = [c for r in run.preflight for c in (r.get("facts", {}).get("cluster", {}) or {}).get("kserve_controllers", [])]
+        clusters = [r.get("facts", {}).get("cluster") or {} for r in run.preflight]
+        controllers = [c for cluster in clusters for c in cluster.get("kserve_controllers", [])]
         versions = sorted({c["version"] for c in controllers if c.get("version")})
         standardized = {"tool": "kserve" if kind == "kserve" else "llm-d", "tool_version": versions[-1] if versions else "unknown",
                         "resource": "InferenceService" if kind == "kserve" else "LLMInferenceService"}  # fmt: skip
@@ -271,7 +272,9 @@ def _aggregate(stage: dict[str, Any], records: list[dict[str, Any]] | None) -> d
         done = [r for r in records if r.get("ok")]
         failed = [r for r in records if not r.get("ok")]
         cancelled = [r for r in failed if r.get("error_kind") == "cancelled"]
-        requests: dict[str, Any] = {"total": len(records), "failures": len(failed) - len(cancelled), "incomplete": len(cancelled)}
+        requests: dict[str, Any] = {
+            "total": len(records), "failures": len(failed) - len(cancelled), "incomplete": len(cancelled),
+        }  # fmt: skip
         lengths = {
             "input_length": [r["prompt_tokens"] for r in done if r.get("prompt_tokens") is not None],
             "output_length": [r["output_tokens"] for r in done if r.get("output_tokens") is not None],
@@ -293,9 +296,8 @@ def _aggregate(stage: dict[str, Any], records: list[dict[str, Any]] | None) -> d
         duration = summary.get("duration") or 0
         input_tokens = sum(r.get("prompt_tokens") or 0 for r in done)
         output_tokens = sum(r.get("output_tokens") or 0 for r in done)
-        request_rate, input_rate, output_rate, total_rate = (
-            v / duration if duration > 0 else None for v in (len(done), input_tokens, output_tokens, input_tokens + output_tokens)
-        )
+        totals = (len(done), input_tokens, output_tokens, input_tokens + output_tokens)
+        request_rate, input_rate, output_rate, total_rate = (v / duration if duration > 0 else None for v in totals)
     else:
         completed, failed_count = summary.get("completed") or 0, summary.get("failed") or 0
         requests = {"total": completed + failed_count, "failures": failed_count}
@@ -311,7 +313,8 @@ def _aggregate(stage: dict[str, Any], records: list[dict[str, Any]] | None) -> d
         request_rate = summary.get("request_throughput")
         output_rate = summary.get("output_throughput")
         total_rate = summary.get("total_token_throughput")
-        input_rate = summary["total_input_tokens"] / duration if summary.get("total_input_tokens") is not None and duration else None
+        input_tokens = summary.get("total_input_tokens")
+        input_rate = input_tokens / duration if input_tokens is not None and duration else None
     throughput = {
         name: s for name, s in (
             ("input_token_rate", _rate(input_rate, "tokens/s")),

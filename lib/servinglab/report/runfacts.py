@@ -34,7 +34,8 @@ def accelerator(run: RunData) -> dict[str, Any]:
         if hardware.get("nodes") is not None:
             where += f", {hardware['nodes']} nodes, {hardware.get('allocatable_gpus', 0)} GPUs allocatable"
         if not gpus:
-            return {"model": "CPU", "count": 1, "gpu": False, "text": f"CPU only ({platform.get('cpu', '?')} CPUs a replica); {where}"}
+            text = f"CPU only ({platform.get('cpu', '?')} CPUs a replica); {where}"
+            return {"model": "CPU", "count": 1, "gpu": False, "text": text}
         name = product or resource
         return {"model": name, "count": gpus, "gpu": True, "text": f"{gpus} × {name} a replica; {where}"}
     cpu = hardware.get("cpu_model") or "unknown CPU"
