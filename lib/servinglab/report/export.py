@@ -243,6 +243,11 @@ def _load(run: RunData, stage: dict[str, Any], index: int) -> dict[str, Any]:
             "source": "sampled" if workload.get("prompts_file") else "random", "stage": index,
             "input_seq_len": {"distribution": "fixed", "value": workload.get("input_len") or 1},
         }  # fmt: skip
+        completed = summary.get("completed") or 0
+        if workload.get("prompts_file") and completed and summary.get("total_input_tokens"):
+            # Prompts from a file have their own lengths: the mean the server counted stands in for them.
+            mean_in = summary["total_input_tokens"] / completed
+            standardized["input_seq_len"] = {"distribution": "other", "value": max(1, round(mean_in))}
         if workload.get("ignore_eos") and workload.get("output_len"):
             standardized["output_seq_len"] = {"distribution": "fixed", "value": workload["output_len"]}
         plan = {k: stage.get(k) for k in ("stage", "mode", "max_concurrency", "request_rate", "num_prompts", "seed", "client")
@@ -252,7 +257,7 @@ def _load(run: RunData, stage: dict[str, Any], index: int) -> dict[str, Any]:
         description = (f"chat completions, streamed; {stage.get('mode')} loop"
                        f"{' at concurrency ' + str(stage['max_concurrency']) if stage.get('max_concurrency') else ''}"
                        f"{' at ' + format(stage['request_rate'], 'g') + ' req/s' if stage.get('request_rate') else ''}"
-                       f"; prompts before the chat template")  # fmt: skip
+                       "; input_seq_len counts prompt tokens before the chat template")  # fmt: skip
     rate = stage.get("request_rate")
     if isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0:
         standardized["rate_qps"] = float(rate)
