@@ -89,6 +89,23 @@ def engine():
     )
 
 
+@pytest.fixture
+def cluster(tmp_path, monkeypatch):
+    """The Kubernetes API emulator with the serving stack's CRDs and nodes, as the study's kubeconfig sees it
+    (``.kube`` is a client); the study files are read as written, without the CI overrides."""
+    from kube_emulator import EmulatedCluster, install_serving_stack
+
+    from servinglab.platforms.kube import Kube, load_api_client
+
+    monkeypatch.delenv("SERVINGLAB_OVERRIDES", raising=False)
+    with EmulatedCluster() as emulated:
+        config = emulated.kubeconfig(tmp_path / "kubeconfig")
+        monkeypatch.setenv("KUBECONFIG", config)
+        emulated.kube = Kube(load_api_client(config))
+        install_serving_stack(emulated.kube)
+        yield emulated
+
+
 def engine_processes(owner_fragment: str | None = None) -> list[psutil.Process]:
     """vLLM processes on this machine (optionally only those whose owner mark contains a fragment)."""
     found = []

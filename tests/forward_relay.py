@@ -14,6 +14,8 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from servinglab.platforms.portforward import _pump
+
 ENV = "SERVINGLAB_TEST_FORWARD_RELAY"
 
 SITECUSTOMIZE = f'''
@@ -36,20 +38,6 @@ if _relay:
 
     KubernetesPlatform.pod_connector = _pod_connector
 '''
-
-
-def _pump(source: socket.socket, sink: socket.socket) -> None:
-    try:
-        while data := source.recv(65536):
-            sink.sendall(data)
-    except OSError:
-        pass
-    finally:
-        for s in (sink, source):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 class Relay:

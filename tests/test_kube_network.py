@@ -18,7 +18,6 @@ from pathlib import Path
 import httpx
 import jsonschema
 import pytest
-from kube_emulator import EmulatedCluster, install_serving_stack
 from kube_network import EmulatedServing, engine_argv, served_names
 
 from servinglab import servermetrics
@@ -26,7 +25,7 @@ from servinglab.config import load_study
 from servinglab.layers import Canary
 from servinglab.layers.validate import bundled_crd_schemas, unknown_fields
 from servinglab.platforms import get_platform
-from servinglab.platforms.kube import Kube, conditions, load_api_client
+from servinglab.platforms.kube import Kube, conditions
 from servinglab.platforms.kubernetes import KubernetesPlatform, LayerNotReadyError
 
 pytestmark = pytest.mark.timeout(120)
@@ -36,17 +35,6 @@ EXAMPLE = REPO / "params" / "cluster-example.yaml"
 NS = "servinglab"
 SERVED = "qwen2.5-0.5b"
 ISVC = "serving.kserve.io/v1beta1"
-
-
-@pytest.fixture
-def cluster(tmp_path, monkeypatch):
-    monkeypatch.delenv("SERVINGLAB_OVERRIDES", raising=False)
-    with EmulatedCluster() as emulated:
-        config = emulated.kubeconfig(tmp_path / "kubeconfig")
-        monkeypatch.setenv("KUBECONFIG", config)
-        emulated.kube = Kube(load_api_client(config))
-        install_serving_stack(emulated.kube)
-        yield emulated
 
 
 def platform_for(serving: EmulatedServing, *overrides: str) -> KubernetesPlatform:

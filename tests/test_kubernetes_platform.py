@@ -30,17 +30,6 @@ EXAMPLE = REPO / "params" / "cluster-example.yaml"
 NS = "servinglab"
 
 
-@pytest.fixture
-def cluster(tmp_path, monkeypatch):
-    monkeypatch.delenv("SERVINGLAB_OVERRIDES", raising=False)
-    with EmulatedCluster() as emulated:
-        config = emulated.kubeconfig(tmp_path / "kubeconfig")
-        monkeypatch.setenv("KUBECONFIG", config)
-        emulated.kube = Kube(load_api_client(config))
-        install_serving_stack(emulated.kube)
-        yield emulated
-
-
 def study(*overrides: str):
     return load_study(EXAMPLE, ["platform.ready_timeout_s=20", *overrides])
 

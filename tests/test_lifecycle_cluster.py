@@ -16,14 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
-from kube_emulator import EmulatedCluster, install_serving_stack
 from kube_network import EmulatedServing
 
 from servinglab import lifecycle
 from servinglab.config import load_study
 from servinglab.layers import HASH_LABEL, MANAGED_BY, STUDY_LABEL
 from servinglab.platforms import get_platform
-from servinglab.platforms.kube import Kube, load_api_client
 from servinglab.platforms.kubernetes import KubernetesPlatform
 
 pytestmark = pytest.mark.timeout(300)
@@ -34,17 +32,6 @@ NS = "servinglab"
 SERVED = "qwen2.5-0.5b"
 ISVC = "serving.kserve.io/v1beta1"
 LAYERS = ("raw", "kserve-standard", "kserve-knative", "llm-d")
-
-
-@pytest.fixture
-def cluster(tmp_path, monkeypatch):
-    monkeypatch.delenv("SERVINGLAB_OVERRIDES", raising=False)
-    with EmulatedCluster() as emulated:
-        config = emulated.kubeconfig(tmp_path / "kubeconfig")
-        monkeypatch.setenv("KUBECONFIG", config)
-        emulated.kube = Kube(load_api_client(config))
-        install_serving_stack(emulated.kube)
-        yield emulated
 
 
 @pytest.fixture
