@@ -31,7 +31,7 @@ TTFT_P50 = next(m for m in LATENCY_METRICS if m.key == "median_ttft_ms")
 THROUGHPUT = next(m for m in LATENCY_METRICS if m.key == "request_throughput")
 
 
-def request(stage: str, i: int, ttft: float, gap: float = 2.0, tokens: int = 4, ok: bool = True, **extra) -> dict:
+def request(stage: str, i: int, ttft: float, gap: float = 5.0, tokens: int = 8, ok: bool = True, **extra) -> dict:
     """One request record as the load generator writes it: ``tokens`` tokens ``gap`` ms apart after ``ttft``."""
     times = [round(ttft + gap * k, 4) for k in range(tokens)] if ok else []
     return {"layer": "raw", "stage": stage, "index": i, "ok": ok, "warmup": False, "ttft_ms": ttft if ok else None,
@@ -294,3 +294,17 @@ def test_imported_results_keep_their_own_rows(two_runs, tmp_path):
     imported = next(r for r in rows if r.group == "c=1 (vllm bench serve)" and r.metric.key == "median_ttft_ms")
     assert [v.text for v in imported.values] == ["–", "9.5 ms"]
     assert render_comparison_html(two_runs).count("<svg") == 1
+
+
+def test_a_stage_warning_is_carried_into_the_comparison(tmp_path):
+    first = make_run(tmp_path, "20261126T000000Z", lifecycle=False)
+    second = make_run(tmp_path, "20261127T000000Z", stages=False, lifecycle=False)
+    held_back = [request("c=1", i, 30.0, gap=0.0) for i in range(4)]  # every token in one burst at the end
+    s, _ = stage(1, 10.0, 2.0)
+    s["summary"] = summarize(held_back, 2.0) | {"request_goodput": 2.0}
+    results.append_records(second, "latency_stages", [s])
+    comparison = compare([first, second])
+    assert any(n.startswith("run 20261127T000000Z, layer raw at c=1: 4 of 4 streams reached the client in one burst")
+               for n in comparison.notes)  # fmt: skip
+    tpot = next(r for r in comparison.latency["raw"] if r.group == "c=1" and r.metric.key == "median_tpot_ms")
+    assert tpot.values[1].note == "the stage warned: see above" and tpot.values[0].note == ""

@@ -226,11 +226,17 @@ def _latency_rows(runs: list[RunData], notes: list[str]) -> dict[str, list[Metri
                 notes.append(f"layer {layer} at {key[1]} was not measured in run {', '.join(absent)}")
             if empty:
                 notes.append(f"layer {layer} at {key[1]} completed no request in run {', '.join(empty)}")
+            warned = []
+            for run, s in zip(runs, stages):
+                # What the run's own report warns of (client lag, streams held back) makes its numbers suspect.
+                for warning in (s or {}).get("summary", {}).get("warnings", []) if s else []:
+                    notes.append(f"run {run.run_id}, layer {layer} at {key[1]}: {warning}")
+                warned.append("the stage warned: see above" if s and s["summary"].get("warnings") else "")
             for metric in LATENCY_METRICS:
                 numbers = [(s["summary"].get(metric.key) if s and s["summary"].get("completed") else None) for s in stages]
                 if all(n is None for n in numbers):
                     continue
-                rows.append(MetricRow(key[1], metric, _values(numbers, metric), span=0))
+                rows.append(MetricRow(key[1], metric, _values(numbers, metric, warned), span=0))
             if len(rows) > first:
                 rows[first].span = len(rows) - first
         if rows:
