@@ -465,6 +465,9 @@ class Slos(StrictModel):
     e2e_ms_p95: float | None = Field(None, gt=0)
     time_to_ready_s: float | None = Field(None, gt=0)
     cold_start_s: float | None = Field(None, gt=0)
+    update_failed_requests: int | None = Field(
+        None, ge=0, description="most requests a model update may fail under the steady load (0: no downtime)"
+    )
 
 
 class Auth(StrictModel):
@@ -506,6 +509,11 @@ class Study(StrictModel):
     platform: Platform
     model: Model
     layers: dict[str, Layer] = Field(min_length=1)
+    compare_models: dict[str, Model] = Field(
+        default_factory=dict,
+        description="further models, by a short name, each a spec like 'model': never deployed, only rendered "
+        "on every layer beside 'model', so the report can count what changes in the manifests from model to model",
+    )
     workloads: Workloads = Field(default_factory=Workloads)
     slos: Slos = Field(default_factory=Slos)
     costs: Costs = Field(default_factory=Costs)
@@ -524,6 +532,14 @@ class Study(StrictModel):
             if not re.fullmatch(NAME_PATTERN, name) or len(name) > 40:
                 raise ValueError(f"layer name '{name}' must be lowercase letters, digits and '-', at most 40")
         return layers
+
+    @field_validator("compare_models")
+    @classmethod
+    def _compare_model_names(cls, models: dict[str, Model]) -> dict[str, Model]:
+        for name in models:
+            if not re.fullmatch(NAME_PATTERN, name) or len(name) > 40:
+                raise ValueError(f"model name '{name}' must be lowercase letters, digits and '-', at most 40")
+        return models
 
     @field_validator("model")
     @classmethod
