@@ -80,6 +80,8 @@ def test_every_experiment_on_every_layer(cluster, serving, tmp_path):
             m = t["measurements"]
             assert sorted(m["phases_s"]) == ["container_start_s", "engine_ready_s", "image_pull_s", "scheduling_s"]
             assert sum(m["phases_s"].values()) == pytest.approx(m["time_to_ready_s"], abs=0.01)
+            # The URL the controller published each time (the report checks it stays the same); none for raw.
+            assert m["url"] == (None if layer == "raw" else f"http://qwen-cluster-{layer}.servinglab.example.com")
 
     # Model update on every layer: the new revision answers under its own name after the change.
     for layer in LAYERS:

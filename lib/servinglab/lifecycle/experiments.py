@@ -199,7 +199,8 @@ def time_to_ready(trial: Trial) -> dict[str, Any]:
     if deployment.reused:
         raise PlatformError(f"layers.{trial.layer}: still running after teardown, so nothing was timed")
     return {"time_to_ready_s": deployment.time_to_ready_s, "phases_s": deployment.phases_s,
-            "teardown_s": round(gone_s, 3), "stopped": stopped, "how": "teardown, then deploy from nothing"}  # fmt: skip
+            "teardown_s": round(gone_s, 3), "stopped": stopped, "how": "teardown, then deploy from nothing",
+            "url": deployment.url}  # fmt: skip
 
 
 def model_update(trial: Trial) -> dict[str, Any]:

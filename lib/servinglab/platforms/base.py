@@ -49,6 +49,7 @@ class Deployment:
     created: list[str] = field(default_factory=list)  # what the platform's controllers made of it: Kind/name
     processes: int | None = None  # processes the layer runs as, when ready (local platform)
     rss_mib: float | None = None  # their resident memory, when ready
+    url: str | None = None  # the address the platform published for the layer (status.url), when it has one
 
     def to_record(self) -> dict[str, Any]:
         return asdict(self)

@@ -255,7 +255,7 @@ class KubernetesPlatform:
         if current and (current["metadata"].get("labels") or {}).get(HASH_LABEL) == spec_hash \
                 and self._ready(current):  # fmt: skip
             return Deployment(layer_name, layer.kind, self.name, "ready", reused=True, spec_hash=spec_hash,
-                              base_url=self._in_cluster_url(layer_name))  # fmt: skip
+                              base_url=self._in_cluster_url(layer_name), url=_status_url(current))  # fmt: skip
         self._ensure_namespace()
         try:
             for obj in objects:
@@ -287,6 +287,7 @@ class KubernetesPlatform:
             time_to_ready_s=round(marks["ready"] - applied, 3), phases_s=phases,
             started_at=_iso(applied), ready_at=_iso(marks["ready"]),
             applied=[f"{o['kind']}/{o['metadata']['name']}" for o in objects], created=self.created_objects(layer_name),
+            url=_status_url(self.kube.get(*self._top_ref(layer_name))),
         )  # fmt: skip
 
     def created_objects(self, layer_name: str) -> list[str]:
@@ -790,6 +791,11 @@ class _Lenient:
                 self.forbidden.add(f"{kind} {name}")
                 return None
             raise
+
+
+def _status_url(top: dict[str, Any] | None) -> str | None:
+    """The URL a KServe kind's controller published (``status.url``); a Deployment has none."""
+    return ((top or {}).get("status") or {}).get("url")
 
 
 def _sum_requests(pods: list[dict[str, Any]]) -> dict[str, float]:
