@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import results
+from ..config import Study
+from ..errors import RunDirError
 
 
 @dataclass
@@ -21,6 +23,7 @@ class RunData:
     latency_requests: list[dict[str, Any]]
     lifecycle: list[dict[str, Any]]
     lifecycle_requests: list[dict[str, Any]]
+    _study: Study | RunDirError | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def study(self) -> str:
@@ -45,6 +48,26 @@ class RunData:
     def fresh_starts(self, layer: str) -> list[dict[str, Any]]:
         """Deployments of a layer that started a server in this run (not reuses)."""
         return [d for d in self.deployments if d["layer"] == layer and d["status"] == "ready" and not d["reused"]]
+
+    def resolved_study(self) -> Study:
+        """The study the run was made from, rebuilt from run.json's params (for rendering and pricing).
+
+        Raises RunDirError when the params no longer validate (a run from an older servinglab).
+        """
+        if self._study is None:
+            try:
+                self._study = Study.model_validate(self.params)
+            except Exception as exc:  # noqa: BLE001 - pydantic's error, kept as the reason
+                first = str(exc).splitlines()
+                self._study = RunDirError(f"{self.run_dir}: run.json's params do not validate as a study now: "
+                                          f"{' '.join(first[:3])}")  # fmt: skip
+        if isinstance(self._study, RunDirError):
+            raise self._study
+        return self._study
+
+    def lifecycle_of(self, layer: str, experiment: str) -> list[dict[str, Any]]:
+        """The lifecycle records of one experiment on one layer, in the order they were written."""
+        return [r for r in self.lifecycle if r["layer"] == layer and r["experiment"] == experiment]
 
     def smoke_of(self, layer: str) -> list[dict[str, Any]]:
         """The latest smoke checks of a layer (the last run of each check)."""

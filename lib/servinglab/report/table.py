@@ -1,26 +1,32 @@
 """The serving-layer decision table, one cell per (dimension, layer), each measured or explained.
 
-The rows are the source page's dimensions plus the smoke test and the performance rows. Every cell is
-built from the run's data only and says what kind of statement it is:
+The rows are the source page's dimensions plus the smoke test and the performance rows. The columns are
+the study's layers, grouped under the source page's columns (raw vLLM, KServe InferenceService,
+LLMInferenceService): a study may have several layers of one kind (KServe in Standard and in Knative
+mode). Every cell is built from the run's data only and says what kind of statement it is:
 
 - ``measured``: a number from this run, with its unit and the number of trials;
-- ``observed``: a behaviour seen in this run (a URL, a process count, checks passed);
-- ``pending``: the suite has no experiment for it yet; the text names what will measure it;
-- ``needs-platform``: the layer cannot run on this run's platform;
-- ``not-deployed`` / ``failed``: the layer was not deployed in this run, or failed, with the reason;
-- ``not-run``: the layer ran, but the experiment that measures this row did not.
+- ``observed``: a behaviour seen in this run (a URL, a process count, checks passed, a layer refusing an
+  experiment it has no means for, with the reason it gave);
+- ``needs-platform``: the layer cannot run on this run's platform (or the cluster lacks what it needs);
+- ``not-deployed`` / ``failed``: the layer was not deployed in this run, or it or the experiment failed,
+  with the reason;
+- ``not-run``: the layer ran, but the experiment that measures this row did not (with what to set).
 """
 
 from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
+from .. import cost
+from ..errors import ServinglabError
+from . import manifests
 from .rundata import RunData
 
-LIFECYCLE_PENDING = "measured by the lifecycle experiments (40_lifecycle), not yet part of this suite"
-RENDER_PENDING = "counted from the rendered manifests once the layer renderers are part of this suite"
+KIND_ORDER = ("raw-vllm", "kserve", "llm-d")
+NOT_RUN_LIFECYCLE = "experiment not run in this run (40_lifecycle runs it: workloads.lifecycle.experiments)"
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,32 @@ class Row:
     measure: Callable[[RunData, str, str], Cell]
 
 
+# --- formatting --------------------------------------------------------------------------------------
+
+
+def seconds(value: float) -> str:
+    return f"{value:.2f} s" if value < 10 else f"{value:.1f} s"
+
+
+def millis(value: float) -> str:
+    return f"{value:.2f} ms" if abs(value) < 10 else (f"{value:.1f} ms" if abs(value) < 100 else f"{value:.0f} ms")
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{part} of {whole}"
+
+
+def _first_line(text: str | None) -> str:
+    """A reason in one line: its first, and its last when the first only introduces what follows (a log)."""
+    lines = [line.strip() for line in (text or "").strip().splitlines() if line.strip()]
+    if not lines:
+        return "no reason recorded"
+    return f"{lines[0]} {lines[-1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
+# --- what a cell can lean on -------------------------------------------------------------------------
+
+
 def _deployment_gate(run: RunData, layer: str) -> Cell | None:
     """The cell for a layer that is not running in this run, or None when it is."""
     record = run.last_deployment(layer)
@@ -51,79 +83,395 @@ def _deployment_gate(run: RunData, layer: str) -> Cell | None:
     if record["status"] == "unsupported":
         return Cell("needs-platform", record["reason"], evidence="#deployments")
     if record["status"] == "failed":
-        first_line = (record["reason"] or "").splitlines()[0]
-        return Cell("failed", f"deploy failed: {first_line}", evidence="#deployments")
+        return Cell("failed", f"deploy failed: {_first_line(record['reason'])}", evidence="#deployments")
     return None
 
 
-def _gated(pending_text: str) -> Callable[[RunData, str, str], Cell]:
-    def measure(run: RunData, layer: str, kind: str) -> Cell:
-        return _deployment_gate(run, layer) or Cell("pending", pending_text)
-
-    return measure
+def _on_cluster(run: RunData) -> bool:
+    return run.params.get("platform", {}).get("kind") == "kubernetes"
 
 
-def _what_you_write(run: RunData, layer: str, kind: str) -> Cell:
-    return Cell("pending", RENDER_PENDING)
+def _layer_spec(run: RunData, layer: str) -> dict[str, Any]:
+    return run.layers.get(layer, {})
 
 
-def _lifecycle(run: RunData, layer: str, kind: str) -> Cell:
+def _layer_limit(run: RunData, layer: str, experiment: str) -> bool:
+    """Whether an experiment is refused because of what the layer kind is (an observed behaviour), rather
+    than because of this run's platform or settings."""
+    spec = _layer_spec(run, layer)
+    kind = spec.get("kind")
+    if experiment == "canary":
+        return kind in ("raw-vllm", "llm-d")
+    if experiment == "scale_to_zero":
+        return kind == "llm-d" or (kind == "kserve" and spec.get("mode") == "Standard")
+    if experiment == "gateway_hop":
+        return kind == "raw-vllm"
+    return False
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One experiment on one layer: its measured trials, or the record that says why there are none."""
+
+    measured: list[dict[str, Any]]
+    other: dict[str, Any] | None  # the last unsupported / failed / interrupted record
+
+    @property
+    def last(self) -> dict[str, Any] | None:
+        return self.measured[-1]["measurements"] if self.measured else None
+
+
+def experiment_outcome(run: RunData, layer: str, experiment: str) -> Outcome:
+    records = run.lifecycle_of(layer, experiment)
+    measured = [r for r in records if r["status"] == "measured"]
+    others = [r for r in records if r["status"] != "measured"]
+    return Outcome(measured, others[-1] if others else None)
+
+
+def _why_not(run: RunData, layer: str, experiment: str, outcome: Outcome, evidence: str = "#lifecycle") -> Cell:
+    """The cell for an experiment with no measurement: the layer's own limit, the platform, a failure, or
+    an experiment that was not run."""
+    record = outcome.other
+    if record is not None and record["status"] == "unsupported":
+        reason = record["reason"] or ""
+        if _layer_limit(run, layer, experiment):
+            return Cell("observed", reason, trials=None, evidence=evidence)
+        if reason.startswith(("needs platform", "the cluster lacks")):
+            return Cell("needs-platform", reason, evidence=evidence)
+        return Cell("not-run", f"experiment not run: {reason}", evidence=evidence)
     gate = _deployment_gate(run, layer)
     if gate:
         return gate
-    fresh = [d["time_to_ready_s"] for d in run.fresh_starts(layer) if d.get("time_to_ready_s") is not None]
-    if fresh:
-        value = statistics.median(fresh)
-        label = "median " if len(fresh) > 1 else ""
-        return Cell(
-            "measured",
-            f"start to ready: {label}{value:.1f} s (process start → /v1/models lists the model); "
-            "model update: " + LIFECYCLE_PENDING,
-            trials=len(fresh),
-            evidence="#deployments",
-        )
+    if record is not None:
+        settled = f" (the layer was {record['settled']} after it)" if record.get("settled") else ""
+        return Cell("failed", f"experiment {record['status']}: {_first_line(record['reason'])}{settled}", evidence=evidence)
+    return Cell("not-run", NOT_RUN_LIFECYCLE, evidence=evidence)
+
+
+def requests_text(stats: dict[str, Any]) -> str:
+    text = f"{_share(stats['failed'], stats['requests'])} requests failed"
+    if stats.get("errors"):
+        text += " (" + ", ".join(f"{k} {v}" for k, v in stats["errors"].items()) + ")"
+    if stats.get("p99_e2el_ms") is not None:
+        text += f", p99 E2E {millis(stats['p99_e2el_ms'])}"
+    return text
+
+
+# --- the rows ----------------------------------------------------------------------------------------
+
+
+def created_by_platform(run: RunData, layer: str) -> list[str] | None:
+    """What the platform's controllers made of the layer at its last fresh start (None: never recorded)."""
+    for d in reversed(run.deployments):
+        if d["layer"] == layer and d["status"] == "ready" and not d.get("reused") and d.get("applied"):
+            return list(d.get("created") or [])
+    return None
+
+
+def _what_you_write(run: RunData, layer: str, kind: str) -> Cell:
+    try:
+        study, assumed = manifests.cluster_study(run.params)
+        written = manifests.authored(study, layer, assumed)
+    except (ServinglabError, ValueError) as exc:
+        return Cell("failed", f"the study's manifests do not render: {_first_line(str(exc))}", evidence="#manifests")
+    text = (f"you write {written.objects} object{'s' if written.objects != 1 else ''} "
+            f"({manifests.kind_counts(written.kinds)}): {written.lines} YAML lines, "
+            f"{written.fields} fields")  # fmt: skip
+    created = created_by_platform(run, layer)
+    if created is not None:
+        text += (f"; the platform created {len(created)} more ({manifests.kind_counts(created)})" if created
+                 else "; the platform created nothing more")  # fmt: skip
+    elif _on_cluster(run):
+        gate = _deployment_gate(run, layer)
+        text += f"; what the platform creates is unknown: {gate.text if gate else 'no fresh start recorded it'}"
+    else:
+        text += "; what a cluster creates from them needs platform: kubernetes"
+    if assumed:
+        text += f" ({assumed})"
+    return Cell("measured", text, trials=1, evidence="#manifests")
+
+
+def _revisions_text(run: RunData, layer: str) -> str:
+    canary = experiment_outcome(run, layer, "canary").last
+    if canary and canary.get("status_traffic"):
+        entries = canary["status_traffic"]
+        return (f"the controller's status tracked {len(entries)} revisions during the canary ("
+                + ", ".join(f"{t.get('revisionName')} {t.get('percent')} %" for t in entries) + ")")
+    update = experiment_outcome(run, layer, "model_update").last
+    refused = experiment_outcome(run, layer, "canary").other
+    if update and refused is not None and refused["status"] == "unsupported" and _layer_limit(run, layer, "canary"):
+        return f"revisions: none listed in the layer's status; a change goes out as {update['how']}"
+    return ""
+
+
+def _lifecycle(run: RunData, layer: str, kind: str) -> Cell:
+    ready = experiment_outcome(run, layer, "time_to_ready")
+    parts: list[str] = []
+    trials = None
+    evidence = "#deployments"
+    if ready.measured:
+        values = [r["measurements"]["time_to_ready_s"] for r in ready.measured]
+        trials, evidence = len(values), "#fig-lifecycle-ready"
+        spread = f" ({seconds(min(values))[:-2]}–{seconds(max(values))}, {len(values)} starts)" if len(values) > 1 else ""
+        label = "median " if len(values) > 1 else ""
+        parts.append(f"ready from nothing: {label}{seconds(statistics.median(values))}{spread}")
+    else:
+        fresh = [d["time_to_ready_s"] for d in run.fresh_starts(layer) if d.get("time_to_ready_s") is not None]
+        if fresh:
+            trials = len(fresh)
+            label = "median " if len(fresh) > 1 else ""
+            how = "apply → Ready" if _on_cluster(run) else "process start → /v1/models lists the model"
+            parts.append(f"start to ready: {label}{seconds(statistics.median(fresh))} ({how})")
+    update = experiment_outcome(run, layer, "model_update")
+    if update.last:
+        m = update.last
+        args = ", ".join(f"{k}={v}" for k, v in (m.get("changed_args") or {}).items())
+        served = m.get("change_to_served_s")
+        parts.append(
+            f"engine-argument change ({args}) served after {seconds(served)}, by {m['how']}" if served is not None
+            else f"engine-argument change ({args}): the new revision was not seen answering ({m['how']})"
+        )  # fmt: skip
+        if evidence == "#deployments":
+            evidence = "#fig-update-timeline"
+    revisions = _revisions_text(run, layer)
+    if revisions:
+        parts.append(revisions)
+    if parts:
+        if not update.last:
+            parts.append("model update: " + _why_not(run, layer, "model_update", update).text)
+        return Cell("measured", "; ".join(parts), trials=trials, evidence=evidence)
+    gate = _deployment_gate(run, layer)
+    if gate:
+        return gate
+    if ready.other is not None:
+        return _why_not(run, layer, "time_to_ready", ready)
     record = run.last_deployment(layer)
     earlier = record.get("time_to_ready_s")
     return Cell(
         "observed",
         f"reused a server started at {record['started_at']}"
-        + (f" (ready then in {earlier:.1f} s)" if earlier is not None else "")
+        + (f" (ready then in {seconds(earlier)})" if earlier is not None else "")
         + "; no fresh start in this run",
         trials=0,
         evidence="#deployments",
     )
 
 
+def _rollout(run: RunData, layer: str, kind: str) -> Cell:
+    canary = experiment_outcome(run, layer, "canary")
+    update = experiment_outcome(run, layer, "model_update")
+    parts: list[str] = []
+    trials, evidence, status = None, "#lifecycle", None
+    if canary.last:
+        m, split = canary.last, canary.last["split"]
+        level = round(100 * split.get("confidence", 0.95))
+        parts.append(
+            f"canary split: {split['requested_percent']:g} % requested, {split['observed_percent']:.1f} % observed "
+            f"[{split['ci_low_percent']:.1f}, {split['ci_high_percent']:.1f}] ({level} % interval, "
+            f"{split['answered']} answers) by {m['how']}; promote: {requests_text(m['promote']['during'])}; "
+            f"rollback: {requests_text(m['rollback']['during'])}"
+        )  # fmt: skip
+        trials, evidence, status = split["answered"], "#fig-canary", "measured"
+    else:
+        why = _why_not(run, layer, "canary", canary)
+        parts.append(("no traffic split: " if why.status == "observed" else "canary: ") + why.text)
+        status = "observed" if why.status == "observed" else None
+    if update.last:
+        m = update.last
+        parts.append(f"model update ({m['how']}): {requests_text(m['during'])} during the change, longest gap "
+                     f"without an answer {seconds(m['longest_gap_s'])}")  # fmt: skip
+        if status != "measured":
+            trials, evidence = m["during"]["requests"], "#fig-update-timeline"
+        status = "measured"
+    if status is None:
+        return _why_not(run, layer, "canary", canary)
+    return Cell(status, "; ".join(parts), trials=trials, evidence=evidence)
+
+
+def _scale_to_zero(run: RunData, layer: str, kind: str) -> Cell:
+    outcome = experiment_outcome(run, layer, "scale_to_zero")
+    if not outcome.last:
+        return _why_not(run, layer, "scale_to_zero", outcome)
+    m = outcome.last
+    warm = m.get("warm_ttft_ms_p50")
+    text = (f"{m['how']}: zero pods {seconds(m['time_to_zero_s'])} after the last request; first token from zero "
+            f"after {seconds(m['cold_start_s'])}")  # fmt: skip
+    if warm is not None:
+        text += f" against a warm TTFT of {millis(warm)} (p50 of {m.get('warm_requests', '?')} requests)"
+    return Cell("measured", text, trials=1, evidence="#fig-cold-start")
+
+
+def published_urls(run: RunData, layer: str) -> list[str]:
+    """Every status.url the layer published in this run: at its deploys and its fresh starts."""
+    urls = [d["url"] for d in run.deployments if d["layer"] == layer and d.get("url")]
+    starts = experiment_outcome(run, layer, "time_to_ready").measured
+    urls += [r["measurements"]["url"] for r in starts if r["measurements"].get("url")]
+    return urls
+
+
+def _gateway_paths(run: RunData, layer: str) -> list[str]:
+    vias = [s.get("via") or "" for s in run.smoke_of(layer)]
+    for r in run.lifecycle_of(layer, "canary") + run.lifecycle_of(layer, "gateway_hop"):
+        m = r.get("measurements") or {}
+        vias += [m.get("via") or "", m.get("gateway_via") or ""]
+    return sorted({v for v in vias if v.startswith("gateway")})
+
+
 def _ingress(run: RunData, layer: str, kind: str) -> Cell:
     gate = _deployment_gate(run, layer)
     if gate:
         return gate
-    if run.context.get("platform", {}).get("name") == "local":
+    starts = len([d for d in run.deployments if d["layer"] == layer and d["status"] == "ready"])
+    if not _on_cluster(run):
         urls = sorted({d["base_url"] for d in run.deployments if d["layer"] == layer and d.get("base_url")})
         return Cell(
             "observed",
             f"no route object: clients use the process address {urls[-1]}; its port is picked at each "
             f"start ({len(urls)} distinct address{'es' if len(urls) != 1 else ''} in this run)",
-            trials=len([d for d in run.deployments if d["layer"] == layer and d["status"] == "ready"]),
-            evidence="#deployments",
-        )
-    return Cell("pending", LIFECYCLE_PENDING)
+            trials=starts, evidence="#deployments",
+        )  # fmt: skip
+    parts = []
+    urls = published_urls(run, layer)
+    if urls:
+        distinct = sorted(set(urls))
+        if len(distinct) > 1:
+            parts.append(f"status.url changed between starts: {', '.join(distinct)}")
+        else:
+            parts.append(f"stable URL {distinct[0]} (status.url)"
+                         + (f", the same at all {len(urls)} starts" if len(urls) > 1 else ""))  # fmt: skip
+    else:
+        parts.append("no URL published (no status.url)")
+    created = created_by_platform(run, layer) or []
+    routes = [c for c in created if c.startswith("HTTPRoute/")]
+    parts.append(f"routes the platform created: {', '.join(routes)}" if routes else "no HTTPRoute created")
+    if kind == "raw-vllm":
+        record = run.last_deployment(layer)
+        services = [a for a in record.get("applied") or [] if a.startswith("Service/")]
+        parts.append(f"clients reach your {', '.join(services) or 'Service'}; a gateway route is yours to write")
+    paths = _gateway_paths(run, layer)
+    if paths:
+        parts.append(f"answered through the gateway ({paths[0].split(' ', 1)[-1]})")
+    hop = experiment_outcome(run, layer, "gateway_hop").last
+    if hop:
+        o = hop["overhead_ttft_ms"]
+        parts.append(f"the gateway adds {millis(o['median_difference'])} TTFT [{o['ci_low']:.2f}, {o['ci_high']:.2f}]")
+    return Cell("observed", "; ".join(parts), trials=max(len(urls), starts), evidence="#deployments")
+
+
+def _multi_model(run: RunData, layer: str, kind: str) -> Cell:
+    others = run.params.get("compare_models") or {}
+    if not others:
+        return Cell("not-run", "the study names no further model to render beside its own (compare_models)",
+                    evidence="#manifests")  # fmt: skip
+    try:
+        study, assumed = manifests.cluster_study(run.params)
+        found = manifests.distances(study, layer)
+    except (ServinglabError, ValueError) as exc:
+        return Cell("failed", f"the study's manifests do not render: {_first_line(str(exc))}", evidence="#manifests")
+    parts = []
+    for d in found:
+        shape = f"{d.added_or_removed} added or removed" if d.added_or_removed else "same shape"
+        fields = sorted({p.split(".", 1)[-1].rsplit(".", 1)[-1] for p in d.paths})
+        parts.append(f"{run.params['model']['served_name']} → {d.served_name}: {d.changed_fields} of {d.total_fields} "
+                     f"fields change ({shape}; in {', '.join(fields)}), {d.diff_lines} diff lines")  # fmt: skip
+    text = "; ".join(parts) + "; every other field is the same"
+    if assumed:
+        text += f" ({assumed})"
+    return Cell("measured", text, trials=len(found), evidence="#manifests")
+
+
+def _cluster_checks(run: RunData) -> dict[str, Any] | None:
+    for record in reversed(run.preflight):
+        cluster = record.get("facts", {}).get("cluster")
+        if cluster:
+            return cluster
+    return None
+
+
+def _controllers(checks: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    return [c for c in checks.get("kserve_controllers", []) if c["name"] == name]
+
+
+def control_plane_namespaces(spec: dict[str, Any], checks: dict[str, Any]) -> list[str]:
+    """The control-plane namespaces a layer of this kind depends on (where its controllers run)."""
+    kind = spec.get("kind")
+    if kind == "kserve":
+        found = [c["namespace"] for c in _controllers(checks, "kserve-controller-manager")] or ["kserve"]
+        found.append("cert-manager")
+        if spec.get("mode") == "Knative":
+            found.append("knative-serving")
+    elif kind == "llm-d":
+        found = [c["namespace"] for c in _controllers(checks, "llmisvc-controller-manager")] or ["kserve"]
+        found.append("llm-d")
+    else:
+        found = []
+    return list(dict.fromkeys(found))
+
+
+def required_crds(spec: dict[str, Any]) -> list[str]:
+    """The CRDs a layer of this kind relies on (names as the cluster lists them)."""
+    kind = spec.get("kind")
+    if kind == "kserve":
+        crds = ["inferenceservices.serving.kserve.io", "certificates.cert-manager.io"]
+        if spec.get("predictor") == "runtime":
+            crds.append("servingruntimes.serving.kserve.io")
+        if spec.get("mode") == "Knative":
+            crds.append("services.serving.knative.dev")
+        else:
+            crds += ["gateways.gateway.networking.k8s.io", "httproutes.gateway.networking.k8s.io"]
+        return crds
+    if kind == "llm-d":
+        crds = ["llminferenceservices.serving.kserve.io", "gateways.gateway.networking.k8s.io",
+                "httproutes.gateway.networking.k8s.io"]  # fmt: skip
+        if spec.get("scheduler", True):
+            crds.append("inferencepools.inference.networking.k8s.io")
+        return crds
+    return []
+
+
+def _crd_label(name: str) -> str:
+    from ..platforms.kubernetes import PREREQUISITE_CRDS
+
+    return PREREQUISITE_CRDS.get(name, name)
 
 
 def _control(run: RunData, layer: str, kind: str) -> Cell:
-    gate = _deployment_gate(run, layer)
-    if gate:
-        return gate
-    record = run.last_deployment(layer)
-    if record.get("processes"):
-        return Cell(
-            "observed",
-            f"no controller: the engine is {record['processes']} processes using "
-            f"{record['rss_mib']:.0f} MiB of memory when ready",
-            trials=1,
-            evidence="#deployments",
-        )
-    return Cell("pending", "control-plane inventory comes from the cluster preflight")
+    if not _on_cluster(run):
+        gate = _deployment_gate(run, layer)
+        if gate:
+            return gate
+        record = run.last_deployment(layer)
+        if record.get("processes"):
+            return Cell("observed", f"no controller: the engine is {record['processes']} processes using "
+                        f"{record['rss_mib']:.0f} MiB of memory when ready", trials=1, evidence="#deployments")  # fmt: skip
+        return Cell("not-run", "the platform recorded no process inventory for this layer", evidence="#deployments")
+    checks = _cluster_checks(run)
+    if checks is None:
+        return Cell("not-run", "no cluster inventory in this run's preflight (00_preflight)", evidence="#preflight")
+    spec = _layer_spec(run, layer)
+    namespaces = control_plane_namespaces(spec, checks)
+    plane = checks.get("control_plane", {})
+    created = created_by_platform(run, layer)
+    if not namespaces:
+        text = "no controller of its own: nothing outside what you wrote"
+        if created:
+            text += f" and what Kubernetes made of it ({manifests.kind_counts(created)})"
+        text += f"; it needs none of the {sum(p['pods'] for p in plane.values())} serving control-plane pods found"
+        return Cell("observed", text, trials=1, evidence="#preflight")
+    seen = {ns: plane[ns] for ns in namespaces if ns in plane}
+    pods = sum(p["pods"] for p in seen.values())
+    cpu = sum(p.get("cpu_cores", 0) for p in seen.values())
+    memory = sum(p.get("memory_gib", 0) for p in seen.values())
+    by_namespace = ", ".join(f"{ns} {p['pods']}" for ns, p in seen.items()) or "none found"
+    text = f"control plane: {pods} pods ({by_namespace}) requesting {cpu:.2f} CPU cores and {memory:.2f} GiB"
+    absent = [ns for ns in namespaces if ns not in plane]
+    if absent:
+        text += f"; no pods found in {', '.join(absent)}"
+    crds = checks.get("crds", {})
+    relied = [f"{_crd_label(n)} ({', '.join(crds[n])})" for n in required_crds(spec) if n in crds]
+    if relied:
+        text += f"; CRDs it relies on: {', '.join(relied)}"
+    return Cell("observed", text, trials=1, evidence="#preflight")
 
 
 def _prereqs(run: RunData, layer: str, kind: str) -> Cell:
@@ -135,14 +483,38 @@ def _prereqs(run: RunData, layer: str, kind: str) -> Cell:
         return Cell("not-deployed", "layer not in this run's preflight", evidence="#preflight")
     if not support["hostable"]:
         return Cell("needs-platform", support["reason"], evidence="#preflight")
-    engine = latest["facts"].get("engine", {})
-    return Cell(
-        "observed",
-        f"found {engine.get('distribution', 'vllm')} {engine.get('version')} in the engine's Python; "
-        "no cluster components needed on this platform",
-        trials=1,
-        evidence="#preflight",
-    )
+    checks = latest["facts"].get("cluster")
+    if not checks:
+        engine = latest["facts"].get("engine", {})
+        return Cell(
+            "observed",
+            f"found {engine.get('distribution', 'vllm')} {engine.get('version')} in the engine's Python; "
+            "no cluster components needed on this platform",
+            trials=1, evidence="#preflight",
+        )  # fmt: skip
+    spec = _layer_spec(run, layer)
+    found = [f"Kubernetes {checks.get('kubernetes_version')}"]
+    gpus = checks.get("gpus", {})
+    need = run.params.get("platform", {}).get("gpus", 1)
+    if need:
+        found.append(f"{gpus.get('total', 0)} × {gpus.get('resource', 'GPU')} on {len(gpus.get('by_node', {}))} nodes")
+    if kind == "kserve":
+        found += [f"{c['name']} {c.get('version') or '?'} ({c.get('ready', 0)} ready)"
+                  for c in _controllers(checks, "kserve-controller-manager")]  # fmt: skip
+        if checks.get("kserve_default_deployment_mode"):
+            found.append(f"default deployment mode {checks['kserve_default_deployment_mode']}")
+    if kind == "llm-d":
+        found += [f"{c['name']} {c.get('version') or '?'} ({c.get('ready', 0)} ready)"
+                  for c in _controllers(checks, "llmisvc-controller-manager")]  # fmt: skip
+    crds = checks.get("crds", {})
+    wanted = required_crds(spec)
+    found += [f"{_crd_label(n)} CRD ({', '.join(crds[n])})" for n in wanted if n in crds]
+    if kind != "raw-vllm" and checks.get("gateway_classes"):
+        found.append(f"gateway class {', '.join(checks['gateway_classes'])}")
+    missing = [_crd_label(n) for n in wanted if n not in crds]
+    text = "found " + ", ".join(found)
+    text += f"; missing: {', '.join(missing)}" if missing else "; nothing it needs is missing"
+    return Cell("observed", text, trials=1, evidence="#preflight")
 
 
 def _smoke(run: RunData, layer: str, kind: str) -> Cell:
@@ -151,12 +523,15 @@ def _smoke(run: RunData, layer: str, kind: str) -> Cell:
         return gate
     checks = run.smoke_of(layer)
     if not checks:
-        return Cell("not-deployed", "smoke test not run on this layer", evidence="#smoke")
+        return Cell("not-run", "smoke test not run on this layer (20_smoke)", evidence="#smoke")
     passed = [c for c in checks if c["passed"]]
     fingerprint = next((c["observed"] for c in checks if c["check"] == "fingerprint_names_engine"), None)
     status = "observed" if len(passed) == len(checks) else "failed"
     failed = [c["check"] for c in checks if not c["passed"]]
     text = f"{len(passed)}/{len(checks)} checks passed; system_fingerprint {fingerprint}"
+    via = next((c.get("via") for c in checks if c.get("via")), None)
+    if via:
+        text += f"; through {via.split(' (', 1)[0] if via.startswith('port-forward') else via}"
     if failed:
         text += f"; failed: {', '.join(failed)}"
     return Cell(status, text, trials=len(checks), evidence="#smoke")
@@ -194,19 +569,33 @@ def _percentiles(metric: str) -> Callable[[RunData, str, str], Cell]:
     return measure
 
 
+P95_KEYS = {"ttft": "p95_ttft_ms", "tpot": "p95_tpot_ms", "e2e": "p95_e2el_ms"}
+
+
+def latency_objectives(run: RunData) -> dict[str, float]:
+    """The study's p95 latency objectives that are set: {"ttft": ms, ...}."""
+    slos = run.params.get("slos", {})
+    return {k: slos[f"{k}_ms_p95"] for k in P95_KEYS if slos.get(f"{k}_ms_p95")}
+
+
+def meets_objectives(stage: dict[str, Any], limits: dict[str, float]) -> bool:
+    return all((stage["summary"].get(P95_KEYS[k]) or float("inf")) <= v for k, v in limits.items())
+
+
+def objectives_text(limits: dict[str, float]) -> str:
+    return ", ".join(f"{k.upper()} p95 ≤ {v:g} ms" for k, v in limits.items())
+
+
 def _goodput(run: RunData, layer: str, kind: str) -> Cell:
     stages = _finished_closed_stages(run, layer)
     if not stages:
         return _no_latency(run, layer)
-    slos = run.params.get("slos", {})
-    limits = {k: slos.get(f"{k}_ms_p95") for k in ("ttft", "tpot", "e2e")}
-    limits = {k: v for k, v in limits.items() if v}
+    limits = latency_objectives(run)
     if not limits:
         return Cell("observed", "the study sets no p95 latency objectives (slos.*_ms_p95) to test the stages against",
                     trials=len(stages), evidence="#latency")  # fmt: skip
-    key = {"ttft": "p95_ttft_ms", "tpot": "p95_tpot_ms", "e2e": "p95_e2el_ms"}
-    meeting = [s for s in stages if all((s["summary"].get(key[k]) or float("inf")) <= v for k, v in limits.items())]
-    objectives = ", ".join(f"{k.upper()} p95 ≤ {v:g} ms" for k, v in limits.items())
+    meeting = [s for s in stages if meets_objectives(s, limits)]
+    objectives = objectives_text(limits)
     if not meeting:
         return Cell("measured", f"no tested concurrency met {objectives}", trials=len(stages), evidence="#latency")
     best = meeting[-1]
@@ -216,6 +605,88 @@ def _goodput(run: RunData, layer: str, kind: str) -> Cell:
     if s.get("request_goodput") is not None:
         text += f"; goodput {s['request_goodput']:.2f} req/s"
     return Cell("measured", text, trials=len(stages), evidence="#latency")
+
+
+def _gateway(run: RunData, layer: str, kind: str) -> Cell:
+    outcome = experiment_outcome(run, layer, "gateway_hop")
+    if not outcome.last:
+        return _why_not(run, layer, "gateway_hop", outcome, evidence="#lifecycle")
+    m = outcome.last
+    t, e = m["overhead_ttft_ms"], m["overhead_e2el_ms"]
+    level = round(100 * t.get("confidence", 0.95))
+    text = (f"TTFT {millis(t['median_difference'])} [{t['ci_low']:.2f}, {t['ci_high']:.2f}], E2E "
+            f"{millis(e['median_difference'])} [{e['ci_low']:.2f}, {e['ci_high']:.2f}]: median of {t['pairs']} "
+            f"interleaved pairs, gateway minus direct, {level} % interval")  # fmt: skip
+    if m.get("note"):
+        text += f"; {m['note']}"
+    return Cell("measured", text, trials=t["pairs"], evidence="#lifecycle")
+
+
+def best_cost_point(run: RunData, layer: str) -> tuple[dict[str, Any], bool] | None:
+    """The layer's cheapest load point per 1,000 requests, among those meeting the p95 objectives when
+    any does; with whether it meets them. None without a price or a priced stage."""
+    try:
+        rows = [r for r in cost.load_point_costs(run.resolved_study(), run.run_dir)
+                if r["layer"] == layer and r["cost_per_1k_requests"] is not None]  # fmt: skip
+    except ServinglabError:
+        return None
+    if not rows:
+        return None
+    stages = {s["stage"]: s for s in run.latency_stages if s["layer"] == layer}
+    limits = latency_objectives(run)
+    meeting = [r for r in rows if r["stage"] in stages and meets_objectives(stages[r["stage"]], limits)]
+    pool = meeting or rows
+    return min(pool, key=lambda r: (r["cost_per_1k_requests"], r["stage"])), bool(meeting)
+
+
+def replica_price(run: RunData) -> tuple[float, str] | None:
+    """What one replica costs an hour under the study's prices, and the currency (None: no price applies)."""
+    try:
+        study = run.resolved_study()
+    except ServinglabError:
+        return None
+    price = study.costs.replica_price_per_hour(cost.gpus_per_replica(study))
+    return None if price is None else (price, study.costs.currency)
+
+
+def idle_cost(run: RunData, layer: str) -> dict[str, Any] | None:
+    try:
+        return next(r for r in cost.idle_costs(run.resolved_study()) if r["layer"] == layer)
+    except (ServinglabError, StopIteration):
+        return None
+
+
+def _money(value: float, currency: str) -> str:
+    return f"{value:.4f} {currency}" if 0 < value < 1 else f"{value:,.2f} {currency}"
+
+
+def _cost(run: RunData, layer: str, kind: str) -> Cell:
+    costs = run.params.get("costs", {})
+    if costs.get("gpu_hourly") is None and costs.get("replica_hourly") is None:
+        return Cell("not-run", "the study sets no price (costs.gpu_hourly, or costs.replica_hourly for a CPU machine)",
+                    evidence="#cost")  # fmt: skip
+    idle = idle_cost(run, layer)
+    idle_text = ""
+    if idle and idle.get("idle_cost_per_month") is not None:
+        idle_text = (f"idle: {idle['idle_replicas']} replica{'s' if idle['idle_replicas'] != 1 else ''} kept, "
+                     f"{_money(idle['idle_cost_per_month'], idle['currency'])} a month")  # fmt: skip
+    elif idle:
+        idle_text = "no price applies to this platform's replicas (a CPU replica needs costs.replica_hourly)"
+    best = best_cost_point(run, layer)
+    if best is None:
+        cell = _no_latency(run, layer)
+        return Cell(cell.status, f"{cell.text}; {idle_text}" if idle_text else cell.text, evidence="#cost")
+    point, within = best
+    replicas = f"{point['replicas']} replica{'s' if point['replicas'] != 1 else ''}"
+    limits = latency_objectives(run)
+    where = (" within the SLOs" if within else " (no load point met the SLOs)") if limits else ""
+    text = (f"{_money(point['cost_per_1k_requests'], point['currency'])} per 1,000 requests at {point['stage']}{where} "
+            f"({point['request_throughput']:.2f} req/s on {replicas} "
+            f"at {point['price_per_replica_hour']:g} {point['currency']}/h)")  # fmt: skip
+    if idle_text:
+        text += f"; {idle_text}"
+    priced = len([s for s in run.latency_stages if s["layer"] == layer])
+    return Cell("measured", text, trials=priced, evidence="#cost")
 
 
 ROWS: list[Row] = [
@@ -233,12 +704,12 @@ ROWS: list[Row] = [
         "raw-vllm": "Build it yourself: Recreate strategy, no traffic split.",
         "kserve": "canaryTrafficPercent splits traffic between revisions.",
         "llm-d": "No claim on the source page.",
-    }, _gated(LIFECYCLE_PENDING)),
+    }, _rollout),
     Row("scale_to_zero", "Scale-to-zero", {
         "raw-vllm": "By hand: replicas to 0 (and a GitOps exception for it).",
         "kserve": "Built in: minReplicas 0.",
         "llm-d": "No claim on the source page.",
-    }, _gated(LIFECYCLE_PENDING)),
+    }, _scale_to_zero),
     Row("ingress_url", "Ingress / URL", {
         "raw-vllm": "A Service; you wire the gateway route.",
         "kserve": "An HTTPRoute and a stable URL per InferenceService, made for you.",
@@ -248,7 +719,7 @@ ROWS: list[Row] = [
         "raw-vllm": "None: each model is its own set of manifests.",
         "kserve": "One resource shape for every model (governance).",
         "llm-d": "One resource shape for every model.",
-    }, _what_you_write),
+    }, _multi_model),
     Row("control", "Control / blast radius", {
         "raw-vllm": "Total control, fewest moving parts.",
         "kserve": "A controller, cert-manager and KServe's opinionated defaults.",
@@ -268,19 +739,38 @@ ROWS: list[Row] = [
     Row("tpot", "TPOT p50 / p95", {}, _percentiles("tpot")),
     Row("e2e", "E2E p50 / p95", {}, _percentiles("e2el")),
     Row("goodput", "Highest load within the SLOs", {}, _goodput),
-    Row("gateway", "Gateway overhead", {}, _gated(LIFECYCLE_PENDING)),
+    Row("gateway", "Gateway overhead", {}, _gateway),
+    Row("cost", "Cost", {}, _cost),
 ]
+PERFORMANCE_ROWS = ("ttft", "tpot", "e2e", "goodput", "gateway", "cost")
 
 
 @dataclass(frozen=True)
 class Table:
-    layers: list[tuple[str, str]]  # (layer name, kind) in study order
+    layers: list[tuple[str, str]]  # (layer name, kind), grouped by kind in the source page's order
     rows: list[tuple[Row, list[Cell]]]
+
+    @property
+    def groups(self) -> list[tuple[str, int]]:
+        """(kind, number of layers) for each source column the study has, in order."""
+        out: list[tuple[str, int]] = []
+        for _, kind in self.layers:
+            if out and out[-1][0] == kind:
+                out[-1] = (kind, out[-1][1] + 1)
+            else:
+                out.append((kind, 1))
+        return out
+
+    def cells(self) -> dict[str, dict[str, Cell]]:
+        """{row key: {layer: cell}}."""
+        names = [n for n, _ in self.layers]
+        return {row.key: dict(zip(names, cells)) for row, cells in self.rows}
 
 
 def decision_table(run: RunData) -> Table:
     """Every row of ROWS measured (or explained) for every layer of the run's study."""
     layers = [(name, spec["kind"]) for name, spec in run.layers.items()]
+    layers.sort(key=lambda nk: KIND_ORDER.index(nk[1]) if nk[1] in KIND_ORDER else len(KIND_ORDER))  # stable
     rows = [(row, [row.measure(run, name, kind) for name, kind in layers]) for row in ROWS]
     return Table(layers, rows)
 
