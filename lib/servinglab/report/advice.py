@@ -1,29 +1,97 @@
-""""When to use which", derived from the run's measurements and the study's objectives."""
+""""When to use which", derived from the run's measurements and the study's objectives.
+
+Two views of the same numbers:
+
+- per layer, a verdict: does what was measured meet the study's objectives (``slos``), what misses them
+  and by how much, and what this run could not tell;
+- per need a team may have (a rollout without failed requests, a traffic-split canary, scale to zero,
+  a URL made for it, few moving parts, load within the latency objectives, cost), the layers that showed
+  it in this run, with the numbers, and what the others did instead.
+
+Nothing here is copied from the source page: a layer that did not measure something is not credited
+with it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from .. import cost
 from .rundata import RunData
-from .table import Table
+from .table import (
+    Table,
+    created_by_platform,
+    experiment_outcome,
+    published_urls,
+    best_cost_point,
+    control_plane_namespaces,
+    idle_cost,
+    latency_objectives,
+    meets_objectives,
+    millis,
+    objectives_text,
+    replica_price,
+    seconds,
+)
 
 
 @dataclass(frozen=True)
 class Advice:
     layer: str
-    verdict: str  # fits | misses | unknown | broken
+    verdict: str  # fits | fits so far | misses | unknown | broken
     reasons: list[str]
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    need: str  # what a team may need, in its words
+    layers: list[str]  # the layers that showed it in this run (empty: none did)
+    reading: str  # why, from this run's numbers
+    evidence: str  # an anchor in the report
+
+
+def _ready_times(run: RunData, layer: str) -> list[float]:
+    trials = [r["measurements"]["time_to_ready_s"] for r in experiment_outcome(run, layer, "time_to_ready").measured]
+    return trials or [d["time_to_ready_s"] for d in run.fresh_starts(layer) if d.get("time_to_ready_s") is not None]
+
+
+def _best_within(run: RunData, layer: str, limits: dict[str, float]) -> dict[str, Any] | None:
+    stages = sorted((s for s in run.latency_stages if s["layer"] == layer and s.get("mode") == "closed"
+                     and s["summary"].get("completed")), key=lambda s: s.get("max_concurrency") or 0)  # fmt: skip
+    meeting = [s for s in stages if meets_objectives(s, limits)]
+    return meeting[-1] if meeting else None
+
+
+def _has_closed_stages(run: RunData, layer: str) -> bool:
+    return any(s["layer"] == layer and s.get("mode") == "closed" and s["summary"].get("completed")
+               for s in run.latency_stages)  # fmt: skip
+
+
+def _update_allowance(run: RunData) -> int | None:
+    return run.params.get("slos", {}).get("update_failed_requests")
+
+
+def _update_line(layer: str, m: dict[str, Any]) -> str:
+    return (f"{layer}'s update ({m['how']}) failed {m['during']['failed']} of {m['during']['requests']} requests, "
+            f"longest gap {seconds(m['longest_gap_s'])}")  # fmt: skip
 
 
 def derive_advice(run: RunData, table: Table) -> list[Advice]:
     """One verdict per layer: does what was measured meet the study's objectives, and what is unknown."""
     slos = run.params.get("slos", {})
-    names = [n for n, _ in table.layers]
-    cells = {row.key: dict(zip(names, row_cells)) for row, row_cells in table.rows}
+    cells = table.cells()
+    limits = latency_objectives(run)
     advice = []
     for layer, kind in table.layers:
         reasons: list[str] = []
         verdict = "fits"
+
+        def miss(reason: str) -> None:
+            nonlocal verdict
+            verdict = "misses" if verdict in ("fits", "fits so far") else verdict
+            reasons.append(reason)
+
         deployment = run.last_deployment(layer)
         if deployment is None or deployment["status"] == "unsupported":
             why = deployment["reason"] if deployment else "not deployed in this run"
@@ -36,21 +104,241 @@ def derive_advice(run: RunData, table: Table) -> list[Advice]:
         if smoke.status == "failed":
             verdict = "broken"
             reasons.append(f"it failed its smoke checks ({smoke.text})")
-        fresh = [d["time_to_ready_s"] for d in run.fresh_starts(layer) if d.get("time_to_ready_s") is not None]
+
+        ready = _ready_times(run, layer)
         objective = slos.get("time_to_ready_s")
-        if fresh and objective:
-            worst = max(fresh)
+        if ready and objective:
+            worst = max(ready)
             if worst <= objective:
-                reasons.append(f"ready in {worst:.1f} s at worst, within the time-to-ready objective of {objective:g} s")
+                reasons.append(f"ready in {seconds(worst)} at worst, within the time-to-ready objective of {objective:g} s")
             else:
-                verdict = "misses" if verdict == "fits" else verdict
-                reasons.append(f"ready in {worst:.1f} s at worst, over the time-to-ready objective of {objective:g} s")
-        elif fresh:
-            reasons.append(f"ready in {max(fresh):.1f} s; the study sets no time-to-ready objective")
-        unmeasured = [row.title for row, _ in table.rows if cells[row.key][layer].status == "pending"]
+                miss(f"ready in {seconds(worst)} at worst, over the time-to-ready objective of {objective:g} s")
+        elif ready:
+            reasons.append(f"ready in {seconds(max(ready))} at worst; the study sets no time-to-ready objective")
+
+        cold = experiment_outcome(run, layer, "scale_to_zero").last
+        objective = slos.get("cold_start_s")
+        if cold and objective:
+            if cold["cold_start_s"] <= objective:
+                reasons.append(f"its first token from zero came after {seconds(cold['cold_start_s'])}, within the "
+                               f"cold-start objective of {objective:g} s")  # fmt: skip
+            else:
+                price = replica_price(run)
+                keep = (f"; one warm replica costs {price[0] * cost.HOURS_PER_MONTH:,.2f} {price[1]} a month"
+                        if price else "")  # fmt: skip
+                miss(f"scale-to-zero cold start {seconds(cold['cold_start_s'])} exceeds the cold-start objective of "
+                     f"{objective:g} s: serve it with min_replicas ≥ 1{keep}")  # fmt: skip
+
+        update = experiment_outcome(run, layer, "model_update").last
+        allowed = _update_allowance(run)
+        if update:
+            failed = update["during"]["failed"]
+            text = (f"a model update ({update['how']}) failed {failed} of {update['during']['requests']} requests, "
+                    f"longest gap without an answer {seconds(update['longest_gap_s'])}")  # fmt: skip
+            if allowed is not None and failed > allowed:
+                miss(f"{text}: over the {allowed} the study allows (slos.update_failed_requests)")
+            else:
+                reasons.append(text + (f", within the {allowed} allowed" if allowed is not None else ""))
+
+        if limits and _has_closed_stages(run, layer):
+            best = _best_within(run, layer, limits)
+            if best is None:
+                miss(f"no tested concurrency met {objectives_text(limits)}")
+            else:
+                s = best["summary"]
+                reasons.append(f"up to concurrency {best['max_concurrency']} ({s['request_throughput']:.2f} req/s) "
+                               f"within {objectives_text(limits)}")  # fmt: skip
+
+        canary = experiment_outcome(run, layer, "canary").last
+        if canary:
+            split = canary["split"]
+            held = split.get("requested_within_ci")
+            reasons.append(f"its canary split {'held' if held else 'missed'}: {split['observed_percent']:.1f} % observed "
+                           f"for {split['requested_percent']:g} % requested over {split['answered']} answers")  # fmt: skip
+
+        hop = experiment_outcome(run, layer, "gateway_hop").last
+        if hop:
+            overhead = hop["overhead_ttft_ms"]["median_difference"]
+            share = f", {100 * overhead / limits['ttft']:.1f} % of the TTFT p95 objective" if limits.get("ttft") else ""
+            reasons.append(f"its gateway adds {millis(overhead)} to TTFT{share}")
+
+        best_cost = best_cost_point(run, layer)
+        if best_cost:
+            point, _ = best_cost
+            reasons.append(f"{point['cost_per_1k_requests']:.4f} {point['currency']} per 1,000 requests at {point['stage']}")
+
+        failed = [row.title for row, _ in table.rows if cells[row.key][layer].status == "failed" and row.key != "confirmed"]
+        unmeasured = [row.title for row, _ in table.rows if cells[row.key][layer].status == "not-run"]
+        if failed:
+            reasons.append("failed in this run: " + ", ".join(failed))
         if unmeasured:
-            reasons.append("not yet measured: " + ", ".join(unmeasured))
-            if verdict == "fits":
-                verdict = "fits so far"
+            reasons.append("not measured in this run: " + ", ".join(unmeasured))
+        if (failed or unmeasured) and verdict == "fits":
+            verdict = "fits so far"
         advice.append(Advice(layer, verdict, reasons))
     return advice
+
+
+# --- needs → layers ------------------------------------------------------------------------------------
+
+
+def _names(layers: list[str]) -> str:
+    return ", ".join(layers) if layers else "none"
+
+
+def _rollout_need(run: RunData, layers: list[str]) -> Recommendation | None:
+    updates = {layer: m for layer in layers if (m := experiment_outcome(run, layer, "model_update").last)}
+    if not updates:
+        return None
+    allowed = _update_allowance(run) or 0
+    fitting = [layer for layer, m in updates.items() if m["during"]["failed"] <= allowed]
+    def cost_of(layer: str) -> tuple[float, float]:
+        during = updates[layer]["during"]
+        return during["failed"] / max(1, during["requests"]), updates[layer]["longest_gap_s"]
+
+    ranked = sorted(updates, key=cost_of)
+    lines = [_update_line(layer, updates[layer]) for layer in ranked]
+    bar = f"at most {allowed} failed requests" if allowed else "no failed request"
+    rate = next(iter(updates.values())).get("steady_rate")
+    load = f" under a steady {rate:g} req/s" if rate else ""
+    if fitting:
+        reading = f"{_names(fitting)} updated with {bar}{load}; " + "; ".join(lines)
+    else:
+        reading = f"no layer updated with {bar}{load}: " + "; ".join(lines) + f". The fewest failures were on {ranked[0]}"
+    recreated = [layer for layer in updates if layer not in fitting and run.layers.get(layer, {}).get("kind") == "raw-vllm"]
+    if recreated:
+        reading += (f"; {_names(recreated)} replaces its pods in place, so an update without downtime needs a second "
+                    "replica (and a RollingUpdate) or a layer that starts the new revision before it stops the old")
+    need = f"Model updates with at most {allowed} failed requests" if allowed else "Model updates without failed requests"
+    return Recommendation(need, fitting, reading + ".", "#row-rollout_canary")
+
+
+def _canary_need(run: RunData, layers: list[str]) -> Recommendation | None:
+    found, refused, failed = {}, {}, {}
+    for layer in layers:
+        outcome = experiment_outcome(run, layer, "canary")
+        if outcome.last:
+            found[layer] = outcome.last["split"]
+        elif outcome.other is not None and outcome.other["status"] == "unsupported":
+            refused[layer] = outcome.other["reason"]
+        elif outcome.other is not None:
+            failed[layer] = outcome.other["status"]
+    if not found and not refused:
+        return None
+    held = [layer for layer, split in found.items() if split.get("requested_within_ci")]
+    parts = [f"{layer}: {s['observed_percent']:.1f} % observed for {s['requested_percent']:g} % requested "
+             f"[{s['ci_low_percent']:.1f}, {s['ci_high_percent']:.1f}]" for layer, s in found.items()]  # fmt: skip
+    parts += [f"{layer}: {reason.split(':', 1)[0]}" for layer, reason in refused.items()]
+    parts += [f"{layer}: the canary {status} (see the warnings)" for layer, status in failed.items()]
+    return Recommendation("A traffic-split canary", held, "; ".join(parts) + ".", "#row-rollout_canary")
+
+
+def _scale_need(run: RunData, layers: list[str]) -> Recommendation | None:
+    objective = run.params.get("slos", {}).get("cold_start_s")
+    measured = {layer: m for layer in layers if (m := experiment_outcome(run, layer, "scale_to_zero").last)}
+    if not measured:
+        return None
+    on_demand = [layer for layer, m in measured.items() if not m["how"].startswith("by hand")
+                 and (objective is None or m["cold_start_s"] <= objective)]  # fmt: skip
+    parts = []
+    for layer, m in measured.items():
+        text = f"{layer}: first token from zero after {seconds(m['cold_start_s'])}"
+        if m["how"].startswith("by hand"):
+            text += " (scaled by hand, nothing wakes it on a request)"
+        if objective is not None and m["cold_start_s"] > objective:
+            text += f", over the {objective:g} s objective"
+        idle = idle_cost(run, layer)
+        if idle and idle.get("idle_cost_per_month") is not None:
+            text += f"; idle {idle['idle_cost_per_month']:,.2f} {idle['currency']} a month as configured"
+        parts.append(text)
+    need = "Scale to zero when idle, woken by a request"
+    return Recommendation(need, on_demand, "; ".join(parts) + ".", "#row-scale_to_zero")
+
+
+def _url_need(run: RunData, layers: list[str]) -> Recommendation | None:
+    if run.params.get("platform", {}).get("kind") != "kubernetes":
+        return None
+    parts, fitting = [], []
+    for layer in layers:
+        if run.last_deployment(layer) is None or run.last_deployment(layer)["status"] != "ready":
+            continue
+        urls = sorted(set(published_urls(run, layer)))
+        routes = [c for c in created_by_platform(run, layer) or [] if c.startswith("HTTPRoute/")]
+        if len(urls) == 1:
+            fitting.append(layer)
+            parts.append(f"{layer}: {urls[0]}" + (f" with {', '.join(routes)}" if routes else ""))
+        elif urls:
+            parts.append(f"{layer}: its URL changed between starts")
+        else:
+            parts.append(f"{layer}: no URL published, you route to its Service")
+    if not parts:
+        return None
+    return Recommendation("A stable URL made for each model", fitting, "; ".join(parts) + ".", "#row-ingress_url")
+
+
+def _moving_parts_need(run: RunData, layers: list[str]) -> Recommendation | None:
+    checks = next((r["facts"]["cluster"] for r in reversed(run.preflight) if r.get("facts", {}).get("cluster")), None)
+    if checks is None:
+        return None
+    plane = checks.get("control_plane", {})
+    counts = {}
+    for layer in layers:
+        namespaces = control_plane_namespaces(run.layers[layer], checks)
+        counts[layer] = sum(plane[ns]["pods"] for ns in namespaces if ns in plane)
+    fewest = min(counts.values())
+    parts = [f"{layer}: {n} control-plane pods" for layer, n in counts.items()]
+    return Recommendation("The fewest moving parts to run and upgrade", [l for l, n in counts.items() if n == fewest],
+                          "; ".join(parts) + ".", "#row-control")  # fmt: skip
+
+
+def _load_need(run: RunData, layers: list[str]) -> Recommendation | None:
+    limits = latency_objectives(run)
+    tested = [layer for layer in layers if _has_closed_stages(run, layer)]
+    if not limits or not tested:
+        return None
+    best = {layer: _best_within(run, layer, limits) for layer in tested}
+    throughput = {layer: s["summary"]["request_throughput"] for layer, s in best.items() if s}
+    parts = [f"{layer}: {throughput[layer]:.2f} req/s at concurrency {best[layer]['max_concurrency']}" if layer in throughput
+             else f"{layer}: no tested load met them" for layer in tested]  # fmt: skip
+    top = max(throughput.values(), default=None)
+    # Within 5 % of the best counts as the same: load points are coarse and runs vary more than that.
+    fitting = [layer for layer, t in throughput.items() if top and t >= 0.95 * top]
+    return Recommendation(f"The most load within {objectives_text(limits)}", fitting, "; ".join(parts) + ".", "#row-goodput")
+
+
+def _cost_need(run: RunData, layers: list[str]) -> Recommendation | None:
+    points = {layer: p for layer in layers if (p := best_cost_point(run, layer))}
+    if not points:
+        return None
+    cheapest = min(p[0]["cost_per_1k_requests"] for p in points.values())
+    parts = [f"{layer}: {p['cost_per_1k_requests']:.4f} {p['currency']} per 1,000 requests at {p['stage']}"
+             + ("" if within else " (outside the objectives)") for layer, (p, within) in points.items()]  # fmt: skip
+    fitting = [layer for layer, (p, _) in points.items() if p["cost_per_1k_requests"] <= 1.05 * cheapest]
+    return Recommendation("The lowest cost per request", fitting, "; ".join(parts) + ".", "#row-cost")
+
+
+def _manifest_need(run: RunData, table: Table, layers: list[str]) -> Recommendation | None:
+    from . import manifests
+
+    try:
+        study, _ = manifests.cluster_study(run.params)
+        written = {layer: manifests.authored(study, layer).fields for layer in layers}
+        changes = {layer: sum(d.changed_fields for d in manifests.distances(study, layer)) for layer in layers}
+    except Exception:  # noqa: BLE001 - the table's cells already say why the manifests do not render
+        return None
+    fewest = min(written.values())
+    parts = [f"{layer}: {written[layer]} fields"
+             + (f", {changes[layer]} changed for another model" if study.compare_models else "") for layer in layers]
+    return Recommendation("The least to write and review per model", [l for l in layers if written[l] == fewest],
+                          "; ".join(parts) + ".", "#row-what_you_write")  # fmt: skip
+
+
+def derive_recommendations(run: RunData, table: Table) -> list[Recommendation]:
+    """Per need, the layers that showed it in this run (only needs this run measured something for)."""
+    layers = [name for name, _ in table.layers]
+    running = [l for l in layers if (d := run.last_deployment(l)) is not None and d["status"] == "ready"]
+    makers = [_rollout_need(run, layers), _canary_need(run, layers), _scale_need(run, layers), _url_need(run, layers),
+              _moving_parts_need(run, layers), _load_need(run, running), _cost_need(run, running),
+              _manifest_need(run, table, layers)]  # fmt: skip
+    return [r for r in makers if r is not None]
+
