@@ -45,8 +45,10 @@ def test_table_and_figure_render(browser, tmp_path, width, height):
 
     table = page.locator("#decision-table")
     assert table.is_visible()
-    headers = [h.strip() for h in table.locator("thead th").all_inner_texts()]
-    assert headers[0] == "Dimension" and [h.split("\n")[0] for h in headers[1:]] == ["raw", "kserve", "llm-d"]
+    groups = [h.strip() for h in table.locator("thead tr").nth(0).locator("th").all_inner_texts()]
+    assert groups == ["Dimension", "raw vLLM", "KServe InferenceService", "LLMInferenceService (llm-d)"]
+    headers = [h.strip() for h in table.locator("thead tr").nth(1).locator("th").all_inner_texts()]
+    assert [h.split("\n")[0] for h in headers] == ["raw", "kserve", "llm-d"]
     assert table.locator("tbody tr").count() == len(ROWS)
     assert "41.7 s" in table.locator("#row-model_lifecycle").inner_text()
 
@@ -69,6 +71,49 @@ def test_table_and_figure_render(browser, tmp_path, width, height):
     image = Image.open(shot).convert("RGB")
     assert image.width == width and image.height > height
     assert MEASURED_BACKGROUND in {c for _, c in image.getcolors(maxcolors=1 << 20)}
+    page.close()
+
+
+@pytest.mark.parametrize("width, height", [(1280, 900), (390, 844)], ids=["desktop", "phone"])
+def test_cluster_report_renders(browser, tmp_path, width, height):
+    """A full cluster run: two KServe layers under one column, every cell measured or observed, every figure."""
+    from PIL import Image
+    from test_report_cluster import RUNS
+
+    run = tmp_path / "runs" / "cluster-full"
+    shutil.copytree(RUNS / "cluster-full", run)
+    published = report.publish(run, tmp_path / "reports")
+    page = browser.new_page(viewport={"width": width, "height": height})
+    requests = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(published.as_uri())
+    page.wait_for_load_state("load")
+
+    table = page.locator("#decision-table")
+    kserve = table.locator("thead tr").nth(0).locator("th", has_text="KServe InferenceService")
+    assert kserve.get_attribute("colspan") == "2"
+    layers = [h.split("\n")[0].strip() for h in table.locator("thead tr").nth(1).locator("th").all_inner_texts()]
+    assert layers == ["raw", "kserve-standard", "kserve-knative", "llm-d"]
+    statuses = table.locator("tbody td .tag").all_inner_texts()
+    assert len(statuses) == 4 * len(ROWS) and {s.lower() for s in statuses} == {"measured", "observed"}
+    assert "20.3 % observed" in table.locator("#row-rollout_canary").inner_text()
+    for anchor in ("fig-lifecycle-ready", "fig-update-timeline", "fig-cold-start", "fig-canary", "fig-cost"):
+        box = page.locator(f"#{anchor} svg").bounding_box()
+        assert box and box["width"] > 200 and box["height"] > 50, anchor
+    assert page.locator("#recommendations tbody tr").count() >= 6
+    assert page.locator("#lifecycle-table tbody tr").count() == 28
+
+    # An evidence link lands on its figure.
+    table.locator("#row-scale_to_zero a", has_text="evidence").nth(2).click()  # kserve-knative
+    assert page.evaluate("location.hash") == "#fig-cold-start"
+
+    scroll_width, inner_width = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+    assert scroll_width <= inner_width
+    assert requests == [published.as_uri()]
+    shot = tmp_path / f"cluster-{width}.png"
+    page.screenshot(path=str(shot), full_page=True)
+    image = Image.open(shot).convert("RGB")
+    assert image.width == width and MEASURED_BACKGROUND in {c for _, c in image.getcolors(maxcolors=1 << 20)}
     page.close()
 
 

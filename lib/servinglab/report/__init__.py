@@ -11,10 +11,12 @@ from typing import Any
 import jinja2
 
 from .. import __version__
+from ..config import engine_argv
 from ..errors import RunDirError
-from .advice import derive_advice
-from .plots import PHASE_LABELS, figures, latency_figures, lifecycle_figures
+from .advice import derive_advice, derive_recommendations
+from .plots import START_PHASE_LABELS, figures, latency_figures, lifecycle_figures
 from .rundata import RunData, load_run
+from .sections import cost_section, lifecycle_rows, lifecycle_warnings, manifest_section
 from .table import decision_table, table_frame
 
 KIND_TITLES = {"raw-vllm": "raw vLLM", "kserve": "KServe InferenceService", "llm-d": "LLMInferenceService (llm-d)"}
@@ -44,6 +46,7 @@ def _warnings(run: RunData) -> list[str]:
             warnings.append(f"{where}: the server was not answering after the stage")
         if stage.get("interrupted"):
             warnings.append(f"{where}: interrupted; its measurements up to then are kept")
+    warnings += lifecycle_warnings(run)
     if run.preflight and not run.preflight[-1]["model"].get("vocabulary_covered", True):
         warnings.append("the tokenizer does not cover the model's vocabulary: streamed chunks may carry empty text")
     for nb in run.context.get("notebooks", []):
@@ -60,7 +63,9 @@ def _server_args(run: RunData) -> str:
         command = d.get("command") or []
         if "--model" in command:
             return " ".join(command[command.index("--model") :])
-    return ""
+    args = engine_argv(run.params.get("model", {}).get("engine_args") or {})
+    # A cluster layer's command is in its rendered objects, not in the run: the study's part of it.
+    return " ".join(args) + " (the study's; the layer adds the model and its address)" if args else ""
 
 
 def _load_pattern(run: RunData) -> str:
@@ -116,10 +121,14 @@ def render_html(run_dir: str | os.PathLike) -> str:
         table=table,
         kind_titles=KIND_TITLES,
         advice=derive_advice(run, table),
+        recommendations=derive_recommendations(run, table),
+        manifests=manifest_section(run),
+        lifecycle=lifecycle_rows(run),
+        costs=cost_section(run),
         figures=figures(run),
         preflight=run.preflight[-1] if run.preflight else None,
         deployments=run.deployments,
-        phase_labels=PHASE_LABELS,
+        phase_labels=START_PHASE_LABELS,
         smoke=run.smoke,
         data_files=data_files,
     )

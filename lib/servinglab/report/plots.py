@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 
 from .rundata import RunData
@@ -22,6 +23,7 @@ CLUSTER_PHASE_LABELS = {
     "engine_ready_s": "engine ready (weights, KV cache, probes)",
 }
 FIRST_TOKEN_LABEL = {"first_token_s": "first token of the first request"}
+START_PHASE_LABELS = {**PHASE_LABELS, **CLUSTER_PHASE_LABELS}  # a fresh start's phases, on either platform
 PHASE_COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3"]
 
 
@@ -32,8 +34,18 @@ class Figure:
     svg: str
     reading: str  # one sentence that says what the figure shows
 
+    def __post_init__(self) -> None:
+        # Every figure defines its glyphs and clip paths under the same ids; inline in one page, ids must be
+        # unique, so each figure's are prefixed with its anchor.
+        object.__setattr__(self, "svg", _scope_ids(self.svg, self.anchor))
+
     def _repr_html_(self) -> str:  # shown as is in a notebook
         return f"<figure><figcaption><b>{self.title}.</b> {self.reading}</figcaption>{self.svg}</figure>"
+
+
+def _scope_ids(svg: str, prefix: str) -> str:
+    """Prefix every id an SVG defines, and every reference to one, with ``prefix-``."""
+    return re.sub(r'(\bid="|href="#|url\(#)', lambda m: f"{m.group(1)}{prefix}-", svg)
 
 
 def _svg(fig) -> str:
@@ -48,29 +60,20 @@ def _svg(fig) -> str:
 
 
 def time_to_ready_figure(run: RunData) -> Figure | None:
-    """Stacked bars: each fresh start's time to ready, split into its phases."""
+    """Stacked bars: each fresh start's time to ready, split into its phases (a process's or a pod's)."""
     starts = [(d["layer"], d) for d in run.deployments if d["status"] == "ready" and not d["reused"]]
     if not starts:
         return None
     plt = _pyplot()
-    phases = list(PHASE_LABELS)
     fig, ax = plt.subplots(figsize=(7.5, 0.6 + 0.5 * len(starts)))
-    labels = [f"{layer} #{i + 1}" for i, (layer, _) in enumerate(starts)]
-    lefts = [0.0] * len(starts)
-    colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52"]
-    for phase, color in zip(phases, colors):
-        widths = [d.get("phases_s", {}).get(phase, 0.0) for _, d in starts]
-        ax.barh(labels, widths, left=lefts, color=color, label=PHASE_LABELS[phase])
-        lefts = [a + b for a, b in zip(lefts, widths)]
-    ax.set_xlabel("seconds from process start")
-    ax.invert_yaxis()
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35 - 0.05 * len(starts)), ncol=2, fontsize=8, frameon=False)
-    ax.spines[["top", "right"]].set_visible(False)
-    longest_layer, longest = max(starts, key=lambda s: s[1]["time_to_ready_s"])
-    biggest = max(longest.get("phases_s", {}).items(), key=lambda kv: kv[1], default=(None, 0))
+    _phase_bars(ax, [(f"{layer} #{i + 1}", d.get("phases_s") or {}) for i, (layer, d) in enumerate(starts)])
+    ax.set_xlabel("seconds from the start (process start, or apply on a cluster)")
+    longest_layer, longest = max(starts, key=lambda s: s[1]["time_to_ready_s"] or 0)
+    biggest = max((longest.get("phases_s") or {}).items(), key=lambda kv: kv[1], default=(None, 0))
+    labels = START_PHASE_LABELS
     reading = (
         f"The slowest start, {longest_layer}, took {longest['time_to_ready_s']:.1f} s to ready; "
-        f"{biggest[1]:.1f} s of it was {PHASE_LABELS.get(biggest[0], biggest[0])}."
+        f"{biggest[1]:.1f} s of it was {labels.get(biggest[0], biggest[0])}."
     )
     return Figure("fig-time-to-ready", "Time to ready by phase", _svg(fig), reading)
 
@@ -193,7 +196,9 @@ def _phase_bars(ax, rows: list[tuple[str, dict[str, float]]]) -> None:  # noqa: 
         ax.barh([name for name, _ in rows], widths, left=lefts, color=color, label=labels[phase])
         lefts = [a + b for a, b in zip(lefts, widths)]
     ax.invert_yaxis()
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3 - 0.05 * len(rows)), ncol=2, fontsize=8, frameon=False)
+    # The same distance below the axes whatever their height: room for the tick labels and the x label.
+    height_in = ax.get_position().height * ax.figure.get_figheight()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.62 / height_in), ncol=2, fontsize=8, frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
 
 
@@ -241,6 +246,7 @@ def update_timeline_figure(run: RunData) -> Figure | None:
         parts.append(f"{update['layer']} failed {m['during']['failed']} of {m['during']['requests']} requests "
                      f"with a longest gap of {m['longest_gap_s']:.1f} s")  # fmt: skip
     axes[-1, 0].set_xlabel("seconds since the change began")
+    fig.tight_layout()
     return Figure("fig-update-timeline", "Requests during a model update", _svg(fig), "; ".join(parts) + ".")
 
 
@@ -282,6 +288,49 @@ def canary_figure(run: RunData) -> Figure | None:
     return Figure("fig-canary", "Canary split, requested against observed", _svg(fig), reading)
 
 
+def cost_figure(run: RunData) -> Figure | None:
+    """Cost per 1,000 requests against the request rate served, one line per layer, one point per stage."""
+    from .. import cost
+    from ..errors import ServinglabError
+
+    try:
+        rows = [r for r in cost.load_point_costs(run.resolved_study(), run.run_dir) if r["cost_per_1k_requests"]]
+    except ServinglabError:
+        return None
+    if not rows:
+        return None
+    by_layer: dict[str, list[dict]] = {}
+    for r in rows:
+        by_layer.setdefault(r["layer"], []).append(r)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    from .table import latency_objectives, meets_objectives
+
+    limits = latency_objectives(run)
+    stages = {(s["layer"], s["stage"]): s for s in run.latency_stages}
+    for layer, points in by_layer.items():
+        points.sort(key=lambda r: r["request_throughput"])
+        (line,) = ax.plot([r["request_throughput"] for r in points], [r["cost_per_1k_requests"] for r in points],
+                          marker="o", label=layer)  # fmt: skip
+        missed = [r for r in points if limits and (layer, r["stage"]) in stages
+                  and not meets_objectives(stages[(layer, r["stage"])], limits)]  # fmt: skip
+        ax.scatter([r["request_throughput"] for r in missed], [r["cost_per_1k_requests"] for r in missed], s=60,
+                   facecolors="white", edgecolors=line.get_color(), zorder=3)  # fmt: skip
+    currency = rows[0]["currency"]
+    ax.set_xlabel("requests/s served")
+    ax.set_ylabel(f"{currency} per 1,000 requests")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8, frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    cheapest = {layer: min(points, key=lambda r: r["cost_per_1k_requests"]) for layer, points in by_layer.items()}
+    reading = "; ".join(f"{layer} is cheapest at {r['stage']}, {r['cost_per_1k_requests']:.4f} {currency} per 1,000 "
+                        f"requests" for layer, r in cheapest.items()) + (
+        f" (each replica priced at {rows[0]['price_per_replica_hour']:g} {currency} an hour"
+        + ("; hollow points missed the p95 latency objectives" if limits else "") + ")."
+    )  # fmt: skip
+    return Figure("fig-cost", "Cost per 1,000 requests against load", _svg(fig), reading)
+
+
 def lifecycle_figures(run_dir) -> Figures:
     """The lifecycle figures of a run, for a notebook."""
     from .rundata import load_run
@@ -292,7 +341,9 @@ def lifecycle_figures(run_dir) -> Figures:
 
 
 def figures(run: RunData) -> list[Figure]:
-    makers = (time_to_ready_figure, latency_throughput_figure, distributions_figure, goodput_figure)
+    """Every figure the report shows, in its order: starts, latency, lifecycle, cost."""
+    makers = (time_to_ready_figure, latency_throughput_figure, distributions_figure, goodput_figure,
+              lifecycle_ready_figure, update_timeline_figure, cold_start_figure, canary_figure, cost_figure)  # fmt: skip
     return [f for f in (make(run) for make in makers) if f is not None]
 
 

@@ -1,0 +1,137 @@
+"""The report's evidence sections below the table: manifests, lifecycle outcomes, cost. Each is a list of
+plain rows for the template, computed from the run's data only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .. import cost
+from ..errors import ServinglabError
+from . import manifests
+from .plots import START_PHASE_LABELS
+from .rundata import RunData
+from .table import created_by_platform, requests_text, millis, seconds
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    layer: str
+    kind: str
+    written: str  # "Deployment, Service"
+    lines: int
+    fields: int
+    created: str  # what the platform made of them, or why that is unknown
+
+
+@dataclass(frozen=True)
+class DistanceRow:
+    layer: str
+    model: str
+    changed_fields: int
+    added_or_removed: int
+    total_fields: int
+    diff_lines: int
+    paths: list[str]
+
+
+@dataclass(frozen=True)
+class Manifests:
+    rows: list[ManifestRow]
+    distances: list[DistanceRow]
+    assumed: str | None
+    error: str | None
+
+
+def manifest_section(run: RunData) -> Manifests:
+    """Per layer, what the user writes and what the platform created; per compared model, what changes."""
+    try:
+        study, assumed = manifests.cluster_study(run.params)
+        rows, distances = [], []
+        for layer, spec in study.layers.items():
+            written = manifests.authored(study, layer, assumed)
+            created = created_by_platform(run, layer)
+            if created is None:
+                created_text = ("not recorded: no fresh start of this layer in this run" if assumed is None
+                                else "needs platform: kubernetes")  # fmt: skip
+            else:
+                created_text = ", ".join(created) or "nothing"
+            rows.append(ManifestRow(layer, spec.kind, manifests.kind_counts(written.kinds),
+                                    written.lines, written.fields, created_text))  # fmt: skip
+            for d in manifests.distances(study, layer):
+                distances.append(DistanceRow(layer, f"{d.model} ({d.served_name})", d.changed_fields,
+                                             d.added_or_removed, d.total_fields, d.diff_lines, d.paths))  # fmt: skip
+        return Manifests(rows, distances, assumed, None)
+    except (ServinglabError, ValueError) as exc:
+        return Manifests([], [], None, str(exc).splitlines()[0])
+
+
+def _result(record: dict[str, Any]) -> str:
+    """One experiment trial in a sentence: its headline numbers, or why it has none."""
+    if record["status"] != "measured":
+        return f"{record['status']}: {record.get('reason') or 'no reason recorded'}"
+    m, name = record["measurements"], record["experiment"]
+    if name == "time_to_ready":
+        found = m.get("phases_s") or {}
+        phases = ", ".join(f"{label} {found[k]:.2f}" for k, label in START_PHASE_LABELS.items() if k in found)
+        return f"{seconds(m['time_to_ready_s'])} to ready ({phases}); teardown before it {seconds(m['teardown_s'])}"
+    if name == "model_update":
+        served = m.get("change_to_served_s")
+        head = f"new revision served after {seconds(served)}" if served is not None else "new revision not seen answering"
+        return (f"{m['how']}: {head}, ready after {seconds(m['change_to_ready_s'])}; before: "
+                f"{requests_text(m['before'])}; during: {requests_text(m['during'])}; after: {requests_text(m['after'])}; "
+                f"longest gap {seconds(m['longest_gap_s'])}")  # fmt: skip
+    if name == "canary":
+        split = m["split"]
+        return (f"{m['how']}: {split['observed_percent']:.1f} % of {split['answered']} answers from the canary for "
+                f"{split['requested_percent']:g} % requested [{split['ci_low_percent']:.1f}, "
+                f"{split['ci_high_percent']:.1f}]; "
+                f"canary ready after {seconds(m['canary_ready_s'])}; promote: {requests_text(m['promote']['during'])}; "
+                f"rollback: {requests_text(m['rollback']['during'])}")  # fmt: skip
+    if name == "scale_to_zero":
+        return (f"{m['how']}: zero after {seconds(m['time_to_zero_s'])}; first token from zero after "
+                f"{seconds(m['cold_start_s'])} (its TTFT {millis(m['cold_request_ttft_ms'])}); warm TTFT p50 "
+                f"{millis(m['warm_ttft_ms_p50'])}")  # fmt: skip
+    if name == "gateway_hop":
+        t, e = m["overhead_ttft_ms"], m["overhead_e2el_ms"]
+        return (f"gateway − direct over {t['pairs']} pairs: TTFT {millis(t['median_difference'])} [{t['ci_low']:.2f}, "
+                f"{t['ci_high']:.2f}], E2E {millis(e['median_difference'])} [{e['ci_low']:.2f}, {e['ci_high']:.2f}]; "
+                f"through the gateway at {m['gateway_via'].removeprefix('gateway ')}; "
+                f"directly by {m['direct_via']}")  # fmt: skip
+    return ""
+
+
+def lifecycle_rows(run: RunData) -> list[dict[str, Any]]:
+    """One row per experiment trial, in the order they ran."""
+    return [{"layer": r["layer"], "experiment": r["experiment"], "trial": r["trial"] + 1, "status": r["status"],
+             "result": _result(r), "settled": r.get("settled") or ""} for r in run.lifecycle]  # fmt: skip
+
+
+def lifecycle_warnings(run: RunData) -> list[str]:
+    """The experiments that failed or were interrupted, with what was done to the layer after."""
+    out = []
+    for r in run.lifecycle:
+        if r["status"] in ("failed", "interrupted"):
+            reason = (r.get("reason") or "no reason recorded").strip().splitlines()[0]
+            settled = f" (the layer was {r['settled']})" if r.get("settled") else ""
+            out.append(f"layer {r['layer']} lifecycle {r['experiment']} #{r['trial'] + 1} {r['status']}: {reason}{settled}")
+    return out
+
+
+@dataclass(frozen=True)
+class Costs:
+    load_points: list[dict[str, Any]]
+    idle: list[dict[str, Any]]
+    note: str | None  # why there is nothing to show
+
+
+def cost_section(run: RunData) -> Costs:
+    """Cost per 1,000 requests at every load point and the idle cost of each layer, from the study's prices."""
+    try:
+        study = run.resolved_study()
+    except ServinglabError as exc:
+        return Costs([], [], str(exc))
+    if study.costs.replica_price_per_hour(cost.gpus_per_replica(study)) is None:
+        return Costs([], [], "The study sets no price that applies here: costs.gpu_hourly (GPU replicas), or "
+                     "costs.replica_hourly (any replica, a CPU machine too).")  # fmt: skip
+    return Costs(cost.load_point_costs(study, run.run_dir), cost.idle_costs(study), None)
