@@ -59,3 +59,5 @@ def test_an_interrupted_model_update_restores_the_layer_and_keeps_its_requests(e
     answer = httpx.post(f"{after.base_url}/chat/completions", timeout=60, json={
         "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})  # fmt: skip
     assert answer.status_code == 200 and answer.json()["model"] == "tiny"
+    # The shared engine was restarted: later tests read its new process from the session's record.
+    engine.deployment = engine.platform.ensure("raw", engine.run_dir)
