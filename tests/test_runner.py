@@ -80,6 +80,7 @@ def test_whole_suite_with_an_api_key_that_appears_nowhere(private_overrides, tmp
     assert measured == {("raw", "time_to_ready"), ("raw", "model_update"), ("raw", "scale_to_zero")}
     assert all(r["reason"] for key, r in outcomes.items() if key not in measured)
     assert outcomes[("kserve", "canary")]["reason"] == "needs platform: kubernetes"
+    assert outcomes[("kserve", "canary")]["refused_by"] == "platform" and outcomes[("raw", "canary")]["refused_by"] == "layer"
     ready = outcomes[("raw", "time_to_ready")]["measurements"]
     assert ready["time_to_ready_s"] > 1 and sum(ready["phases_s"].values()) == pytest.approx(ready["time_to_ready_s"], abs=1)
     update = outcomes[("raw", "model_update")]["measurements"]

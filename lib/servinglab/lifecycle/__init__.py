@@ -18,7 +18,7 @@ from .. import results
 from ..config import Study
 from ..errors import ServinglabError
 from ..platforms import Platform
-from .experiments import EXPERIMENTS, REQUESTS_TABLE, Trial, unsupported_reason
+from .experiments import EXPERIMENTS, NEEDS_CLUSTER, REQUESTS_TABLE, Trial, layer_limit, unsupported_reason
 
 TABLE = "lifecycle"
 
@@ -86,9 +86,13 @@ def run_lifecycle(
             for index in range(repeats):
                 trial = Trial(study, platform, Path(run_dir), layer_name, name, index)
                 started = time.time()
-                reason = hosted or unsupported_reason(study, platform, layer_name, name)
+                layer = study.layers[layer_name]
+                limit = layer_limit(layer.kind, getattr(layer, "mode", None), name)
+                reason = limit or hosted or unsupported_reason(study, platform, layer_name, name)
                 if reason:
-                    out.append(_record(trial, "unsupported", started, reason=reason))
+                    # Who refused: the layer kind itself (true anywhere), the platform, or the study's settings.
+                    refused_by = "layer" if limit else "platform" if hosted or reason == NEEDS_CLUSTER else "settings"
+                    out.append(_record(trial, "unsupported", started, reason=reason, refused_by=refused_by))
                     break
                 out.append(_run_one(trial, started, deploy_missing))
     return out
@@ -144,7 +148,9 @@ def plan_frame(study: Study, platform: Platform, layers: list[str] | None = None
         hosted = platform.unsupported_reason(layer_name)
         row = {"layer": layer_name}
         for name in study.workloads.lifecycle.experiments:
-            reason = hosted or unsupported_reason(study, platform, layer_name, name)
+            layer = study.layers[layer_name]
+            reason = (layer_limit(layer.kind, getattr(layer, "mode", None), name) or hosted
+                      or unsupported_reason(study, platform, layer_name, name))  # fmt: skip
             row[name] = f"no: {reason}" if reason else "yes"
         rows.append(row)
     return pd.DataFrame(rows)

@@ -29,6 +29,7 @@ from .stats import paired_difference, split_estimate
 REQUESTS_TABLE = "lifecycle_requests"
 UPDATE_REVISION = "update"
 CANARY_REVISION = "canary"
+NEEDS_CLUSTER = "needs platform: kubernetes"
 NEW_REVISION_WAIT_S = 120.0  # after the change is ready, how long the steady load may still reach the old revision
 
 
@@ -72,36 +73,44 @@ class Trial:
 # --- which layer can take part ---------------------------------------------------------------------
 
 
-def unsupported_reason(study: Study, platform: Platform, layer_name: str, experiment: str) -> str | None:
-    """None when the experiment can run on this layer and platform, otherwise why not."""
-    layer = study.layers[layer_name]
-    cluster = platform.name == "kubernetes"
+def layer_limit(kind: str, mode: str | None, experiment: str) -> str | None:
+    """Why a layer of this kind (and KServe mode) cannot take part in an experiment on any platform, or
+    None: what the layer is, as opposed to where it runs or how the study sets it."""
     if experiment == "canary":
-        if layer.kind == "raw-vllm":
+        if kind == "raw-vllm":
             return ("raw vLLM has no traffic split: a canary means a second Deployment, a Service for each "
                     "revision and a weighted proxy or HTTPRoute, written and rolled back by hand")  # fmt: skip
-        if layer.kind == "llm-d":
+        if kind == "llm-d":
             return ("LLMInferenceService has no canary field: a split needs a second LLMInferenceService and "
                     "weighted routes written by hand")  # fmt: skip
-        if not cluster:
-            return "needs platform: kubernetes"
-        return _needs_gateway(platform)
     if experiment == "scale_to_zero":
-        if layer.kind == "llm-d":
+        if kind == "llm-d":
             return "LLMInferenceService keeps spec.replicas pods: it has no request-driven activation from zero"
-        if layer.kind == "kserve":
-            if layer.mode == "Standard":
-                return "in Standard mode the HPA keeps at least one replica (minReplicas 0 is raised to 1)"
-            if layer.min_replicas > 0:
-                return f"min_replicas is {layer.min_replicas}: set it to 0 for this Knative layer to scale to zero"
-            if not cluster:
-                return "needs platform: kubernetes"
-            return _needs_gateway(platform)
-        return None  # raw vLLM: by hand, on either platform
-    if experiment == "gateway_hop":
-        if layer.kind == "raw-vllm":
-            return "raw vLLM has no gateway: its Service is the only hop, so there is no overhead to measure"
-        return None if cluster else "needs platform: kubernetes"
+        if kind == "kserve" and mode == "Standard":
+            return "in Standard mode the HPA keeps at least one replica (minReplicas 0 is raised to 1)"
+    if experiment == "gateway_hop" and kind == "raw-vllm":
+        return "raw vLLM has no gateway: its Service is the only hop, so there is no overhead to measure"
+    return None
+
+
+def unsupported_reason(study: Study, platform: Platform, layer_name: str, experiment: str) -> str | None:
+    """None when the experiment can run on this layer and platform, otherwise why not (the layer's own
+    limit first, then the platform's, then the study's settings)."""
+    layer = study.layers[layer_name]
+    limit = layer_limit(layer.kind, getattr(layer, "mode", None), experiment)
+    if limit:
+        return limit
+    cluster = platform.name == "kubernetes"
+    if experiment == "canary":
+        return _needs_gateway(platform) if cluster else NEEDS_CLUSTER
+    if experiment == "scale_to_zero" and layer.kind == "kserve":
+        if not cluster:
+            return NEEDS_CLUSTER
+        if layer.min_replicas > 0:
+            return f"min_replicas is {layer.min_replicas}: set it to 0 for this Knative layer to scale to zero"
+        return _needs_gateway(platform)
+    if experiment == "gateway_hop" and not cluster:
+        return NEEDS_CLUSTER
     return None
 
 

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from .. import cost
 from ..errors import ServinglabError
+from ..lifecycle.experiments import layer_limit
 from . import manifests
 from .rundata import RunData
 
@@ -95,18 +96,10 @@ def _layer_spec(run: RunData, layer: str) -> dict[str, Any]:
     return run.layers.get(layer, {})
 
 
-def _layer_limit(run: RunData, layer: str, experiment: str) -> bool:
-    """Whether an experiment is refused because of what the layer kind is (an observed behaviour), rather
-    than because of this run's platform or settings."""
+def _layer_limit(run: RunData, layer: str, experiment: str) -> str | None:
+    """Why the layer kind refuses an experiment whatever the platform (an observed behaviour), or None."""
     spec = _layer_spec(run, layer)
-    kind = spec.get("kind")
-    if experiment == "canary":
-        return kind in ("raw-vllm", "llm-d")
-    if experiment == "scale_to_zero":
-        return kind == "llm-d" or (kind == "kserve" and spec.get("mode") == "Standard")
-    if experiment == "gateway_hop":
-        return kind == "raw-vllm"
-    return False
+    return layer_limit(spec.get("kind", ""), spec.get("mode"), experiment)
 
 
 @dataclass(frozen=True)
@@ -134,8 +127,12 @@ def _why_not(run: RunData, layer: str, experiment: str, outcome: Outcome, eviden
     record = outcome.other
     if record is not None and record["status"] == "unsupported":
         reason = record["reason"] or ""
-        if _layer_limit(run, layer, experiment):
-            return Cell("observed", reason, trials=None, evidence=evidence)
+        limit = _layer_limit(run, layer, experiment)
+        gate = _deployment_gate(run, layer)
+        if gate and gate.status == "needs-platform":  # the layer never ran here: nothing about it was seen
+            return gate
+        if limit:
+            return Cell("observed", limit, trials=None, evidence=evidence)
         if reason.startswith(("needs platform", "the cluster lacks")):
             return Cell("needs-platform", reason, evidence=evidence)
         return Cell("not-run", f"experiment not run: {reason}", evidence=evidence)
@@ -553,16 +550,25 @@ def _no_latency(run: RunData, layer: str) -> Cell:
     )
 
 
+def _ms_or_absent(summary: dict[str, Any], key: str) -> str:
+    """A latency figure, or what says it is absent (vllm bench serve saves only the percentiles asked for)."""
+    value = summary.get(key)
+    return "n/a" if value is None else f"{value:.1f}"
+
+
 def _percentiles(metric: str) -> Callable[[RunData, str, str], Cell]:
     def measure(run: RunData, layer: str, kind: str) -> Cell:
         stages = _finished_closed_stages(run, layer)
         if not stages:
             return _no_latency(run, layer)
         parts = [
-            f"c={s['max_concurrency']}: {s['summary'][f'median_{metric}_ms']:.1f} / {s['summary'][f'p95_{metric}_ms']:.1f} ms"
+            f"c={s['max_concurrency']}: {_ms_or_absent(s['summary'], f'median_{metric}_ms')} / "
+            f"{_ms_or_absent(s['summary'], f'p95_{metric}_ms')} ms"
             for s in stages
             if s["summary"].get(f"median_{metric}_ms") is not None
         ]
+        if not parts:  # an imported result that saved no such percentile
+            return Cell("not-run", f"no {metric.upper()} percentiles in this run's stages", evidence="#latency")
         trials = sum(s["summary"]["completed"] for s in stages)
         return Cell("measured", "; ".join(parts), trials=trials, evidence="#latency")
 
