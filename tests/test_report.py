@@ -196,3 +196,26 @@ def test_every_row_has_a_claim_or_is_a_performance_row():
         assert row.claims or row.key in PERFORMANCE_ROWS
         for text in row.claims.values():
             assert text.endswith(".")
+
+
+def test_an_imported_vllm_bench_result_renders_with_the_percentiles_it_saved(tmp_path):
+    """vllm bench serve saves only the percentiles it was asked for (p99 by default): no p95 here."""
+    import json
+
+    from servinglab import bench
+
+    run = make_run(tmp_path, "partial")
+    results.append_records(run, "deployments", [ready(), unsupported("kserve", "kserve"), unsupported("llm-d", "llm-d")])
+    saved = {"date": "20261127-090000", "backend": "openai-chat", "model_id": "tiny", "num_prompts": 20,
+             "request_rate": "inf", "max_concurrency": 4, "duration": 2.5, "completed": 20, "failed": 0,
+             "request_throughput": 8.0, "output_throughput": 128.0, "total_token_throughput": 640.0,
+             "mean_ttft_ms": 30.1, "median_ttft_ms": 28.0, "p99_ttft_ms": 60.0, "mean_tpot_ms": 2.4,
+             "median_tpot_ms": 2.3, "p99_tpot_ms": 3.9, "mean_e2el_ms": 400.0, "median_e2el_ms": 390.0,
+             "p99_e2el_ms": 500.0}  # fmt: skip
+    (tmp_path / "vllm.json").write_text(json.dumps(saved))
+    bench.import_vllm_bench(tmp_path / "vllm.json", run, "raw")
+    _, cells = cells_of(run)
+    assert cells["ttft"]["raw"].status == "measured" and cells["ttft"]["raw"].text == "c=4: 28.0 / n/a ms"
+    assert cells["tpot"]["raw"].text == "c=4: 2.3 / n/a ms"
+    html = report.render_html(run)
+    assert "c=4: 28.0 / n/a ms" in html and report.render_html(run) == html

@@ -108,9 +108,10 @@ def latency_throughput_figure(run: RunData) -> Figure | None:
     for layer, stages in by_layer.items():
         x = [s["summary"]["output_throughput"] for s in stages]
         for ax, key in zip(axes, ("median_ttft_ms", "median_tpot_ms")):
-            ax.plot(x, [s["summary"][key] for s in stages], marker="o", label=layer)
-            for s, xi in zip(stages, x):
-                ax.annotate(f"c={s['max_concurrency']}", (xi, s["summary"][key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            y = [s["summary"].get(key, float("nan")) for s in stages]  # an imported result may lack one
+            ax.plot(x, y, marker="o", label=layer)
+            for s, xi, yi in zip(stages, x, y):
+                ax.annotate(f"c={s['max_concurrency']}", (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
     for ax, label in zip(axes, ("TTFT p50 (ms)", "TPOT p50 (ms)")):
         ax.set_xlabel("output tokens/s")
         ax.set_ylabel(label)
