@@ -156,47 +156,14 @@ def plan_frame(study: Study, platform: Platform, layers: list[str] | None = None
     return pd.DataFrame(rows)
 
 
-HEADLINE = {
-    "time_to_ready": ("time_to_ready_s", "s"),
-    "model_update": ("change_to_served_s", "s"),
-    "canary": ("split", ""),
-    "scale_to_zero": ("cold_start_s", "s"),
-    "gateway_hop": ("overhead_ttft_ms", "ms"),
-}
-
-
-def _headline(record: dict[str, Any]) -> str:
-    m = record["measurements"]
-    name = record["experiment"]
-    if record["status"] != "measured":
-        return f"{record['status']}: {record.get('reason')}"
-    if name == "time_to_ready":
-        return f"{m['time_to_ready_s']:.1f} s to ready"
-    if name == "model_update":
-        served = m.get("change_to_served_s")
-        return (f"new revision served after {served:.1f} s" if served is not None else "new revision not seen") + (
-            f"; {m['during']['failed']} of {m['during']['requests']} requests failed during the change, "
-            f"longest gap {m['longest_gap_s']:.1f} s")  # fmt: skip
-    if name == "canary":
-        split = m["split"]
-        return (f"requested {split['requested_percent']:g} %, observed {split['observed_percent']:.1f} % "
-                f"[{split['ci_low_percent']:.1f}, {split['ci_high_percent']:.1f}] over {split['answered']} requests; "
-                f"errors at promote {m['promote']['during']['failed']}, at rollback {m['rollback']['during']['failed']}")  # fmt: skip
-    if name == "scale_to_zero":
-        return (f"zero after {m['time_to_zero_s']:.1f} s; first request from zero {m['cold_start_s']:.1f} s "
-                f"(warm TTFT {m['warm_ttft_ms_p50']:.0f} ms)")  # fmt: skip
-    if name == "gateway_hop":
-        o = m["overhead_ttft_ms"]
-        return f"gateway adds {o['median_difference']:.2f} ms TTFT [{o['ci_low']:.2f}, {o['ci_high']:.2f}] over {o['pairs']} pairs"
-    return ""
-
-
 def outcomes_frame(run_dir: str | os.PathLike):
     """One row per experiment trial: layer, experiment, status and the headline figure or the reason."""
     import pandas as pd
 
-    rows = [{"layer": r["layer"], "experiment": r["experiment"], "trial": r["trial"], "status": r["status"],
-             "result": _headline(r), "settled": r.get("settled")}
+    from ..report.sections import trial_sentence  # the report's wording, so notebook and report agree
+
+    rows = [{"layer": r["layer"], "experiment": r["experiment"], "trial": r["trial"] + 1, "status": r["status"],
+             "result": trial_sentence(r), "settled": r.get("settled")}
             for r in results.read_records(run_dir, TABLE)]  # fmt: skip
     return pd.DataFrame(rows, columns=["layer", "experiment", "trial", "status", "result", "settled"])
 
@@ -209,6 +176,6 @@ def time_to_ready_frame(run_dir: str | os.PathLike):
     for r in results.read_records(run_dir, TABLE):
         if r["experiment"] == "time_to_ready" and r["status"] == "measured":
             m = r["measurements"]
-            rows.append({"layer": r["layer"], "trial": r["trial"], "time_to_ready_s": m["time_to_ready_s"],
+            rows.append({"layer": r["layer"], "trial": r["trial"] + 1, "time_to_ready_s": m["time_to_ready_s"],
                          "teardown_s": m["teardown_s"], **m["phases_s"]})  # fmt: skip
     return pd.DataFrame(rows)

@@ -66,7 +66,7 @@ def manifest_section(run: RunData) -> Manifests:
         return Manifests([], [], None, str(exc).splitlines()[0])
 
 
-def _result(record: dict[str, Any]) -> str:
+def trial_sentence(record: dict[str, Any]) -> str:
     """One experiment trial in a sentence: its headline numbers, or why it has none."""
     if record["status"] != "measured":
         return f"{record['status']}: {record.get('reason') or 'no reason recorded'}"
@@ -104,7 +104,7 @@ def _result(record: dict[str, Any]) -> str:
 def lifecycle_rows(run: RunData) -> list[dict[str, Any]]:
     """One row per experiment trial, in the order they ran."""
     return [{"layer": r["layer"], "experiment": r["experiment"], "trial": r["trial"] + 1, "status": r["status"],
-             "result": _result(r), "settled": r.get("settled") or ""} for r in run.lifecycle]  # fmt: skip
+             "result": trial_sentence(r), "settled": r.get("settled") or ""} for r in run.lifecycle]  # fmt: skip
 
 
 def lifecycle_warnings(run: RunData) -> list[str]:
