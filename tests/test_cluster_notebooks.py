@@ -120,7 +120,7 @@ def test_lifecycle_notebook_runs_every_experiment_on_a_cluster_study(tmp_path, m
         }  # fmt: skip
         assert all(r["status"] == "unsupported" and r["reason"] for r in outcomes if (r["layer"], r["experiment"]) not in measured)
         executed = json.dumps(json.loads((run_dir / "notebooks" / "40_lifecycle.ipynb").read_text())["cells"])
-        assert "answers from the canary for 20 % requested" in executed and "gateway − direct over" in executed
+        assert "canaryTrafficPercent (Knative)" in executed and "spec.canary with trafficPercent" in executed
         assert "cost_per_1k_requests" not in executed  # no latency stage in this batch: no load-point cost
         assert "idle_cost_per_month" in executed
         # The batch tore everything down.
