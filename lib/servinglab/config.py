@@ -525,21 +525,15 @@ class Study(StrictModel):
     _source_file: Path = PrivateAttr(default=Path("."))
     _sources: list[str] = PrivateAttr(default_factory=list)
 
-    @field_validator("layers")
+    @field_validator("layers", "compare_models")
     @classmethod
-    def _layer_names(cls, layers: dict[str, Any]) -> dict[str, Any]:
-        for name in layers:
+    def _names(cls, entries: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        # Both become parts of Kubernetes object names.
+        what = "layer" if info.field_name == "layers" else "model"
+        for name in entries:
             if not re.fullmatch(NAME_PATTERN, name) or len(name) > 40:
-                raise ValueError(f"layer name '{name}' must be lowercase letters, digits and '-', at most 40")
-        return layers
-
-    @field_validator("compare_models")
-    @classmethod
-    def _compare_model_names(cls, models: dict[str, Model]) -> dict[str, Model]:
-        for name in models:
-            if not re.fullmatch(NAME_PATTERN, name) or len(name) > 40:
-                raise ValueError(f"model name '{name}' must be lowercase letters, digits and '-', at most 40")
-        return models
+                raise ValueError(f"{what} name '{name}' must be lowercase letters, digits and '-', at most 40")
+        return entries
 
     @field_validator("model")
     @classmethod

@@ -91,16 +91,21 @@ def _request_shape(run: RunData) -> str:
             f"{', ignore_eos' if w.get('ignore_eos') else ''}, seed {w.get('seed')}; {smoke}")  # fmt: skip
 
 
+def template_environment(undefined: type) -> jinja2.Environment:
+    """The report templates, escaped, with ``undefined`` deciding what a missing value does."""
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("servinglab.report", "templates"),
+        autoescape=True,
+        undefined=undefined,
+        keep_trailing_newline=True,
+    )
+
+
 def render_html(run_dir: str | os.PathLike) -> str:
     """The report of one run as a self-contained HTML document (same data, same bytes)."""
     run = load_run(run_dir)
     table = decision_table(run)
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("servinglab.report", "templates"),
-        autoescape=True,
-        undefined=jinja2.ChainableUndefined,
-        keep_trailing_newline=True,
-    )
+    env = template_environment(jinja2.ChainableUndefined)
     # A value a stage does not hold (an imported result has no server side) reads as missing, not as an error.
     env.globals["fmt"] = lambda v: "–" if v is None or isinstance(v, jinja2.Undefined) else f"{v:.1f}"
     data_files = sorted(str(p.relative_to(run.run_dir)) for p in (run.run_dir / "data").glob("*.jsonl"))

@@ -32,7 +32,8 @@ import jinja2
 
 from .. import __version__
 from ..errors import RunDirError
-from . import KIND_TITLES, _load_pattern, _request_shape, _write_if_changed, reports_dir_of, write_index
+from . import (KIND_TITLES, _load_pattern, _request_shape, _write_if_changed, reports_dir_of, template_environment,
+               write_index)
 from .rundata import RunData, load_run
 from .runfacts import accelerator, engine_command_args
 
@@ -464,12 +465,7 @@ def render_comparison_html(run_dirs: Sequence[str | os.PathLike]) -> str:
 
 def _render(runs: list[RunData]) -> str:
     comparison = _compare(runs)
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("servinglab.report", "templates"),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-    )
+    env = template_environment(jinja2.StrictUndefined)
     return env.get_template("compare.html.j2").render(
         version=__version__, c=comparison, runs=comparison.runs, kind_titles=KIND_TITLES
     )
