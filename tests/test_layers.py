@@ -14,7 +14,8 @@ import yaml
 from servinglab import cli
 from servinglab.config import load_study
 from servinglab.errors import ParamsError, UnsupportedLayerError
-from servinglab.layers import HASH_LABEL, MANAGED_BY, RUN_ANNOTATION, Canary, render_layer, render_study, to_yaml
+from servinglab.layers.common import HASH_LABEL, MANAGED_BY, RUN_ANNOTATION, Canary
+from servinglab.layers.render import render_layer, render_study, to_yaml
 from servinglab.layers.validate import ManifestError, bundled_crd_schemas, validate_objects
 
 REPO = Path(__file__).resolve().parents[1]

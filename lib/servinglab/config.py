@@ -31,10 +31,12 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     ValidationInfo,
+    create_model,
     field_validator,
     model_validator,
 )
 
+from . import layers as layer_kinds
 from .errors import ParamsError
 
 OVERRIDES_ENV = "SERVINGLAB_OVERRIDES"
@@ -242,42 +244,21 @@ class Model(StrictModel):
 # ------------------------------------------------------------------------------------------------ layers
 
 
-class RawVllmLayer(StrictModel):
-    """vLLM's OpenAI server with nothing in front: a process locally, a Deployment on a cluster."""
+class LayerConfig(StrictModel):
+    """The options of one layer of a study. Each serving-layer kind (``servinglab.layers``) subclasses this
+    with its own options and ``kind: Literal["<its name>"]``; the study's layer union is built from the
+    registered kinds."""
 
-    kind: Literal["raw-vllm"]
-    replicas: int = Field(1, ge=1)
-
-
-class KServeLayer(StrictModel):
-    """A KServe ``InferenceService``."""
-
-    kind: Literal["kserve"]
-    mode: Literal["Standard", "Knative"] = "Standard"
-    predictor: Literal["custom", "runtime"] = Field(
-        "custom", description="custom: kserve-container runs the args verbatim; runtime: model + ServingRuntime"
-    )
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
-
-    @model_validator(mode="after")
-    def _replica_bounds(self) -> KServeLayer:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
-        return self
+    kind: str
 
 
-class LlmdLayer(StrictModel):
-    """A KServe ``LLMInferenceService`` (llm-d)."""
+def layer_union() -> Any:
+    """The registered kinds' option models as one union, told apart by ``kind``."""
+    configs = tuple(k.config for k in layer_kinds.kinds())
+    if len(configs) == 1:
+        return configs[0]
+    return Annotated[Union[configs], Field(discriminator="kind")]
 
-    kind: Literal["llm-d"]
-    api_version: Literal["v1alpha1", "v1alpha2"] = "v1alpha2"
-    scheduler: bool = Field(True, description="route through the inference scheduler")
-    replicas: int = Field(1, ge=1)
-
-
-Layer = Annotated[Union[RawVllmLayer, KServeLayer, LlmdLayer], Field(discriminator="kind")]
-LAYER_KINDS = ("raw-vllm", "kserve", "llm-d")
 
 # --------------------------------------------------------------------------------------------- workloads
 
@@ -422,13 +403,6 @@ class Costs(StrictModel):
         "the way to price a CPU machine)"
     )
 
-    def replica_price_per_hour(self, gpus_per_replica: int) -> float | None:
-        """What one replica costs an hour, or None when the study gives no price that applies."""
-        if self.replica_hourly is not None:
-            return self.replica_hourly
-        if self.gpu_hourly is not None and gpus_per_replica:
-            return self.gpu_hourly * gpus_per_replica
-        return None
 
 
 class Goodput(StrictModel):
@@ -504,11 +478,18 @@ class Paths(StrictModel):
 class Study(StrictModel):
     """A whole study: what to deploy, on which platform, and how to measure it."""
 
+    @classmethod
+    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Study:  # type: ignore[override]
+        """Validate through the schema whose layer union holds every registered kind (:func:`study_model`)."""
+        if cls is Study:
+            return study_model().model_validate(obj, *args, **kwargs)
+        return super().model_validate(obj, *args, **kwargs)
+
     study: str = Field(pattern=NAME_PATTERN, max_length=40)
     description: str = ""
     platform: Platform
     model: Model
-    layers: dict[str, Layer] = Field(min_length=1)
+    layers: dict[str, LayerConfig] = Field(min_length=1)  # each validated by its kind's model: study_model()
     compare_models: dict[str, Model] = Field(
         default_factory=dict,
         description="further models, by a short name, each a spec like 'model': never deployed, only rendered "
@@ -613,6 +594,23 @@ class Study(StrictModel):
         return self.model_dump(mode="json")
 
 
+_STUDY_MODELS: dict[int, type[Study]] = {}
+
+
+def study_model() -> type[Study]:
+    """The study schema for the kinds registered now: :class:`Study` with its layers as their union.
+
+    Rebuilt when a kind is registered (a plug-in, a test's own kind), so a study may use it at once.
+    """
+    generation = layer_kinds.generation()
+    if generation not in _STUDY_MODELS:
+        _STUDY_MODELS.clear()
+        _STUDY_MODELS[generation] = create_model(
+            "Study", __base__=Study, __module__=__name__, layers=(dict[str, layer_union()], Field(min_length=1))
+        )
+    return _STUDY_MODELS[generation]
+
+
 # ------------------------------------------------------------------------------------------------ loading
 
 
@@ -701,7 +699,7 @@ def _union_variants(tp: Any) -> dict[str, type[BaseModel]]:
 
 def _walk(loc: tuple[Any, ...]) -> tuple[list[str], Any]:
     """Follow a pydantic error location through the schema: (display path, type at the end)."""
-    tp: Any = Study
+    tp: Any = study_model()
     shown: list[str] = []
     for part in loc:
         tp = _unwrap(tp)
@@ -737,7 +735,7 @@ def _describe(error: dict[str, Any]) -> tuple[list[str], str]:
         return shown, f"unknown key{hint}"
     if kind in ("union_tag_invalid", "union_tag_not_found"):
         shown, tp = _walk(loc)
-        tags = ", ".join(_union_variants(tp)) or ", ".join(LAYER_KINDS)
+        tags = ", ".join(_union_variants(tp)) or ", ".join(k.name for k in layer_kinds.kinds())
         shown = shown + ["kind"]
         if kind == "union_tag_not_found":
             return shown, f"required key is missing; expected one of {tags}"

@@ -8,9 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from ..config import KubernetesPlatform, Study, engine_argv
+from ..config import KubernetesPlatform, LayerConfig, Study, engine_argv
 from ..errors import ParamsError
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -51,6 +51,22 @@ class ModelLocation:
     @property
     def claim_path(self) -> str:
         return self.rest.split("/", 1)[1] if "/" in self.rest else ""
+
+
+T = TypeVar("T", bound=LayerConfig)
+
+
+def own(layer: LayerConfig, config: type[T]) -> T:
+    """A layer's options as its kind's own model, as a kind's module asks for them (the registry hands them on
+    as the base model)."""
+    if not isinstance(layer, config):
+        raise ParamsError(f"a {layer.kind} layer's options are not {config.__name__}")
+    return layer
+
+
+def options(study: Study, layer_name: str, config: type[T]) -> T:
+    """``own`` for a layer of the study, by name."""
+    return own(study.layers[layer_name], config)
 
 
 def cluster_settings(study: Study) -> KubernetesPlatform:
@@ -149,7 +165,7 @@ def container_security() -> dict[str, Any]:
     return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
 
-def engine_env(settings: KubernetesPlatform, extra: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+def engine_env(settings: KubernetesPlatform, extra: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """A writable home for a non-root user, no usage reporting, and the API key from its Secret."""
     env = [
         {"name": "HOME", "value": HOME},
@@ -157,7 +173,7 @@ def engine_env(settings: KubernetesPlatform, extra: list[dict[str, Any]] = ()) -
         {"name": "XDG_CACHE_HOME", "value": f"{HOME}/.cache"},
         {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
         {"name": "DO_NOT_TRACK", "value": "1"},
-        *extra,
+        *(extra or []),
     ]
     if settings.api_key_secret:
         env.append(
@@ -215,3 +231,13 @@ def engine_args(study: Study, served_names: bool = False) -> list[str]:
     if served_names and study.model.revision:
         argv += ["--served-model-name", *study.model.served_names()]
     return argv
+
+
+def without_bookkeeping(obj: Any) -> Any:
+    """An object as its user would write it: without the spec-hash label and run-id annotation servinglab adds."""
+    if isinstance(obj, dict):
+        return {k: without_bookkeeping(v) for k, v in obj.items() if k not in (HASH_LABEL, RUN_ANNOTATION)
+                and not (k == "annotations" and isinstance(v, dict) and set(v) <= {RUN_ANNOTATION})}  # fmt: skip
+    if isinstance(obj, list):
+        return [without_bookkeeping(v) for v in obj]
+    return obj

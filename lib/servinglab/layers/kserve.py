@@ -2,10 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, Literal
 
-from ..config import KServeLayer, Study
+from pydantic import Field, model_validator
+
+from ..config import LayerConfig, Study
+from . import NEEDS_CLUSTER, NEEDS_GATEWAY, LayerKind, Mechanism, ObjectRef, Refusal, ResourceType, register
 from . import common as c
+
+
+class KServeLayer(LayerConfig):
+    """A KServe ``InferenceService``."""
+
+    kind: Literal["kserve"]
+    mode: Literal["Standard", "Knative"] = "Standard"
+    predictor: Literal["custom", "runtime"] = Field(
+        "custom", description="custom: kserve-container runs the args verbatim; runtime: model + ServingRuntime"
+    )
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> KServeLayer:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
 
 MODEL_MOUNT = "/mnt/models"  # where KServe's storage initializer puts the weights
 RUNTIME_PORT = 8080  # KServe's default container port
@@ -74,7 +96,7 @@ def serving_runtime(study: Study, layer_name: str) -> dict[str, Any]:
 
 
 def predictor(study: Study, layer_name: str) -> dict[str, Any]:
-    layer = study.layers[layer_name]
+    layer = c.options(study, layer_name, KServeLayer)
     settings = c.cluster_settings(study)
     body = _custom_predictor(study, layer) if layer.predictor == "custom" else _runtime_predictor(study, layer_name)
     spec: dict[str, Any] = {
@@ -94,9 +116,9 @@ def predictor(study: Study, layer_name: str) -> dict[str, Any]:
 
 
 def render(study: Study, layer_name: str, canary: c.Canary | None = None) -> list[dict[str, Any]]:
-    layer = study.layers[layer_name]
+    layer = c.options(study, layer_name, KServeLayer)
     name = c.object_name(study, layer_name)
-    annotations = {"serving.kserve.io/deploymentMode": layer.mode}
+    annotations: dict[str, str] = {"serving.kserve.io/deploymentMode": layer.mode}
     spec: dict[str, Any] = {"predictor": predictor(study, layer_name)}
     if canary is not None:
         revised = study.revised(canary.engine_args, canary.revision)
@@ -117,3 +139,125 @@ def render(study: Study, layer_name: str, canary: c.Canary | None = None) -> lis
     if layer.predictor == "runtime":
         objects.insert(0, serving_runtime(study, layer_name))
     return objects
+
+
+INFERENCE_SERVICE = ResourceType("InferenceService", "inferenceservices", ("serving.kserve.io/v1beta1",))
+SERVING_RUNTIME = ResourceType("ServingRuntime", "servingruntimes", ("serving.kserve.io/v1alpha1",))
+GATEWAY_CRDS = ["gateways.gateway.networking.k8s.io", "httproutes.gateway.networking.k8s.io"]
+GATEWAY_NEEDED = ("the split and the activation happen in the gateway: set platform.endpoint: gateway (or "
+                  "platform.gateway_address) so requests go through it")  # fmt: skip
+
+
+class KServe(LayerKind):
+    name = "kserve"
+    config = KServeLayer
+    title = "KServe InferenceService"
+    column = "KServe InferenceService"
+    has_gateway = True
+    engine_containers = {"kserve-container": RUNTIME_PORT}
+    resources = (INFERENCE_SERVICE, SERVING_RUNTIME)
+    crds = {
+        "inferenceservices.serving.kserve.io": "KServe InferenceService",
+        "servingruntimes.serving.kserve.io": "KServe ServingRuntime",
+        "services.serving.knative.dev": "Knative Serving",
+        "certificates.cert-manager.io": "cert-manager",
+        "gateways.gateway.networking.k8s.io": "Gateway API",
+        "httproutes.gateway.networking.k8s.io": "Gateway API HTTPRoute",
+    }
+    controllers = ("kserve-controller-manager",)
+    component = {"tool": "kserve", "resource": "InferenceService"}
+    control_plane = ("kserve", "cert-manager", "knative-serving")  # scanned by the preflight; which count: below
+    claims = {
+        "what_you_write": "You write one InferenceService; the controller makes the rest.",
+        "model_lifecycle": "Declarative; the controller tracks revisions.",
+        "rollout_canary": "canaryTrafficPercent splits traffic between revisions.",
+        "scale_to_zero": "Built in: minReplicas 0.",
+        "ingress_url": "An HTTPRoute and a stable URL per InferenceService, made for you.",
+        "multi_model": "One resource shape for every model (governance).",
+        "control": "A controller, cert-manager and KServe's opinionated defaults.",
+        "prereqs": "cert-manager, the KServe controller, a network controller.",
+        "confirmed": "Ready; /v1/models and chat (200) answer as on raw vLLM.",
+    }
+
+    def render(self, study: Study, layer_name: str, canary: Any = None) -> list[dict[str, Any]]:
+        return render(study, layer_name, canary)
+
+    def top_ref(self, study: Study, layer_name: str) -> ObjectRef:
+        return ObjectRef(INFERENCE_SERVICE.api_versions[0], "InferenceService", c.object_name(study, layer_name))
+
+    def pod_selector(self, study: Study, layer_name: str) -> dict[str, str]:
+        return {"serving.kserve.io/inferenceservice": c.object_name(study, layer_name)}
+
+    def in_cluster_url(self, study: Study, layer_name: str) -> str:
+        return f"http://{c.object_name(study, layer_name)}-predictor.{c.cluster_settings(study).namespace}.svc.cluster.local/v1"
+
+    def required_crds(self, layer: LayerConfig) -> list[str]:
+        spec = c.own(layer, KServeLayer)
+        crds = ["inferenceservices.serving.kserve.io", "certificates.cert-manager.io"]
+        if spec.predictor == "runtime":
+            crds.append("servingruntimes.serving.kserve.io")
+        return crds + (["services.serving.knative.dev"] if spec.mode == "Knative" else GATEWAY_CRDS)
+
+    def missing_prerequisites(self, layer: LayerConfig, checks: dict[str, Any]) -> list[str]:
+        spec = c.own(layer, KServeLayer)
+        crds, missing = checks.get("crds", {}), []
+        if "inferenceservices.serving.kserve.io" not in crds:
+            missing.append("the KServe InferenceService CRD")
+        if spec.predictor == "runtime" and "servingruntimes.serving.kserve.io" not in crds:
+            missing.append("the KServe ServingRuntime CRD")
+        if spec.mode == "Knative" and "services.serving.knative.dev" not in crds:
+            missing.append("Knative Serving (Knative mode)")
+        if not any(ctl["name"] in self.controllers for ctl in checks.get("controllers", [])):
+            missing.append(f"the KServe controller ({self.controllers[0]})")
+        return missing
+
+    def control_plane_namespaces(self, layer: LayerConfig, checks: dict[str, Any]) -> list[str]:
+        spec = c.own(layer, KServeLayer)
+        found = [ctl["namespace"] for ctl in checks.get("controllers", []) if ctl["name"] in self.controllers] or ["kserve"]
+        found.append("cert-manager")
+        if spec.mode == "Knative":
+            found.append("knative-serving")
+        return list(dict.fromkeys(found))
+
+    def cluster_facts(self, read: Any, checks: dict[str, Any]) -> dict[str, Any]:
+        """The default deployment mode KServe's controller applies (its inferenceservice-config)."""
+        mode = None
+        for controller in checks.get("controllers", []):
+            if controller["name"] not in self.controllers:
+                continue
+            config = read.get("v1", "ConfigMap", controller["namespace"], "inferenceservice-config")
+            if config and "deploy" in (config.get("data") or {}):
+                mode = json.loads(config["data"]["deploy"]).get("defaultDeploymentMode")
+        return {"default deployment mode": mode} if mode else {}
+
+    def mechanism(self, study: Study, layer_name: str, experiment: str) -> Mechanism | Refusal:
+        layer = c.options(study, layer_name, KServeLayer)
+        if experiment == "model_update":
+            return Mechanism("new InferenceService revision", frozenset({NEEDS_CLUSTER}))
+        if experiment == "canary":
+            how = ("predictor.canaryTrafficPercent (Knative)" if layer.mode == "Knative"
+                   else "spec.canary with trafficPercent (Standard, weights in the HTTPRoute)")  # fmt: skip
+            return Mechanism(how, frozenset({NEEDS_CLUSTER, NEEDS_GATEWAY}))
+        if experiment == "scale_to_zero":
+            if layer.mode == "Standard":
+                return Refusal("in Standard mode the HPA keeps at least one replica (minReplicas 0 is raised to 1)", "layer")
+            if layer.min_replicas > 0 and study.platform.kind == "kubernetes":
+                return Refusal(f"min_replicas is {layer.min_replicas}: set it to 0 for this Knative layer to scale "
+                               "to zero", "settings")  # fmt: skip
+            return Mechanism("Knative scale to zero (minReplicas 0), woken by the activator",
+                             frozenset({NEEDS_CLUSTER, NEEDS_GATEWAY}), mode="on-demand")  # fmt: skip
+        if experiment == "gateway_hop":
+            return Mechanism("the same requests through the gateway and straight to the engine", frozenset({NEEDS_CLUSTER}))
+        return super().mechanism(study, layer_name, experiment)
+
+    def serving_replicas(self, layer: LayerConfig) -> int:
+        spec = c.own(layer, KServeLayer)
+        return max(1, spec.min_replicas)
+
+    def idle_replicas(self, layer: LayerConfig) -> int:
+        """Knative scales to its minimum; Standard mode's HPA never goes below one."""
+        spec = c.own(layer, KServeLayer)
+        return spec.min_replicas if spec.mode == "Knative" else max(1, spec.min_replicas)
+
+
+KIND = register(KServe())

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import shlex
-from typing import Any
+from typing import Any, Literal
 
-from ..config import Study
+from pydantic import Field
+
+from ..config import LayerConfig, Study
 from ..errors import UnsupportedLayerError
+from . import NEEDS_CLUSTER, LayerKind, Mechanism, ObjectRef, Refusal, ResourceType, register
 from . import common as c
+
+
+class LlmdLayer(LayerConfig):
+    """A KServe ``LLMInferenceService`` (llm-d)."""
+
+    kind: Literal["llm-d"]
+    api_version: Literal["v1alpha1", "v1alpha2"] = "v1alpha2"
+    scheduler: bool = Field(True, description="route through the inference scheduler")
+    replicas: int = Field(1, ge=1)
 
 
 def render(study: Study, layer_name: str, canary: c.Canary | None = None) -> list[dict[str, Any]]:
@@ -17,7 +29,7 @@ def render(study: Study, layer_name: str, canary: c.Canary | None = None) -> lis
             "a canary needs a second service and a weighted HTTPRoute"
         )
     settings = c.cluster_settings(study)
-    layer = study.layers[layer_name]
+    layer = c.options(study, layer_name, LlmdLayer)
     scratch, mounts = c.scratch_volumes(settings)
     # KServe's well-known config runs `vllm serve` itself; extra engine arguments travel in this variable.
     argv = c.engine_args(study, served_names=True)
@@ -56,3 +68,99 @@ def render(study: Study, layer_name: str, canary: c.Canary | None = None) -> lis
             },
         }
     ]
+
+
+LLM_INFERENCE_SERVICE = ResourceType("LLMInferenceService", "llminferenceservices",
+                                     ("serving.kserve.io/v1alpha2", "serving.kserve.io/v1alpha1"))  # fmt: skip
+CRD = "llminferenceservices.serving.kserve.io"
+
+
+class Llmd(LayerKind):
+    name = "llm-d"
+    config = LlmdLayer
+    title = "LLMInferenceService (llm-d)"
+    column = "LLMInferenceService (llm-d)"
+    has_gateway = True
+    serves_tls = True  # KServe's LLMInferenceService runs vLLM with TLS, with a certificate of its own
+    engine_containers = {"main": c.ENGINE_PORT}
+    resources = (LLM_INFERENCE_SERVICE,)
+    crds = {
+        CRD: "KServe LLMInferenceService",
+        "gateways.gateway.networking.k8s.io": "Gateway API",
+        "httproutes.gateway.networking.k8s.io": "Gateway API HTTPRoute",
+        "inferencepools.inference.networking.k8s.io": "Gateway API Inference Extension",
+        "inferencepools.inference.networking.x-k8s.io": "Gateway API Inference Extension (x-k8s.io)",
+    }
+    controllers = ("llmisvc-controller-manager",)
+    component = {"tool": "llm-d", "resource": "LLMInferenceService"}
+    control_plane = ("kserve", "llm-d")
+    claims = {
+        "what_you_write": "You write one LLMInferenceService; the controller makes workloads and routing.",
+        "model_lifecycle": "Declarative, through the LLMInferenceService spec.",
+        "rollout_canary": "No claim on the source page.",
+        "scale_to_zero": "No claim on the source page.",
+        "ingress_url": "Routed by the inference gateway's KV-aware scheduler.",
+        "multi_model": "One resource shape for every model.",
+        "control": "KServe's controller plus the inference gateway and scheduler.",
+        "prereqs": "KServe's LLMInferenceService controller and the Gateway API inference extension.",
+        "confirmed": "No claim on the source page.",
+    }
+
+    def render(self, study: Study, layer_name: str, canary: Any = None) -> list[dict[str, Any]]:
+        return render(study, layer_name, canary)
+
+    def top_ref(self, study: Study, layer_name: str) -> ObjectRef:
+        layer = c.options(study, layer_name, LlmdLayer)
+        return ObjectRef(f"serving.kserve.io/{layer.api_version}", "LLMInferenceService", c.object_name(study, layer_name))
+
+    def pod_selector(self, study: Study, layer_name: str) -> dict[str, str]:
+        return {"app.kubernetes.io/name": c.object_name(study, layer_name), "kserve.io/component": "workload"}
+
+    def in_cluster_url(self, study: Study, layer_name: str) -> str:
+        name, namespace = c.object_name(study, layer_name), c.cluster_settings(study).namespace
+        return f"https://{name}-kserve-workload-svc.{namespace}.svc.cluster.local:{c.ENGINE_PORT}/v1"
+
+    def adapt_to_cluster(self, layer: LayerConfig, checks: dict[str, Any]) -> None:
+        """A study that leaves ``api_version`` unset uses what the cluster serves, v1alpha2 first."""
+        spec = c.own(layer, LlmdLayer)
+        served = checks.get("crds", {}).get(CRD) or []
+        if "api_version" not in spec.model_fields_set and served and spec.api_version not in served:
+            spec.api_version = "v1alpha2" if "v1alpha2" in served else served[-1]
+
+    def required_crds(self, layer: LayerConfig) -> list[str]:
+        spec = c.own(layer, LlmdLayer)
+        crds = [CRD, "gateways.gateway.networking.k8s.io", "httproutes.gateway.networking.k8s.io"]
+        return crds + (["inferencepools.inference.networking.k8s.io"] if spec.scheduler else [])
+
+    def missing_prerequisites(self, layer: LayerConfig, checks: dict[str, Any]) -> list[str]:
+        spec = c.own(layer, LlmdLayer)
+        crds, missing = checks.get("crds", {}), []
+        versions = crds.get(CRD, [])
+        if spec.api_version not in versions:
+            missing.append(f"the LLMInferenceService CRD serving {spec.api_version}"
+                           + (f" (the cluster serves {', '.join(versions)})" if versions else ""))  # fmt: skip
+        if "gateways.gateway.networking.k8s.io" not in crds:
+            missing.append("the Gateway API CRDs")
+        if spec.scheduler and not any(n.startswith("inferencepools.") for n in crds):
+            missing.append("the Gateway API Inference Extension (InferencePool CRD) for the scheduler")
+        return missing
+
+    def control_plane_namespaces(self, layer: LayerConfig, checks: dict[str, Any]) -> list[str]:
+        found = [ctl["namespace"] for ctl in checks.get("controllers", []) if ctl["name"] in self.controllers] or ["kserve"]
+        return list(dict.fromkeys([*found, "llm-d"]))
+
+    def mechanism(self, study: Study, layer_name: str, experiment: str) -> Mechanism | Refusal:
+        if experiment == "model_update":
+            return Mechanism("LLMInferenceService rollout", frozenset({NEEDS_CLUSTER}))
+        if experiment == "canary":
+            return Refusal("LLMInferenceService has no canary field: a split needs a second LLMInferenceService and "
+                           "weighted routes written by hand", "layer")  # fmt: skip
+        if experiment == "scale_to_zero":
+            return Refusal("LLMInferenceService keeps spec.replicas pods: it has no request-driven activation from "
+                           "zero", "layer")  # fmt: skip
+        if experiment == "gateway_hop":
+            return Mechanism("the same requests through the gateway and straight to the engine", frozenset({NEEDS_CLUSTER}))
+        return super().mechanism(study, layer_name, experiment)
+
+
+KIND = register(Llmd())

@@ -1,12 +1,23 @@
-"""raw-vllm: a Deployment, a Service and the weights' volume, written as a careful user would."""
+"""raw-vllm: vLLM's OpenAI server with nothing in front. On a cluster a Deployment, a Service and the
+weights' volume, written as a careful user would; on the local platform a server process."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from ..config import Study
+from pydantic import Field
+
+from ..config import LayerConfig, Study
 from ..errors import ParamsError, UnsupportedLayerError
+from . import LayerKind, Mechanism, ObjectRef, Refusal, register
 from . import common as c
+
+
+class RawVllmLayer(LayerConfig):
+    """vLLM's OpenAI server with nothing in front: a process locally, a Deployment on a cluster."""
+
+    kind: Literal["raw-vllm"]
+    replicas: int = Field(1, ge=1)
 
 MODELS = "/models"
 
@@ -24,7 +35,7 @@ def _weights(study: Study, layer_name: str, name: str) -> tuple[list[dict], list
         volume = {"name": "weights", "image": {"reference": where.rest, "pullPolicy": "IfNotPresent"}}
         return [], [volume], [], mount, MODELS, [{"name": "HF_HUB_OFFLINE", "value": "1"}]
     # hf://org/model: a claim servinglab creates; staged by an init container, or downloaded by vLLM itself.
-    claim = {
+    claim: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
         "metadata": c.metadata(study, layer_name, f"{name}-weights"),
@@ -48,6 +59,12 @@ def _weights(study: Study, layer_name: str, name: str) -> tuple[list[dict], list
     return [claim], [volume], [], mount, where.rest, [{"name": "HF_HOME", "value": f"{MODELS}/.hf"}]
 
 
+def _strategy(study: Study, layer_name: str) -> dict[str, str]:
+    # One GPU per replica and one replica: a rolling update would wait for a second GPU that is not there.
+    gpus = c.cluster_settings(study).gpus
+    return {"type": "Recreate"} if gpus and c.options(study, layer_name, RawVllmLayer).replicas == 1 else {"type": "RollingUpdate"}
+
+
 def render(study: Study, layer_name: str, canary: c.Canary | None = None) -> list[dict[str, Any]]:
     if canary is not None:
         raise UnsupportedLayerError(
@@ -55,7 +72,7 @@ def render(study: Study, layer_name: str, canary: c.Canary | None = None) -> lis
             "weighted route (Gateway API HTTPRoute or a mesh) written and promoted by hand"
         )
     settings = c.cluster_settings(study)
-    layer = study.layers[layer_name]
+    layer = c.options(study, layer_name, RawVllmLayer)
     name = c.object_name(study, layer_name)
     if layer.replicas > 1 and c.model_location(study).scheme == "hf":
         raise ParamsError(
@@ -85,8 +102,7 @@ def render(study: Study, layer_name: str, canary: c.Canary | None = None) -> lis
         pod["nodeSelector"] = dict(settings.node_selector)
     if tolerations := c.tolerations(settings):
         pod["tolerations"] = tolerations
-    # One GPU per replica and one replica: a rolling update would wait for a second GPU that is not there.
-    strategy = {"type": "Recreate"} if settings.gpus and layer.replicas == 1 else {"type": "RollingUpdate"}
+    strategy = _strategy(study, layer_name)
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -111,3 +127,58 @@ def render(study: Study, layer_name: str, canary: c.Canary | None = None) -> lis
         },
     }
     return [*extra, deployment, service]
+
+
+class RawVllm(LayerKind):
+    name = "raw-vllm"
+    config = RawVllmLayer
+    title = "raw vLLM"
+    column = "raw vLLM"
+    hosted_locally = True
+    scales_by_hand = True
+    engine_containers = {"vllm": c.ENGINE_PORT}
+    claims = {
+        "what_you_write": "You write the Deployment, Service, volume claim and probes yourself.",
+        "model_lifecycle": "Manual: change image or arguments and restart.",
+        "rollout_canary": "Build it yourself: Recreate strategy, no traffic split.",
+        "scale_to_zero": "By hand: replicas to 0 (and a GitOps exception for it).",
+        "ingress_url": "A Service; you wire the gateway route.",
+        "multi_model": "None: each model is its own set of manifests.",
+        "control": "Total control, fewest moving parts.",
+        "prereqs": "Nothing beyond the cluster.",
+        "confirmed": "Serves /v1/models and chat (200) with a vLLM system_fingerprint.",
+    }
+
+    def render(self, study: Study, layer_name: str, canary: Any = None) -> list[dict[str, Any]]:
+        return render(study, layer_name, canary)
+
+    def top_ref(self, study: Study, layer_name: str) -> ObjectRef:
+        return ObjectRef("apps/v1", "Deployment", c.object_name(study, layer_name))
+
+    def pod_selector(self, study: Study, layer_name: str) -> dict[str, str]:
+        return c.selector_labels(study, layer_name)
+
+    def in_cluster_url(self, study: Study, layer_name: str) -> str:
+        return f"http://{c.object_name(study, layer_name)}.{c.cluster_settings(study).namespace}.svc.cluster.local:{c.ENGINE_PORT}/v1"
+
+    def mechanism(self, study: Study, layer_name: str, experiment: str) -> Mechanism | Refusal:
+        on_cluster = study.platform.kind == "kubernetes"
+        if experiment == "model_update":
+            if not on_cluster:
+                return Mechanism("restart with the new arguments", replaces_in_place=True)
+            strategy = _strategy(study, layer_name)["type"]
+            return Mechanism(f"Deployment rollout ({strategy})", replaces_in_place=strategy == "Recreate")
+        if experiment == "canary":
+            return Refusal("raw vLLM has no traffic split: a canary means a second Deployment, a Service for each "
+                           "revision and a weighted proxy or HTTPRoute, written and rolled back by hand", "layer")  # fmt: skip
+        if experiment == "scale_to_zero":
+            how = ("by hand: kubectl scale to 0, then to 1, then the request once the pod is ready" if on_cluster
+                   else "by hand: stop the server, start it again, send the request once it is ready")  # fmt: skip
+            return Mechanism(how, mode="by-hand")
+        if experiment == "gateway_hop":
+            return Refusal("raw vLLM has no gateway: its Service is the only hop, so there is no overhead to measure",
+                           "layer")  # fmt: skip
+        return super().mechanism(study, layer_name, experiment)
+
+
+KIND = register(RawVllm())
