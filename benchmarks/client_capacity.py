@@ -45,7 +45,7 @@ def start_endpoint() -> tuple[subprocess.Popen, str]:
 
 
 def servinglab_stage(url: str, tokenizer: str, n: int, output_len: int, rate: float = float("inf"), concurrency: int | None = CONCURRENCY) -> dict:
-    from servinglab.bench import run_bench
+    from servinglab.measure.bench import run_bench
 
     return run_bench(url, "m", 16, output_len, n, seed=0, tokenizer=tokenizer, request_rate=rate,
                      max_concurrency=concurrency, ignore_eos=True)  # fmt: skip
@@ -84,8 +84,8 @@ def main() -> None:
                          paced["request_throughput"], paced["p99_schedule_lag_ms"]))  # fmt: skip
 
         before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        from servinglab.loadgen import StageSpec, Target, run_stage
-        from servinglab.workload import RequestSpec
+        from servinglab.measure.loadgen import StageSpec, Target, run_stage
+        from servinglab.measure.workload import RequestSpec
 
         records = []
         t0 = time.monotonic()

@@ -22,7 +22,7 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from servinglab.clusterload import CONTAINER, INDEX_ANNOTATION, JOB_NAME_LABEL, PLAN_KEY, RECORD_PREFIX, run_worker
+from servinglab.experiments.clusterload import CONTAINER, INDEX_ANNOTATION, JOB_NAME_LABEL, PLAN_KEY, RECORD_PREFIX, run_worker
 from servinglab.platforms.kube import Kube, object_path
 
 SCENARIOS = ("ok", "pod_fails", "image_pull")

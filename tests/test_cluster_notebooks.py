@@ -16,7 +16,7 @@ from conftest import run_cli
 from kube_controller import Controller
 from kube_emulator import EmulatedCluster, install_serving_stack
 
-from servinglab.layers import MANAGED_BY
+from servinglab.layers.common import MANAGED_BY
 from servinglab.platforms.kube import Kube, load_api_client
 
 pytestmark = pytest.mark.engine

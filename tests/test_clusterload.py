@@ -21,31 +21,31 @@ from kube_emulator import EmulatedCluster
 from kube_jobs import JobController
 from streaming_endpoint import StreamingEndpoint
 
-from servinglab import cli, latency, results
-from servinglab.clusterload import (
+from servinglab import cli, records
+from servinglab.experiments import latency
+from servinglab.experiments.clusterload import (
     OUTCOME_PREFIX,
     RECORD_PREFIX,
     LoadJobError,
-    PodResult,
     build_job_plan,
     in_cluster_target,
-    merge_pods,
     render_load_job,
     run_in_cluster_stage,
-    slice_stage,
-    split_concurrency,
 )
+from servinglab.measure.server_metrics import ServerWindow
+from servinglab.measure.stage import SliceResult, StagePlan, merge_slices, slice_stage, split_concurrency
 from servinglab.config import load_study
 from servinglab.errors import ParamsError
-from servinglab.layers import to_yaml
+from servinglab.layers.render import to_yaml
 from servinglab.layers.validate import validate_objects
-from servinglab.loadgen import StageSpec, Target
-from servinglab.metrics import summarize
+from servinglab.measure.loadgen import StageSpec, Target
+from servinglab.measure.client_metrics import summarize
 from servinglab.platforms import Endpoint
+from servinglab.platforms.base import MetricsTarget
 from servinglab.platforms.kube import Kube, load_api_client
 from servinglab.platforms.kubernetes import KubernetesPlatform
-from servinglab.schedule import arrival_offsets_s
-from servinglab.workload import RequestSpec
+from servinglab.measure.schedule import arrival_offsets_s
+from servinglab.measure.workload import RequestSpec
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "params" / "cluster-example.yaml"
@@ -69,6 +69,12 @@ def specs(count: int, prefix: str = "ok") -> list[RequestSpec]:
     return [RequestSpec(f"{prefix} request {i}", 3, 4) for i in range(count)]
 
 
+def job_plan(name: str, target: Target, requests: list[RequestSpec], warmups: list[RequestSpec], stage: StageSpec,
+             pods: int, start: float) -> dict:  # fmt: skip
+    """A Job's plan for layer raw, planned as the sweep plans a stage."""
+    return build_job_plan("raw", StagePlan.make(name, requests, warmups, stage), target, pods, start)
+
+
 # --------------------------------------------------------------------------------------------- slicing
 
 
@@ -77,13 +83,13 @@ def specs(count: int, prefix: str = "ok") -> list[RequestSpec]:
 def test_every_request_once_on_the_single_client_schedule(pods, rate, concurrency):
     count = 41
     stage = StageSpec(request_rate=rate, burstiness=0.7, max_concurrency=concurrency, seed=11)
-    plan = build_job_plan("raw", "s", Target("http://svc/v1", "m"), specs(count), specs(3, "warm"), stage, pods, 1e9)
+    plan = job_plan("s", Target("http://svc/v1", "m"), specs(count), specs(3, "warm"), stage, pods, 1e9)
     single = arrival_offsets_s(count, rate, 0.7, 11)  # what one client would send
     sent = sorted((k, at) for piece in plan["slices"] for k, at in zip(piece["requests"], piece["offsets_s"]))
     assert [k for k, _ in sent] == list(range(count))  # every request exactly once
     assert np.array_equal([at for _, at in sent], single)  # at the single client's offsets, to the bit
     assert sorted(k for piece in plan["slices"] for k in piece["warmups"]) == [0, 1, 2]
-    assert plan["requests"] == [{"prompt": s.prompt, "prompt_len": 3, "max_tokens": 4} for s in specs(count)]
+    assert plan["plan"]["requests"] == [{"prompt": s.prompt, "prompt_len": 3, "max_tokens": 4} for s in specs(count)]
     caps = [piece["max_concurrency"] for piece in plan["slices"]]
     if concurrency is None:
         assert caps == [None] * pods
@@ -117,7 +123,7 @@ def plan_for(s, pods: int = 3) -> dict:
     platform = KubernetesPlatform(s)
     target = in_cluster_target(s, platform, "raw")
     stage = StageSpec(request_rate=2.0, burstiness=1.0, max_concurrency=4, seed=42, duration_s=None)
-    return build_job_plan("raw", "rate=2", target, specs(5), specs(1, "warm"), stage, pods, 1767225600.0)
+    return job_plan("rate=2", target, specs(5), specs(1, "warm"), stage, pods, 1767225600.0)
 
 
 def test_golden_and_schema_valid():
@@ -148,7 +154,7 @@ def test_no_key_in_the_configmap_and_the_key_from_the_secret(monkeypatch):
     s = study("auth.api_key_env=VLLM_API_KEY", "platform.api_key_secret=vllm-key")
     assert s.api_key() == PLANTED_KEY
     plan = plan_for(s)
-    keyed = build_job_plan("raw", "c=1", Target("http://svc/v1", "m", api_key=PLANTED_KEY), specs(2), [],
+    keyed = job_plan("c=1", Target("http://svc/v1", "m", api_key=PLANTED_KEY), specs(2), [],
                            StageSpec(max_concurrency=1), 2, 1e9)  # fmt: skip
     config_map, job = render_load_job(s, "raw", keyed)
     assert PLANTED_KEY not in json.dumps(plan) and PLANTED_KEY not in yaml.safe_dump([config_map, job])
@@ -160,7 +166,7 @@ def test_no_key_in_the_configmap_and_the_key_from_the_secret(monkeypatch):
 
 def test_a_plan_too_large_for_a_configmap_is_refused():
     s = study()
-    big = build_job_plan("raw", "c=1", Target("http://svc/v1", "m"), [RequestSpec("x" * 2000, 1, 1)] * 600, [],
+    big = job_plan("c=1", Target("http://svc/v1", "m"), [RequestSpec("x" * 2000, 1, 1)] * 600, [],
                          StageSpec(max_concurrency=1), 2, 1e9)  # fmt: skip
     with pytest.raises(ParamsError, match=r"workloads.latency: stage c=1 of layer raw: its plan .* larger than a ConfigMap"):
         render_load_job(s, "raw", big)
@@ -186,10 +192,10 @@ def test_percentiles_over_the_union_not_averaged():
     fast = [record(i, 10.0 + i * 0.01, sent_s=i * 0.01) for i in range(90)]  # pod 0: many quick requests
     slow = [record(90 + i, 1000.0 + i, sent_s=i * 0.1) for i in range(10)]  # pod 1: a few slow ones
     pods = [
-        PodResult(0, 90, "p0", log_found=True, records=fast, outcome=outcome(fast, start + 0.001, 0.001, 0.9)),
-        PodResult(1, 10, "p1", log_found=True, records=slow, outcome=outcome(slow, start + 2.5, 2.5, 2.0)),
+        SliceResult(0, 90, "p0", log_found=True, records=fast, outcome=outcome(fast, start + 0.001, 0.001, 0.9)),
+        SliceResult(1, 10, "p1", log_found=True, records=slow, outcome=outcome(slow, start + 2.5, 2.5, 2.0)),
     ]
-    merged = merge_pods(pods, start, requested_rate=math.inf)
+    merged = merge_slices(pods, start, requested_rate=math.inf, tag="client_pod")
     union = summarize(fast + slow, merged.duration_s, None, math.inf)
     for key in ("median_ttft_ms", "p90_ttft_ms", "p99_ttft_ms", "mean_ttft_ms", "p99_itl_ms", "median_e2el_ms",
                 "median_tpot_ms", "completed"):  # fmt: skip
@@ -212,25 +218,25 @@ def test_missing_records_and_dead_pods_are_named():
     start = 50.0
     rows = [record(i, 20.0, sent_s=0.1 * i) for i in range(4)]
     pods = [
-        PodResult(0, 4, "p0", log_found=True, records=rows[:3], outcome=outcome(rows, start, 0.0, 1.0)),
-        PodResult(1, 4, "p1", log_found=True, records=[record(4, 30.0, sent_s=0.2)], outcome=None),
-        PodResult(2, 4, None),
+        SliceResult(0, 4, "p0", log_found=True, records=rows[:3], outcome=outcome(rows, start, 0.0, 1.0)),
+        SliceResult(1, 4, "p1", log_found=True, records=[record(4, 30.0, sent_s=0.2)], outcome=None),
+        SliceResult(2, 4, None, log_found=False),
     ]
-    merged = merge_pods(pods, start)
+    merged = merge_slices(pods, start)
     warnings = "\n".join(merged.summary["warnings"])
     assert "slice 0: 3 of the 4 records pod p0 wrote reached servinglab" in warnings
     assert "slice 1: pod p1 ended before its slice did; its 1 of 4 records are kept" in warnings
-    assert "slice 2 (4 requests): no log came back from its pod (none found)" in warnings
+    assert "slice 2 (4 requests): nothing came back from its pod (none found)" in warnings
     assert merged.summary["completed"] == 4
 
 
 def test_log_lines_other_than_records_are_ignored():
-    from servinglab.clusterload import parse_log
+    from servinglab.experiments.clusterload import parse_log
 
     text = (f"{RECORD_PREFIX}{json.dumps(record(0, 5.0))}\nsome warning from a library\n{RECORD_PREFIX}{{\"cut"
             f"\n{OUTCOME_PREFIX}{json.dumps({'sent': 1})}\n")  # fmt: skip
-    records, final, other = parse_log(text)
-    assert [r["index"] for r in records] == [0] and final == {"sent": 1}
+    rows, final, other = parse_log(text)
+    assert [r["index"] for r in rows] == [0] and final == {"sent": 1}
     assert other[0] == "some warning from a library" and len(other) == 2
 
 
@@ -272,7 +278,7 @@ def endpoint():
 def test_worker_command_prints_records_then_its_outcome(endpoint, tmp_path, monkeypatch, capsys):
     stage = StageSpec(request_rate=50.0, max_concurrency=3, seed=5)
     start = time.time() + 0.3
-    plan = build_job_plan("raw", "rate=50", Target(f"{endpoint.url}/v1", "m"), specs(6), specs(1, "warm"), stage, 2, start)
+    plan = job_plan("rate=50", Target(f"{endpoint.url}/v1", "m"), specs(6), specs(1, "warm"), stage, 2, start)
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")
     assert cli.main(["loadgen-worker", "--plan", str(tmp_path / "plan.json")]) == 0
@@ -321,19 +327,24 @@ def leftovers(kube: Kube) -> list[str]:
 PLAN = {"stage": "c=4", "mode": "closed", "max_concurrency": 4, "request_rate": None, "num_prompts": 20}
 
 
+def watched(endpoint: StreamingEndpoint) -> ServerWindow:
+    """The server's side of a stage, from this machine, as the sweep watches it."""
+    return ServerWindow([MetricsTarget("raw", endpoint.url)], Endpoint("raw", f"{endpoint.url}/v1", "m"))
+
+
 def test_a_stage_as_an_indexed_job(cluster, endpoint, tmp_path):
     s = job_study()
     platform = KubernetesPlatform(s)
     stage = StageSpec(max_concurrency=4, seed=42)
     with JobController(cluster.kube, NS, cluster.emulator, endpoint.url) as jobs:
         started = time.monotonic()
-        stage_row = run_in_cluster_stage(s, platform, "raw", PLAN, tmp_path, specs(20), specs(2, "warm"), stage,
-                                         endpoint=Endpoint("raw", f"{endpoint.url}/v1", "m"))  # fmt: skip
+        stage_row = run_in_cluster_stage(s, platform, "raw", PLAN, tmp_path, StagePlan.make("c=4", specs(20), specs(2, "warm"), stage),
+                                         watched(endpoint))  # fmt: skip
         took = time.monotonic() - started
         assert leftovers(cluster.kube) == []  # Job, ConfigMap and pods deleted
     assert not jobs.errors and jobs.jobs == ["qwen-cluster-raw-load"] and jobs.deleted == ["qwen-cluster-raw-load"]
     assert took < 20
-    rows = results.read_records(tmp_path, "latency_requests")
+    rows = records.read(tmp_path, records.LATENCY_REQUESTS).rows
     measured = [r for r in rows if not r["warmup"]]
     assert sorted(r["index"] for r in measured) == list(range(20)) and all(r["ok"] for r in measured)
     assert sorted(r["index"] for r in rows if r["warmup"]) == [0, 1]
@@ -341,7 +352,7 @@ def test_a_stage_as_an_indexed_job(cluster, endpoint, tmp_path):
     assert all(r["layer"] == "raw" and r["stage"] == "c=4" for r in rows)
     by_pod = {i: sorted(r["index"] for r in measured if r["client_pod"] == i) for i in range(3)}
     assert by_pod == {i: jobs.plans[0]["slices"][i]["requests"] for i in range(3)}
-    assert results.read_records(tmp_path, "latency_stages") == [stage_row]
+    assert records.read(tmp_path, records.LATENCY_STAGES).rows == [stage_row]
     assert stage_row["client"] == "in-cluster Job qwen-cluster-raw-load, 3 pods"
     assert stage_row["stage"] == "c=4" and stage_row["seed"] == 42 and stage_row["server_alive_after"] is True
     summary = stage_row["summary"]
@@ -361,18 +372,19 @@ def test_a_failed_pod_fails_the_job_keeps_the_others_records_and_deletes_the_job
     platform = KubernetesPlatform(s)
     with JobController(cluster.kube, NS, cluster.emulator, endpoint.url, scenario="pod_fails", fail_index=1) as jobs:
         with pytest.raises(LoadJobError) as caught:
-            run_in_cluster_stage(s, platform, "raw", PLAN, tmp_path, specs(20), [], StageSpec(max_concurrency=4, seed=1))
+            run_in_cluster_stage(s, platform, "raw", PLAN, tmp_path, StagePlan.make("c=4", specs(20), [], StageSpec(max_concurrency=4, seed=1)),
+                                 ServerWindow([]))
         assert leftovers(cluster.kube) == []
     message = str(caught.value)
     assert "layers.raw: stage c=4: in-cluster load Job qwen-cluster-raw-load: the Job failed (BackoffLimitExceeded" in message
     assert "pod qwen-cluster-raw-load-1-x1q (slice 1) exited with code 1 (Error)" in message
     assert "RuntimeError: planted failure" in message and "data/latency_requests.jsonl" in message
-    rows = results.read_records(tmp_path, "latency_requests")
+    rows = records.read(tmp_path, records.LATENCY_REQUESTS).rows
     plan = jobs.plans[0]
     kept = {i: sorted(r["index"] for r in rows if r["client_pod"] == i) for i in range(3)}
     assert kept[0] == plan["slices"][0]["requests"] and kept[2] == plan["slices"][2]["requests"]
     assert len(kept[1]) == 2  # what the failed pod printed before it died
-    assert results.read_records(tmp_path, "latency_stages") == []
+    assert records.read(tmp_path, records.LATENCY_STAGES).rows == []
 
 
 def test_an_image_that_cannot_be_pulled_fails_promptly(cluster, endpoint, tmp_path):
@@ -381,7 +393,8 @@ def test_an_image_that_cannot_be_pulled_fails_promptly(cluster, endpoint, tmp_pa
     with JobController(cluster.kube, NS, cluster.emulator, endpoint.url, scenario="image_pull"):
         started = time.monotonic()
         with pytest.raises(LoadJobError, match=rf"container loadgen: ImagePullBackOff: Back-off pulling image \"{IMAGE}\""):
-            run_in_cluster_stage(s, platform, "raw", PLAN, tmp_path, specs(4), [], StageSpec(max_concurrency=4))
+            run_in_cluster_stage(s, platform, "raw", PLAN, tmp_path, StagePlan.make("c=4", specs(4), [], StageSpec(max_concurrency=4)),
+                                 ServerWindow([]))
         assert time.monotonic() - started < 10  # not the start delay, not the deadline
         assert leftovers(cluster.kube) == []
 
@@ -416,9 +429,9 @@ def test_the_sweep_records_where_each_stage_ran(cluster, endpoint, tmp_path, mon
     assert all(st["summary"]["completed"] == st["num_prompts"] for st in stages)
     if client == "in-cluster":
         assert [st["client"] for st in stages] == ["in-cluster Job qwen-cluster-raw-load, 3 pods"] * 2
-        assert len(jobs.plans) == 2 and jobs.plans[1]["request_rate"] == 4
+        assert len(jobs.plans) == 2 and jobs.plans[1]["plan"]["request_rate"] == 4
         # The Job sent the prompts the single client would have sent, seeded per stage.
-        single = [r for r in results.read_records(tmp_path, "latency_requests") if r["stage"] == "c=2"]
+        single = [r for r in records.read(tmp_path, records.LATENCY_REQUESTS).rows if r["stage"] == "c=2"]
         assert {r["client_pod"] for r in single} == {0, 1}  # concurrency 2 over 3 pods: the third sends nothing
     else:
         assert [st["client"] for st in stages] == [latency.this_machine()] * 2 and jobs.jobs == []
@@ -454,5 +467,6 @@ def test_a_refused_job_is_named_and_its_plan_deleted(cluster, tmp_path, monkeypa
     monkeypatch.setattr(Kube, "apply", forbid_jobs)
     s = job_study()
     with pytest.raises(LoadJobError, match=r"layers.raw: stage c=4: the cluster refused Job/qwen-cluster-raw-load: Forbidden"):
-        run_in_cluster_stage(s, KubernetesPlatform(s), "raw", PLAN, tmp_path, specs(4), [], StageSpec(max_concurrency=4))
+        run_in_cluster_stage(s, KubernetesPlatform(s), "raw", PLAN, tmp_path, StagePlan.make("c=4", specs(4), [], StageSpec(max_concurrency=4)),
+                                 ServerWindow([]))
     assert leftovers(cluster.kube) == []  # the plan went too

@@ -20,9 +20,9 @@ import jsonschema
 import pytest
 from kube_network import EmulatedServing, engine_argv, served_names
 
-from servinglab import servermetrics
+from servinglab.measure import server_metrics
 from servinglab.config import load_study
-from servinglab.layers import Canary
+from servinglab.layers.common import Canary
 from servinglab.layers.validate import bundled_crd_schemas, unknown_fields
 from servinglab.platforms import get_platform
 from servinglab.platforms.kube import Kube, conditions
@@ -113,7 +113,7 @@ def ready_pods(platform: KubernetesPlatform, layer: str) -> list[str]:
 
 
 def top(platform: KubernetesPlatform, layer: str) -> dict:
-    return platform.kube.get(*platform._top_ref(layer))
+    return platform.kube.get(*platform.top_ref(layer))
 
 
 def predictor_status(platform: KubernetesPlatform, layer: str) -> dict:
@@ -386,7 +386,7 @@ def test_gateway_routes_by_host_and_costs_its_overhead(cluster, tmp_path, monkey
             assert [m["id"] for m in models["data"]] == [SERVED]
             unknown = client.get(f"{gateway.base_url}/models", headers={"Host": "nobody.servinglab.example.com"})
             assert unknown.status_code == 404
-            scraped = servermetrics.parse(client.get(f"{direct.base_url.removesuffix('/v1')}/metrics").text)
+            scraped = server_metrics.parse(client.get(f"{direct.base_url.removesuffix('/v1')}/metrics").text)
         assert scraped["vllm:generation_tokens"] == 40 * 3 and scraped["vllm:e2e_request_latency_seconds"]["count"] == 40
         assert scraped["vllm:inter_token_latency_seconds"]["count"] == 40 * 2
         assert_status_follows_the_crd(top(platform, "llm-d"))

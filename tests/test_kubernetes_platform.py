@@ -18,9 +18,9 @@ from kube_emulator import EmulatedCluster, install_serving_stack
 
 from servinglab import cli
 from servinglab.config import load_study
-from servinglab.deploy import deploy_layers
+from servinglab.experiments.deploy import deploy_layers
 from servinglab.errors import PlatformError
-from servinglab.layers import MANAGED_BY, STUDY_LABEL
+from servinglab.layers.common import MANAGED_BY, STUDY_LABEL
 from servinglab.platforms import get_platform
 from servinglab.platforms.kube import Kube, load_api_client
 from servinglab.platforms.kubernetes import KubernetesPlatform, LayerNotReadyError
@@ -127,7 +127,7 @@ def test_teardown_deletes_by_label_and_leaves_unlabelled_objects_alone(cluster, 
         assert "Deployment/qwen-cluster-raw" not in labelled(cluster.kube)
         assert cli.main(["teardown", str(EXAMPLE)]) == 0
         assert cli.main(["status", str(EXAMPLE)]) == 0
-        assert "nothing of study qwen-cluster is on the cluster" in capsys.readouterr().out
+        assert "nothing of study qwen-cluster is running" in capsys.readouterr().out
     assert labelled(cluster.kube) == []
     assert cluster.kube.get("v1", "Service", NS, "theirs") is not None
     assert cluster.kube.get("v1", "Service", NS, "other-study") is not None
@@ -221,14 +221,14 @@ def test_port_forward_relays_a_streamed_completion():
 
 def test_preflight_finds_what_the_cluster_runs(cluster, tmp_path):
     from servinglab import api
-    from servinglab.preflight import run_preflight
+    from servinglab.experiments.preflight import run_preflight
 
     run = api.open_study(EXAMPLE, "", [f"paths.runs_dir={tmp_path / 'runs'}"])
     found = run_preflight(run.study, run.platform, run.run_dir)
     checks = found["facts"]["cluster"]
     assert checks["gpus"] == {"resource": "nvidia.com/gpu", "by_node": {"node-0": 1, "node-1": 1}, "total": 2}
-    assert checks["kserve_controllers"][0]["version"] == "v0.20.0"
-    assert checks["kserve_default_deployment_mode"] == "Knative"
+    assert checks["controllers"][0]["version"] == "v0.20.0"
+    assert checks["kind_facts"]["kserve"] == {"default deployment mode": "Knative"}
     assert checks["crds"]["llminferenceservices.serving.kserve.io"] == ["v1alpha1", "v1alpha2"]
     assert checks["gateway_classes"] == ["istio"] and checks["storage_classes"] == ["standard (default)"]
     assert checks["control_plane"]["kserve"] == {"pods": 1, "cpu_cores": 0.1, "memory_gib": 0.293}
@@ -300,7 +300,8 @@ def test_unschedulable_waits_out_the_grace_an_autoscaler_needs(cluster, tmp_path
         assert time.monotonic() - started >= 1.0
 
 
-def test_a_ready_condition_of_the_previous_generation_does_not_count():
+def test_a_ready_condition_of_the_previous_generation_does_not_count(monkeypatch):
+    monkeypatch.delenv("SERVINGLAB_OVERRIDES", raising=False)  # the cluster study as written
     platform = KubernetesPlatform(study())
     isvc = {"kind": "InferenceService", "metadata": {"generation": 2},
             "status": {"observedGeneration": 1, "conditions": [{"type": "Ready", "status": "True"}]}}

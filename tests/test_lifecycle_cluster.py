@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from kube_network import EmulatedServing
 
-from servinglab import lifecycle
+from servinglab.experiments import lifecycle
 from servinglab.config import load_study
-from servinglab.layers import HASH_LABEL, MANAGED_BY, STUDY_LABEL
+from servinglab.layers.common import HASH_LABEL, MANAGED_BY, STUDY_LABEL
 from servinglab.platforms import get_platform
 from servinglab.platforms.kubernetes import KubernetesPlatform
 
@@ -67,7 +67,7 @@ def test_every_experiment_on_every_layer(cluster, serving, tmp_path):
     platform = get_platform(study)
     for layer in LAYERS:
         platform.ensure(layer, str(tmp_path))
-    hashes = {layer: platform.kube.get(*platform._top_ref(layer))["metadata"]["labels"][HASH_LABEL] for layer in LAYERS}
+    hashes = {layer: platform.kube.get(*platform.top_ref(layer))["metadata"]["labels"][HASH_LABEL] for layer in LAYERS}
     records = lifecycle.run_lifecycle(study, platform, tmp_path)
     lifecycle.assert_measured(records)
     found = outcomes(tmp_path)
@@ -134,7 +134,7 @@ def test_every_experiment_on_every_layer(cluster, serving, tmp_path):
 
     # Every layer is back as the study specifies it: same spec hash, ready, serving the plain name.
     for layer in LAYERS:
-        top = platform.kube.get(*platform._top_ref(layer))
+        top = platform.kube.get(*platform.top_ref(layer))
         assert top["metadata"]["labels"][HASH_LABEL] == hashes[layer] and platform._ready(top), layer
     assert "canaryTrafficPercent" not in isvc(cluster, "kserve-knative")["spec"]["predictor"]
     assert "canary" not in isvc(cluster, "kserve-standard")["spec"]

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from servinglab import cost
+from servinglab import cost, layers, records
+from servinglab.api import run_context
+from servinglab.platforms import Deployment
 from servinglab.config import load_study
-from servinglab.lifecycle.stats import paired_difference, split_estimate, wilson_interval
+from servinglab.experiments.lifecycle.stats import paired_difference, split_estimate, wilson_interval
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,35 +66,48 @@ def test_cost_per_1000_requests_on_known_prices():
 
 
 def _stage(layer, stage, throughput):
-    return {"layer": layer, "stage": stage, "summary": {"request_throughput": throughput}}
+    return {"layer": layer, "stage": stage, "mode": "closed", "source": "servinglab",
+            "summary": {"request_throughput": throughput}}  # fmt: skip
+
+
+def _run(tmp_path, study) -> Path:
+    """A run directory of ``study`` with its layers deployed (or refused) as deploy_layers records them."""
+    run_dir = records.create_run(tmp_path / "runs", study.study, run_context(study))
+    for name, layer in study.layers.items():
+        kind = layers.of(layer)
+        records.append(run_dir, records.DEPLOYMENTS, [Deployment(name, layer.kind, "kubernetes", "ready",
+                       serving_replicas=kind.serving_replicas(layer), idle_replicas=kind.idle_replicas(layer)).to_record()])  # fmt: skip
+    return run_dir
 
 
 def test_load_point_and_idle_costs_from_a_run_directory(tmp_path, monkeypatch):
     monkeypatch.delenv("SERVINGLAB_OVERRIDES", raising=False)  # the cluster study as written, not the CI one
     study = load_study(REPO / "params" / "cluster-example.yaml", ["costs.gpu_hourly=2.0", "platform.gpus=2"])
-    run_dir = tmp_path / "run"
-    (run_dir / "data").mkdir(parents=True)
+    run_dir = _run(tmp_path, study)
     stages = [_stage("raw", "c=1", 1.0), _stage("raw", "c=32", 20.0), _stage("kserve-knative", "c=1", 0.0)]
-    (run_dir / "data" / "latency_stages.jsonl").write_text("".join(json.dumps(s) + "\n" for s in stages))
-    rows = {(r["layer"], r["stage"]): r for r in cost.load_point_costs(study, run_dir)}
+    records.append(run_dir, records.LATENCY_STAGES, stages)
+    load_points, idle_rows = cost.run_costs(run_dir)
+    rows = {(r["layer"], r["stage"]): r for r in load_points}
     # A replica holds 2 GPUs at 2.0 each: 4.0 an hour.
     assert rows[("raw", "c=1")]["price_per_replica_hour"] == 4.0
     assert rows[("raw", "c=1")]["cost_per_1k_requests"] == pytest.approx(4.0 / 3.6, abs=1e-6)
     assert rows[("raw", "c=32")]["cost_per_1k_requests"] == pytest.approx(4.0 / 72, abs=1e-6)
     assert rows[("kserve-knative", "c=1")]["cost_per_1k_requests"] is None
-    idle = {r["layer"]: r for r in cost.idle_costs(study)}
+    idle = {r["layer"]: r for r in idle_rows}
     assert idle["kserve-knative"]["idle_replicas"] == 0 and idle["kserve-knative"]["idle_cost_per_hour"] == 0
     assert idle["kserve-standard"]["idle_replicas"] == 1 and idle["raw"]["idle_cost_per_hour"] == 4.0
     assert idle["raw"]["idle_cost_per_month"] == 4.0 * 730
     # No price: no load-point cost, idle replicas still counted.
     unpriced = load_study(REPO / "params" / "cluster-example.yaml", ["costs.gpu_hourly=null"])
-    assert cost.load_point_costs(unpriced, run_dir) == []
-    assert {r["idle_cost_per_hour"] for r in cost.idle_costs(unpriced)} == {None}
+    bare_run = _run(tmp_path / "unpriced", unpriced)
+    records.append(bare_run, records.LATENCY_STAGES, stages)
+    load_points, idle_rows = cost.run_costs(bare_run)
+    assert load_points == [] and {r["idle_cost_per_hour"] for r in idle_rows} == {None}
 
 
 def test_a_cpu_replica_is_priced_whole(monkeypatch):
     monkeypatch.delenv("SERVINGLAB_OVERRIDES", raising=False)
     study = load_study(REPO / "params" / "local.yaml")
-    assert study.costs.replica_price_per_hour(cost.gpus_per_replica(study)) == 0.07
+    assert cost.replica_price(study.resolved()) == (0.07, "USD")
     bare = load_study(REPO / "params" / "local.yaml", ["costs.replica_hourly=null", "costs.gpu_hourly=1.0"])
-    assert bare.costs.replica_price_per_hour(cost.gpus_per_replica(bare)) is None  # no GPU to price
+    assert cost.replica_price(bare.resolved()) is None  # no GPU to price

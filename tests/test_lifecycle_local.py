@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from servinglab import lifecycle
+from servinglab.experiments import lifecycle
 from servinglab.platforms import get_platform
 
 pytestmark = pytest.mark.engine

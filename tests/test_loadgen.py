@@ -10,10 +10,10 @@ import pytest
 from conftest import PARAMS, run_cli
 from streaming_endpoint import StreamingEndpoint
 
-from servinglab.loadgen import StageSpec, Target, run_stage, run_stage_async
-from servinglab.metrics import summarize
-from servinglab.schedule import arrival_offsets_s
-from servinglab.workload import RequestSpec
+from servinglab.measure.loadgen import StageSpec, Target, run_stage, run_stage_async
+from servinglab.measure.client_metrics import summarize
+from servinglab.measure.schedule import arrival_offsets_s
+from servinglab.measure.workload import RequestSpec
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_bench_cli_against_real_vllm(engine, tmp_path):
 
 @pytest.mark.engine
 def test_import_vllm_bench_result(engine, tmp_path):
-    from servinglab import results
+    from servinglab import records
 
     result = {"date": "20261127-000000", "backend": "openai-chat", "model_id": "tiny", "num_prompts": 10,
               "request_rate": "inf", "max_concurrency": 4, "completed": 10, "failed": 0, "duration": 1.5,
@@ -142,7 +142,7 @@ def test_import_vllm_bench_result(engine, tmp_path):
     path.write_text(json.dumps(result))
     done = run_cli("import", "vllm-bench", str(path), "--run-dir", str(engine.run_dir), "--layer", "raw", timeout=120)
     assert done.returncode == 0, done.stderr
-    stages = results.read_records(engine.run_dir, "latency_stages")
+    stages = records.read(engine.run_dir, records.LATENCY_STAGES).rows
     imported = stages[-1]
     assert imported["source"] == "vllm bench serve" and imported["stage"] == "c=4" and imported["mode"] == "closed"
     assert imported["summary"]["median_ttft_ms"] == 19.0
@@ -168,7 +168,7 @@ def test_bench_with_a_prompts_file(endpoint, tmp_path):
 
 
 def test_gpu_telemetry_from_prometheus(endpoint):
-    from servinglab.servermetrics import prometheus_window
+    from servinglab.measure.server_metrics import prometheus_window
 
     window = prometheus_window(endpoint.url, {"util": "avg(DCGM_FI_DEV_GPU_UTIL)"}, 1000.0, 1060.0)
     n = len("avg(DCGM_FI_DEV_GPU_UTIL)")
@@ -180,7 +180,8 @@ def test_gpu_telemetry_from_prometheus(endpoint):
 @pytest.mark.parametrize("policy, expected", [("stop", 1), ("continue", 2)])
 def test_a_stage_whose_server_died_ends_the_sweep_or_not(endpoint, tmp_path, monkeypatch, policy, expected):
     """After a stage the server's /health fails: the stage says so, and the sweep follows the study."""
-    from servinglab import api, latency, results
+    from servinglab import api, records
+    from servinglab.experiments import latency
     from servinglab.platforms import Endpoint
 
     monkeypatch.setenv("SERVINGLAB_OVERRIDES", str(tmp_path / "none.yaml"))
@@ -194,4 +195,4 @@ def test_a_stage_whose_server_died_ends_the_sweep_or_not(endpoint, tmp_path, mon
     finally:
         endpoint.healthy = True
     assert len(stages) == expected and all(s["server_alive_after"] is False for s in stages)
-    assert [s["stage"] for s in results.read_records(study_run.run_dir, "latency_stages")] == ["c=1", "c=4"][:expected]
+    assert [s["stage"] for s in records.read(study_run.run_dir, records.LATENCY_STAGES).rows] == ["c=1", "c=4"][:expected]

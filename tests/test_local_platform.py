@@ -12,7 +12,8 @@ import psutil
 import pytest
 from conftest import PARAMS, engine_processes, run_cli
 
-from servinglab import api, smoke
+from servinglab import api
+from servinglab.experiments import smoke
 from servinglab.config import load_study
 from servinglab.errors import ServerStartError, UnsupportedLayerError
 from servinglab.platforms.processes import Registry, ServerEntry

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from servinglab.loadgen import TokenClock
-from servinglab.metrics import good_request, summarize
-from servinglab.schedule import arrival_offsets_s
+from servinglab.measure.loadgen import TokenClock
+from servinglab.measure.client_metrics import good_request, summarize
+from servinglab.measure.schedule import arrival_offsets_s
 
 MS = 1_000_000
 

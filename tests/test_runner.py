@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import PARAMS, REPO, SERVINGLAB, engine_processes, run_cli
 
+from servinglab import records
+
 pytestmark = pytest.mark.engine
 
 KEY_VARIABLE = "SERVINGLAB_TEST_API_KEY"
@@ -44,7 +46,7 @@ def test_whole_suite_with_an_api_key_that_appears_nowhere(private_overrides, tmp
     assert report.name in (workspace / "reports" / "index.html").read_text()
 
     context = json.loads((run_dir / "run.json").read_text())
-    assert context["schema_version"] == 1 and context["status"] == "ok" and context["ended_at"]
+    assert context["schema_version"] == records.SCHEMA_VERSION and context["status"] == "ok" and context["ended_at"]
     assert context["git"]["sha"] and len(context["git"]["sha"]) == 40
     assert context["engine"]["system_fingerprint"].startswith("vllm-")
     assert context["hardware"]["logical_cores"] >= 1

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__, results
+from . import __version__, layers, records
 from .config import Study, load_study
 from .errors import RunDirError
 from .platforms import Platform, get_platform
@@ -31,8 +31,11 @@ def run_context(study: Study) -> dict:
         "params": study.resolved(),
         "sources": study.sources,
         "project_dir": str(study.project_dir),
-        "git": results.git_state(study.project_dir),
+        "git": records.git_state(study.project_dir),
         "servinglab_version": __version__,
+        # What each kind of the study's layers is, as this servinglab knows it, in the registry's order (the
+        # source page's): the report reads it from here.
+        "layer_kinds": {k.name: k.describe() for k in layers.kinds() if any(l.kind == k.name for l in study.layers.values())},
     }
 
 
@@ -57,12 +60,12 @@ def open_study(
     platform = get_platform(study)
     if run_dir:
         path = Path(run_dir)
-        if not (path / results.RUN_FILE).is_file():
-            raise RunDirError(f"{path}: not a run directory (no {results.RUN_FILE})")
+        if not (path / records.RUN_FILE).is_file():
+            raise RunDirError(f"{path}: not a run directory (no {records.RUN_FILE})")
     else:
-        latest = results.latest_run(study.runs_dir, study.study)
-        if latest and results.read_context(latest).get("params") == study.resolved():
+        latest = records.latest_run(study.runs_dir, study.study)
+        if latest and records.read_context(latest).get("params") == study.resolved():
             path = latest
         else:
-            path = results.create_run(study.runs_dir, study.study, run_context(study) | {"status": "interactive"})
+            path = records.create_run(study.runs_dir, study.study, run_context(study) | {"status": "interactive"})
     return StudyRun(study, platform, path)

@@ -141,7 +141,7 @@ def _check(args) -> int:
 
 def _render(args) -> int:
     from .config import load_study
-    from .layers import render_layer, to_yaml
+    from .layers.render import render_layer, to_yaml
     from .layers.validate import validate_objects
 
     study = load_study(args.study, args.overrides)
@@ -180,19 +180,10 @@ def _status(args) -> int:
     from .platforms import get_platform
 
     study = load_study(args.study, args.overrides)
-    platform = get_platform(study)
-    if platform.name == "kubernetes":
-        rows = platform.status()
-        for r in rows:
-            print(f"{r['layer']}\t{r['state']}\t{r['object']} in {platform.namespace}\tspec {r['spec_hash']}\t"
-                  f"{r['created']} objects created by the platform")  # fmt: skip
-        if not rows:
-            print(f"nothing of study {study.study} is on the cluster")
-        return 0
-    entries = platform.running()
-    for e in entries:
-        print(f"{e.layer}\t{e.state}\t{e.base_url}\tpid {e.pid}\tstarted {e.started_at}\tlog {e.log_path}")
-    if not entries:
+    rows = get_platform(study).status()
+    for r in rows:
+        print(f"{r['layer']}\t{r['state']}\t{r['where']}\t{r['detail']}")
+    if not rows:
         print(f"nothing of study {study.study} is running")
     return 0
 
@@ -208,7 +199,7 @@ def _build_model(args) -> int:
 
 
 def _report(args) -> int:
-    from .results import read_context
+    from .records import read_context
 
     if len(args.run_dirs) == 1:
         from .report import publish
@@ -236,7 +227,7 @@ def _export(args) -> int:
 def _bench(args) -> int:
     import json
 
-    from .bench import read_api_key, run_bench
+    from .measure.bench import read_api_key, run_bench
 
     slos = {}
     for item in args.goodput:
@@ -262,13 +253,13 @@ def _bench(args) -> int:
 
 
 def _loadgen_worker(args) -> int:
-    from .clusterload import worker_main
+    from .experiments.clusterload import worker_main
 
     return worker_main(args.plan, args.index)
 
 
 def _import(args) -> int:
-    from .bench import import_vllm_bench
+    from .measure.bench import import_vllm_bench
 
     stage = import_vllm_bench(args.file, args.run_dir, args.layer)
     print(f"imported {stage['stage']} of layer {stage['layer']} into {args.run_dir}")

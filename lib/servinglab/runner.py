@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import results
+from . import records
 from .api import run_context
 from .config import Study, load_study
 from .errors import ParamsError, RunDirError, RunnerError
@@ -91,8 +91,8 @@ def _sigterm_as_interrupt():
 
 
 def _update_notebook(run_dir: Path, entry: dict) -> None:
-    notebooks = [n for n in results.read_context(run_dir).get("notebooks", []) if n["name"] != entry["name"]]
-    results.update_context(run_dir, notebooks=notebooks + [entry])
+    notebooks = [n for n in records.read_context(run_dir).get("notebooks", []) if n["name"] != entry["name"]]
+    records.update_context(run_dir, notebooks=notebooks + [entry])
 
 
 def run_study(
@@ -132,11 +132,11 @@ def run_study(
         raise ParamsError(f"--only {only}: give --run-dir, the run to add this stage to")
     if run_dir:
         run_path = Path(run_dir).resolve()
-        results.read_context(run_path)  # raises RunDirError when it is not a run directory
+        records.read_context(run_path)  # raises RunDirError when it is not a run directory
     else:
-        run_path = results.create_run(study.runs_dir, study.study, run_context(study) | {"status": "running"})
+        run_path = records.create_run(study.runs_dir, study.study, run_context(study) | {"status": "running"})
     say(f"run directory: {run_path}")
-    results.update_context(run_path, status="running", ended_at=None)
+    records.update_context(run_path, status="running", ended_at=None)
 
     status = "ok"
     failure: str | None = None
@@ -147,7 +147,7 @@ def run_study(
                 executed = run_path / "notebooks" / notebook.name
                 say(f"[{i}/{len(notebooks)}] {notebook.stem} ...")
                 t0 = time.monotonic()
-                entry = {"name": notebook.stem, "executed_path": str(executed), "started_at": results.utc_now()}
+                entry = {"name": notebook.stem, "executed_path": str(executed), "started_at": records.utc_now()}
                 _update_notebook(run_path, entry | {"status": "running"})
                 parameters = {
                     "params_file": str(study.source_file),
@@ -186,7 +186,7 @@ def run_study(
             for line in stopped:
                 say(f"teardown: {line}")
         with contextlib.suppress(RunDirError):
-            results.update_context(run_path, status=status, ended_at=results.utc_now())
+            records.update_context(run_path, status=status, ended_at=records.utc_now())
 
     report = study.reports_dir / f"{study.study}-{run_path.name}.html"
     if report.is_file():

@@ -1,9 +1,17 @@
-"""What every platform offers the notebooks: deploy, reach, stop, and say what it has."""
+"""The platform contract: what every platform offers the experiments and notebooks, and the values it hands
+back. ``local`` (vLLM server processes on this machine) and ``kubernetes`` (objects on a cluster) both
+implement :class:`Platform`; callers use nothing else of them."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ContextManager, Protocol
+
+if TYPE_CHECKING:
+    from ..config import Study
+    from ..layers import Refusal
+    from ..layers.common import Canary
 
 
 @dataclass(frozen=True)
@@ -24,6 +32,17 @@ class Endpoint:
     @property
     def root_url(self) -> str:
         return self.base_url.removesuffix("/v1")
+
+
+@dataclass(frozen=True)
+class MetricsTarget:
+    """One engine process whose ``/metrics`` make up part of a layer's: a pod, or the local server."""
+
+    name: str  # the pod's name, or the layer's for the one local server
+    root_url: str  # http(s)://host:port, without /v1
+    api_key: str | None = field(default=None, repr=False, compare=False)
+    headers: dict[str, str] = field(default_factory=dict, compare=False)
+    verify_tls: bool = field(default=True, compare=False)
 
 
 @dataclass
@@ -50,28 +69,119 @@ class Deployment:
     processes: int | None = None  # processes the layer runs as, when ready (local platform)
     rss_mib: float | None = None  # their resident memory, when ready
     url: str | None = None  # the address the platform published for the layer (status.url), when it has one
+    serving_replicas: int | None = None  # replicas that serve a load point (the kind's cost rule)
+    idle_replicas: int | None = None  # replicas kept when no request comes
 
     def to_record(self) -> dict[str, Any]:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Manifests:
+    """A layer's objects as its user would apply them, and what was assumed to render them (None: nothing)."""
+
+    objects: list[dict[str, Any]]
+    assumed: str | None = None
+
+
+class PodTimeline(Protocol):
+    def first(self) -> dict[str, float]:
+        """The earliest time (time.time()) each mark was reached by any new pod."""
+        ...
+
+
 class Platform(Protocol):
+    """Deploy, reach, change, watch and stop a study's layers."""
+
     name: str
+    study: Study
+
+    def with_study(self, study: Study) -> Platform:
+        """The same machine or cluster, connection and registry, for a changed study (a model update)."""
+        ...
+
+    # --- what the platform offers -----------------------------------------------------------------
 
     def facts(self) -> dict[str, Any]:
         """What the platform offers (hardware, engine, controllers), for preflight and run.json."""
+        ...
 
     def engine_version(self) -> str | None:
         """The vLLM version the layers run, when the platform knows it."""
+        ...
 
     def unsupported_reason(self, layer_name: str) -> str | None:
         """None when the platform can host this layer, otherwise why not."""
+        ...
 
-    def ensure(self, layer_name: str, run_dir: str) -> Deployment:
+    def refusal(self, needs: frozenset[str]) -> Refusal | None:
+        """Why this platform, as the study sets it, cannot give what a lifecycle mechanism needs (``cluster``,
+        ``gateway``), or None."""
+        ...
+
+    def model_dir(self) -> tuple[Path, list[str]]:
+        """The model directory this machine serves and the engine arguments its source needs (local only)."""
+        ...
+
+    def manifests(self, layer_name: str, study: Study | None = None, run_id: str | None = None) -> Manifests:
+        """The layer's objects as applied on a cluster (rendered as on one where the platform is not)."""
+        ...
+
+    # --- deploy and reach -------------------------------------------------------------------------
+
+    def ensure(self, layer_name: str, run_dir: str, run_id: str | None = None, canary: Canary | None = None,
+               keep_on_failure: bool = False) -> Deployment:  # fmt: skip
         """Deploy a layer, or reuse it when it already runs with the same spec; wait until ready."""
+        ...
 
-    def endpoint(self, layer_name: str) -> Endpoint:
-        """Where a ready layer answers."""
+    def endpoint(self, layer_name: str, via: str | None = None) -> Endpoint:
+        """Where a ready layer answers, by the path ``via`` names (the platform's default when None)."""
+        ...
+
+    def paths(self, layer_name: str) -> dict[str, Endpoint]:
+        """The ways to reach a ready layer side by side: ``direct`` always, ``gateway`` when it has one."""
+        ...
+
+    def metrics_targets(self, layer_name: str) -> list[MetricsTarget]:
+        """Every ready engine process of the layer, each with its own ``/metrics``."""
+        ...
+
+    def created_objects(self, layer_name: str) -> list[str]:
+        """Kind/name of what the platform's controllers made of the layer (empty where there are none)."""
+        ...
+
+    # --- change, scale, watch ---------------------------------------------------------------------
+
+    def replicas(self, layer_name: str) -> int | None:
+        """The replicas a person set on the layer now (None: the layer is not scaled by hand)."""
+        ...
+
+    def scale(self, layer_name: str, replicas: int) -> None:
+        """Set a layer's replicas by hand (``kubectl scale``; locally: stop, or start, its server)."""
+        ...
+
+    def wait_for_pods(self, layer_name: str, count: int, timeout_s: float) -> float:
+        """Seconds until the layer has exactly ``count`` serving processes (ready ones, when ``count`` > 0)."""
+        ...
+
+    def wait_ready(self, layer_name: str, since: float) -> dict[str, float]:
+        """Wait until the layer is ready again after a change made at ``since``; the marks seen."""
+        ...
+
+    def traffic(self, layer_name: str) -> list[dict[str, Any]]:
+        """The traffic split the layer's controller reports (empty where nothing splits traffic)."""
+        ...
+
+    def pod_timeline(self, layer_name: str) -> ContextManager[PodTimeline]:
+        """While open, stamps when the layer's new serving processes are created, scheduled, started, ready."""
+        ...
+
+    # --- stop -------------------------------------------------------------------------------------
+
+    def status(self) -> list[dict[str, Any]]:
+        """The study's layers present now: ``layer``, ``state``, ``where`` and ``detail``."""
+        ...
 
     def teardown(self, layer_names: list[str] | None = None) -> list[str]:
         """Stop what this study deployed (all layers when empty); returns what was stopped."""
+        ...

@@ -21,11 +21,13 @@ import urllib3
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
+from .. import layers
 from ..errors import PlatformError
 
 FIELD_MANAGER = "servinglab"
 
-# kind → (plural, namespaced); the kinds the platform applies, waits on, lists or deletes.
+# kind → (plural, namespaced): the built-in kinds the platform applies, waits on, lists or deletes; the
+# custom resources of the layer kinds come from their registry (servinglab.layers).
 KINDS: dict[str, tuple[str, bool]] = {
     "Namespace": ("namespaces", False),
     "Deployment": ("deployments", True),
@@ -35,9 +37,6 @@ KINDS: dict[str, tuple[str, bool]] = {
     "Pod": ("pods", True),
     "Event": ("events", True),
     "HorizontalPodAutoscaler": ("horizontalpodautoscalers", True),
-    "InferenceService": ("inferenceservices", True),
-    "ServingRuntime": ("servingruntimes", True),
-    "LLMInferenceService": ("llminferenceservices", True),
     "HTTPRoute": ("httproutes", True),
     "CustomResourceDefinition": ("customresourcedefinitions", False),
     "Node": ("nodes", False),
@@ -49,7 +48,6 @@ KINDS: dict[str, tuple[str, bool]] = {
 API_VERSIONS = {
     "Namespace": "v1", "Service": "v1", "PersistentVolumeClaim": "v1", "Pod": "v1", "Event": "v1", "Node": "v1",
     "Deployment": "apps/v1", "ReplicaSet": "apps/v1", "HorizontalPodAutoscaler": "autoscaling/v2",
-    "InferenceService": "serving.kserve.io/v1beta1", "ServingRuntime": "serving.kserve.io/v1alpha1",
     "HTTPRoute": "gateway.networking.k8s.io/v1",
     "CustomResourceDefinition": "apiextensions.k8s.io/v1", "ConfigMap": "v1", "StorageClass": "storage.k8s.io/v1",
     "GatewayClass": "gateway.networking.k8s.io/v1", "Job": "batch/v1",
@@ -72,9 +70,12 @@ def load_api_client(kubeconfig: str | None = None, context: str | None = None) -
 
 
 def object_path(api_version: str, kind: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
-    if kind not in KINDS:
+    if kind in KINDS:
+        plural, namespaced = KINDS[kind]
+    elif (custom := layers.resource_types().get(kind)) is not None:
+        plural, namespaced = custom.plural, custom.namespaced
+    else:
         raise PlatformError(f"servinglab does not know the resource name of kind {kind}")
-    plural, namespaced = KINDS[kind]
     base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
     path = f"{base}/namespaces/{namespace}/{plural}" if namespaced and namespace else f"{base}/{plural}"
     if name:

@@ -24,13 +24,15 @@ from urllib.parse import urlsplit, urlunsplit
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
+from .. import layers
+from ..config import KubernetesPlatform as KubernetesSettings
 from ..config import Study
-from ..errors import PlatformError
-from ..layers import HASH_LABEL, LAYER_LABEL, MANAGED_BY, STUDY_LABEL, Canary, render_layer
-from ..layers.common import ENGINE_PORT, object_name, selector_labels
-from ..layers.kserve import RUNTIME_PORT
+from ..errors import PlatformError, UnsupportedLayerError
+from ..layers import NEEDS_GATEWAY, LayerKind, Refusal
+from ..layers.common import ENGINE_PORT, HASH_LABEL, LAYER_LABEL, MANAGED_BY, STUDY_LABEL, Canary, selector_labels
+from ..layers.render import render_layer
 from ..layers.validate import schemas_from_crds, validate_objects
-from .base import Deployment, Endpoint
+from .base import Deployment, Endpoint, Manifests, MetricsTarget
 from .kube import (API_VERSIONS, Kube, WatchEvent, conditions, iter_containers, load_api_client, object_path,
                    parse_quantity)  # fmt: skip
 from .portforward import Connector, PortForward, kubernetes_connector
@@ -43,10 +45,17 @@ PHASES = {"scheduled": "scheduling_s", "image_pulled": "image_pull_s", "started"
           "ready": "engine_ready_s"}  # fmt: skip
 # Kinds a controller may create from a layer, listed by "what you write vs what the platform creates".
 OWNED_KINDS = ("Deployment", "ReplicaSet", "Service", "HorizontalPodAutoscaler", "HTTPRoute", "Pod")
-# What the platform may create per layer, deleted by label at teardown (in this order).
-# An in-cluster load Job (and its plan) goes first: a client left running would load the next study.
-TEARDOWN_KINDS = ("Job", "ConfigMap", "LLMInferenceService", "InferenceService", "ServingRuntime", "Deployment",
-                  "Service", "PersistentVolumeClaim")  # fmt: skip
+# What the platform may create per layer, deleted by label at teardown, in this order: an in-cluster load
+# Job (and its plan) first, since a client left running would load the next study; then the kinds' own
+# resources (teardown_kinds()); then what any layer's objects may hold.
+TEARDOWN_FIRST = ("Job", "ConfigMap")
+TEARDOWN_LAST = ("Deployment", "Service", "PersistentVolumeClaim")
+GATEWAY_NEEDED = ("the split and the activation happen in the gateway: set platform.endpoint: gateway (or "
+                  "platform.gateway_address) so requests go through it")  # fmt: skip
+
+
+def teardown_kinds() -> list[str]:
+    return [*TEARDOWN_FIRST, *(r.kind for r in layers.resource_types().values()), *TEARDOWN_LAST]
 
 
 class LayerNotReadyError(PlatformError):
@@ -61,12 +70,15 @@ class KubernetesPlatform:
     name = "kubernetes"
 
     def __init__(self, study: Study, kube: Kube | None = None) -> None:
+        if not isinstance(study.platform, KubernetesSettings):
+            raise PlatformError(f"{study.source_file}: platform.kind is {study.platform.kind}, not kubernetes")
         self.study = study
-        self.settings = study.platform
+        self.settings: KubernetesSettings = study.platform
         self._kube = kube
         self._crds: dict | None = None
         self._crd_docs: list[dict[str, Any]] | None = None
         self._forwards: dict[str, PortForward] = {}
+        self._pod_forwards: dict[tuple[str, int], PortForward] = {}  # (pod, port): metrics of every pod
         self._checks: dict[str, Any] | None = None
 
     def with_study(self, study: Study) -> KubernetesPlatform:
@@ -74,7 +86,11 @@ class KubernetesPlatform:
         sibling = KubernetesPlatform(study, self.kube)
         sibling._crds, sibling._crd_docs, sibling._checks = self._crds, self._crd_docs, self._checks
         sibling._forwards = self._forwards  # one port-forward per layer, whichever revision answers
+        sibling._pod_forwards = self._pod_forwards
         return sibling
+
+    def kind_of(self, layer_name: str) -> LayerKind:
+        return layers.of(self.study.layers[layer_name])
 
     # --- the cluster --------------------------------------------------------------------------------
 
@@ -118,26 +134,22 @@ class KubernetesPlatform:
             crds = {c["metadata"]["name"]: c for c in self._crd_documents()}
         except ApiException as exc:
             crds, checks["crds_unreadable"] = {}, f"HTTP {exc.status}"
+        known = prerequisite_crds()
         checks["crds"] = {
             name: sorted(v["name"] for v in crds[name]["spec"]["versions"] if v.get("served", True))
-            for name in PREREQUISITE_CRDS if name in crds
+            for name in known if name in crds
         }
-        checks["missing_crds"] = [label for name, label in PREREQUISITE_CRDS.items() if name not in crds]
-        controllers = [d for d in kube.list("apps/v1", "Deployment", None)
-                       if d["metadata"]["name"] in ("kserve-controller-manager", "llmisvc-controller-manager")]  # fmt: skip
-        checks["kserve_controllers"] = [
+        checks["missing_crds"] = [label for name, label in known.items() if name not in crds]
+        wanted = {name for kind in layers.kinds() for name in kind.controllers}
+        controllers = [d for d in kube.list("apps/v1", "Deployment", None) if d["metadata"]["name"] in wanted]
+        checks["controllers"] = [
             {"name": d["metadata"]["name"], "namespace": d["metadata"]["namespace"],
              "image": d["spec"]["template"]["spec"]["containers"][0].get("image"),
              "version": (d["spec"]["template"]["spec"]["containers"][0].get("image") or "").rpartition(":")[2] or None,
              "ready": (d.get("status") or {}).get("readyReplicas", 0)}  # fmt: skip
             for d in controllers
         ]
-        mode = None
-        for controller in checks["kserve_controllers"]:
-            config = kube.get("v1", "ConfigMap", controller["namespace"], "inferenceservice-config")
-            if config and "deploy" in (config.get("data") or {}):
-                mode = json.loads(config["data"]["deploy"]).get("defaultDeploymentMode")
-        checks["kserve_default_deployment_mode"] = mode
+        checks["kind_facts"] = {kind.name: facts for kind in layers.kinds() if (facts := kind.cluster_facts(kube, checks))}
         checks["gateway_classes"] = (
             [g["metadata"]["name"] for g in kube.list("gateway.networking.k8s.io/v1", "GatewayClass", None)]
             if "gateways.gateway.networking.k8s.io" in crds else []
@@ -149,7 +161,7 @@ class KubernetesPlatform:
             for c in classes
         ]
         checks["control_plane"] = {}
-        for namespace in CONTROL_PLANE_NAMESPACES:
+        for namespace in control_plane_namespaces(checks):
             pods = kube.list("v1", "Pod", namespace)
             if pods:
                 checks["control_plane"][namespace] = {"pods": len(pods), **_sum_requests(pods)}
@@ -158,45 +170,24 @@ class KubernetesPlatform:
         self._checks = checks
         return checks
 
-    def settle_llm_d_versions(self) -> None:
-        """An llm-d layer whose study leaves ``api_version`` unset uses what the cluster serves, v1alpha2 first."""
-        served = self.cluster_checks()["crds"].get("llminferenceservices.serving.kserve.io") or []
+    def adapt_to_cluster(self) -> None:
+        """Settle what the study's layers leave to the cluster (an API version it serves), by each kind's rule."""
+        checks = self.cluster_checks()
         for layer in self.study.layers.values():
-            if layer.kind == "llm-d" and "api_version" not in layer.model_fields_set and served \
-                    and layer.api_version not in served:  # fmt: skip
-                layer.api_version = "v1alpha2" if "v1alpha2" in served else served[-1]
+            layers.of(layer).adapt_to_cluster(layer, checks)
 
     def missing_prerequisites(self, layer_name: str) -> list[str]:
         """What the cluster lacks for this layer (empty when it has everything, or cannot tell)."""
         checks = self.cluster_checks()
         if checks.get("crds_unreadable"):
             return []  # no permission to read CRDs: the apply itself will say what is missing
-        self.settle_llm_d_versions()
+        self.adapt_to_cluster()
         layer = self.study.layers[layer_name]
         missing = []
         need = self.settings.gpus
         if need and not any(count >= need for count in checks["gpus"]["by_node"].values()):
             missing.append(f"a node with {need} allocatable {self.settings.gpu_resource}")
-        crds = checks["crds"]
-        if layer.kind == "kserve":
-            if "inferenceservices.serving.kserve.io" not in crds:
-                missing.append("the KServe InferenceService CRD")
-            if layer.predictor == "runtime" and "servingruntimes.serving.kserve.io" not in crds:
-                missing.append("the KServe ServingRuntime CRD")
-            if layer.mode == "Knative" and "services.serving.knative.dev" not in crds:
-                missing.append("Knative Serving (Knative mode)")
-            if not any(c["name"] == "kserve-controller-manager" for c in checks["kserve_controllers"]):
-                missing.append("the KServe controller (kserve-controller-manager)")
-        if layer.kind == "llm-d":
-            versions = crds.get("llminferenceservices.serving.kserve.io", [])
-            if layer.api_version not in versions:
-                missing.append(f"the LLMInferenceService CRD serving {layer.api_version}"
-                               + (f" (the cluster serves {', '.join(versions)})" if versions else ""))  # fmt: skip
-            if "gateways.gateway.networking.k8s.io" not in crds:
-                missing.append("the Gateway API CRDs")
-            if layer.scheduler and not any(n.startswith("inferencepools.") for n in crds):
-                missing.append("the Gateway API Inference Extension (InferencePool CRD) for the scheduler")
-        return missing
+        return missing + layers.of(layer).missing_prerequisites(layer, checks)
 
     def engine_version(self) -> str | None:
         """vLLM's version as the pinned image tag states it (``v0.32.0`` → ``0.32.0``); None for a digest."""
@@ -207,6 +198,22 @@ class KubernetesPlatform:
     def unsupported_reason(self, layer_name: str) -> str | None:
         missing = self.missing_prerequisites(layer_name)
         return f"the cluster lacks {'; '.join(missing)}" if missing else None
+
+    def refusal(self, needs: frozenset[str]) -> Refusal | None:
+        if NEEDS_GATEWAY in needs and self.settings.endpoint == "port-forward" and not self.settings.gateway_address:
+            return Refusal(GATEWAY_NEEDED, "settings")
+        return None
+
+    def model_dir(self) -> tuple[Any, list[str]]:
+        raise UnsupportedLayerError("the kubernetes platform reads the weights where the cluster does "
+                                    "(model.source.uri); there is no model directory on this machine")  # fmt: skip
+
+    def manifests(self, layer_name: str, study: Study | None = None, run_id: str | None = None) -> Manifests:
+        """The layer's objects exactly as ``ensure`` applies them (validated first)."""
+        study = study or self.study
+        if self.kind_of(layer_name).resources:  # a custom resource: applied in a version the cluster serves
+            self.adapt_to_cluster()
+        return Manifests(render_layer(study, layer_name, run_id=run_id), None)
 
     def _crd_documents(self) -> list[dict[str, Any]]:
         """The cluster's CRDs, read once (they are large): the preflight and the validation share them."""
@@ -244,18 +251,19 @@ class KubernetesPlatform:
             Apply the layer with a second revision that takes part of the traffic (KServe only).
         """
         layer = self.study.layers[layer_name]
-        if layer.kind == "llm-d":
-            self.settle_llm_d_versions()
+        kind = layers.of(layer)
+        if kind.resources:  # a custom resource: the cluster decides which of its versions are served
+            self.adapt_to_cluster()
         objects = render_layer(self.study, layer_name, run_id=run_id, canary=canary)
         validate_objects(objects, self.settings.kubernetes_version, self.crd_schemas())
-        top_kind = self._top_ref(layer_name)[1]
+        top_kind = self.top_ref(layer_name)[1]
         top = next(o for o in objects if o["kind"] == top_kind)
         spec_hash = top["metadata"]["labels"][HASH_LABEL]
         current = self.kube.get(top["apiVersion"], top["kind"], self.namespace, top["metadata"]["name"])
         if current and (current["metadata"].get("labels") or {}).get(HASH_LABEL) == spec_hash \
                 and self._ready(current):  # fmt: skip
             return Deployment(layer_name, layer.kind, self.name, "ready", reused=True, spec_hash=spec_hash,
-                              base_url=self._in_cluster_url(layer_name), url=_status_url(current))  # fmt: skip
+                              base_url=self.in_cluster_url(layer_name), url=_status_url(current))  # fmt: skip
         self._ensure_namespace()
         try:
             for obj in objects:
@@ -283,17 +291,17 @@ class KubernetesPlatform:
                 phases[PHASES[mark]] = round(marks[mark] - previous, 3)
                 previous = marks[mark]
         return Deployment(
-            layer_name, layer.kind, self.name, "ready", spec_hash=spec_hash, base_url=self._in_cluster_url(layer_name),
+            layer_name, layer.kind, self.name, "ready", spec_hash=spec_hash, base_url=self.in_cluster_url(layer_name),
             time_to_ready_s=round(marks["ready"] - applied, 3), phases_s=phases,
             started_at=_iso(applied), ready_at=_iso(marks["ready"]),
             applied=[f"{o['kind']}/{o['metadata']['name']}" for o in objects], created=self.created_objects(layer_name),
-            url=_status_url(self.kube.get(*self._top_ref(layer_name))),
+            url=_status_url(self.kube.get(*self.top_ref(layer_name))),
         )  # fmt: skip
 
     def created_objects(self, layer_name: str) -> list[str]:
         """Kind/name of every object the cluster's controllers created from the layer (owner references,
         followed transitively from the layer's top object): what the user did not have to write."""
-        top = self.kube.get(*self._top_ref(layer_name))
+        top = self.kube.get(*self.top_ref(layer_name))
         if not top:
             return []
         candidates = []
@@ -325,14 +333,8 @@ class KubernetesPlatform:
         self.kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": self.namespace}})
 
     def pod_selector(self, layer_name: str) -> dict[str, str]:
-        """The labels of the pods that serve a layer: ours on raw vLLM, the controller's on KServe kinds."""
-        kind = self.study.layers[layer_name].kind
-        name = object_name(self.study, layer_name)
-        if kind == "raw-vllm":
-            return selector_labels(self.study, layer_name)
-        if kind == "kserve":
-            return {"serving.kserve.io/inferenceservice": name}
-        return {"app.kubernetes.io/name": name, "kserve.io/component": "workload"}
+        """The labels of the pods that serve a layer (ours, or its controller's), as its kind names them."""
+        return self.kind_of(layer_name).pod_selector(self.study, layer_name)
 
     def _ready(self, top: dict[str, Any]) -> bool:
         """Ready for the current spec: a condition left over from the previous generation does not count."""
@@ -373,8 +375,10 @@ class KubernetesPlatform:
         at = datetime.strptime(created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
         return at >= int(applied) - 1
 
-    def _pod_failure(self, pod: dict[str, Any], unschedulable_since: dict[str, float] | None = None,
-                     now: float | None = None) -> str | None:  # fmt: skip
+    def pod_failure(self, pod: dict[str, Any], unschedulable_since: dict[str, float] | None = None,
+                    now: float | None = None) -> str | None:  # fmt: skip
+        """Why a pod cannot serve (image pull, crash loop with its last log lines, OOM kill, unschedulable after
+        ``platform.unschedulable_grace_s``), or None while it may still come up."""
         name = pod["metadata"]["name"]
         scheduled = conditions(pod).get("PodScheduled", {})
         if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
@@ -426,7 +430,7 @@ class KubernetesPlatform:
                         f"({self.settings.ready_timeout_s:g} s); last seen: {last_state}"
                     )
                 for pod_name in list(unschedulable_since):  # a grace can run out between events
-                    if pod_name in pods and (failure := self._pod_failure(pods[pod_name], unschedulable_since)):
+                    if pod_name in pods and (failure := self.pod_failure(pods[pod_name], unschedulable_since)):
                         raise LayerNotReadyError(f"layers.{layer_name}: {failure}")
                 try:
                     event = events.get(timeout=min(remaining, 0.5))
@@ -438,8 +442,8 @@ class KubernetesPlatform:
                 if kind == "Event":
                     # Events and pods come through separate watches: keep every pull, match pods at the end.
                     involved = obj.get("involvedObject") or {}
-                    if involved.get("kind") == "Pod" and obj.get("reason") == "Pulled":
-                        pulled.setdefault(involved.get("name"), event.seen)
+                    if involved.get("kind") == "Pod" and obj.get("reason") == "Pulled" and involved.get("name"):
+                        pulled.setdefault(involved["name"], event.seen)
                     continue
                 if kind == "Pod":
                     if not self._current_pod(obj, applied):
@@ -450,7 +454,7 @@ class KubernetesPlatform:
                     statuses = (obj.get("status") or {}).get("containerStatuses") or []
                     if statuses and all("running" in (s.get("state") or {}) for s in statuses):
                         marks.setdefault("started", event.seen)
-                    failure = self._pod_failure(obj, unschedulable_since, event.seen)
+                    failure = self.pod_failure(obj, unschedulable_since, event.seen)
                     last_state = f"pod {obj['metadata']['name']} phase {(obj.get('status') or {}).get('phase', '?')}"
                     if failure:
                         raise LayerNotReadyError(f"layers.{layer_name}: {failure}")
@@ -471,30 +475,53 @@ class KubernetesPlatform:
 
     # --- reach --------------------------------------------------------------------------------------
 
-    def _in_cluster_url(self, layer_name: str) -> str:
-        name = object_name(self.study, layer_name)
-        kind = self.study.layers[layer_name].kind
-        if kind == "raw-vllm":
-            return f"http://{name}.{self.namespace}.svc.cluster.local:{ENGINE_PORT}/v1"
-        if kind == "kserve":
-            return f"http://{name}-predictor.{self.namespace}.svc.cluster.local/v1"
-        # KServe's LLMInferenceService runs vLLM with TLS (its own certificate) behind this Service.
-        return f"https://{name}-kserve-workload-svc.{self.namespace}.svc.cluster.local:{ENGINE_PORT}/v1"
+    def in_cluster_url(self, layer_name: str) -> str:
+        """The layer's OpenAI base URL from inside the cluster (its Service), as its kind names it."""
+        return self.kind_of(layer_name).in_cluster_url(self.study, layer_name)
 
-    def port_forward_target(self, layer_name: str) -> tuple[str, int]:
-        """The ready pod and container port a port-forward to this layer connects to."""
+    def ready_pods(self, layer_name: str) -> list[dict[str, Any]]:
+        """The layer's ready pods that are not being deleted, by name."""
         pods = self.kube.list("v1", "Pod", self.namespace, self.pod_selector(layer_name))
         ready = [p for p in pods if conditions(p).get("Ready", {}).get("status") == "True"
                  and not p["metadata"].get("deletionTimestamp")]  # fmt: skip
+        return sorted(ready, key=lambda p: p["metadata"]["name"])
+
+    def engine_port(self, layer_name: str, pod: dict[str, Any]) -> int:
+        """The port of a pod's engine container (the kind names the containers and their default ports)."""
+        containers = self.kind_of(layer_name).engine_containers
+        for container in pod["spec"]["containers"]:
+            if container["name"] in containers:
+                ports = [p["containerPort"] for p in container.get("ports") or []]
+                return ports[0] if ports else containers[container["name"]]
+        raise PlatformError(f"layers.{layer_name}: pod {pod['metadata']['name']} has no engine container "
+                            f"({', '.join(containers)})")  # fmt: skip
+
+    def port_forward_target(self, layer_name: str) -> tuple[str, int]:
+        """The ready pod and container port a port-forward to this layer connects to."""
+        ready = self.ready_pods(layer_name)
         if not ready:
             raise PlatformError(f"layers.{layer_name}: no ready pod to forward to (selector {self.pod_selector(layer_name)})")
-        pod = sorted(ready, key=lambda p: p["metadata"]["name"])[0]
-        for container in pod["spec"]["containers"]:
-            if container["name"] in ("vllm", "kserve-container", "main"):
-                ports = [p["containerPort"] for p in container.get("ports") or []]
-                return pod["metadata"]["name"], ports[0] if ports else (
-                    RUNTIME_PORT if container["name"] == "kserve-container" else ENGINE_PORT)  # fmt: skip
-        raise PlatformError(f"layers.{layer_name}: pod {pod['metadata']['name']} has no engine container")
+        return ready[0]["metadata"]["name"], self.engine_port(layer_name, ready[0])
+
+    def metrics_targets(self, layer_name: str) -> list[MetricsTarget]:
+        """Every ready pod of the layer: at its IP from inside the cluster, else through a port-forward of its own."""
+        key, tls = self.study.api_key(), self.kind_of(layer_name).serves_tls
+        scheme = "https" if tls else "http"
+        targets = []
+        for pod in self.ready_pods(layer_name):
+            name, port = pod["metadata"]["name"], self.engine_port(layer_name, pod)
+            ip = (pod.get("status") or {}).get("podIP")
+            if self.settings.endpoint == "in-cluster" and ip:
+                root = f"{scheme}://{ip}:{port}"
+            else:
+                forward = self._pod_forwards.get((name, port))
+                if forward is None:
+                    forward = PortForward(self.pod_connector(name, port), f"pod {name}:{port}")
+                    self._pod_forwards[(name, port)] = forward
+                root = forward.url.replace("http://", f"{scheme}://", 1)
+            # A pod's own certificate is checked by nobody who reaches it at its IP or through the tunnel.
+            targets.append(MetricsTarget(name, root, key, verify_tls=not tls))
+        return targets
 
     def pod_connector(self, pod: str, port: int) -> Connector:
         """Opens one stream to ``pod:port`` through the API server (the websocket port-forward)."""
@@ -502,15 +529,15 @@ class KubernetesPlatform:
         return kubernetes_connector(own_client, self.namespace, pod, port)
 
     def gateway_endpoint(self, layer_name: str) -> tuple[str, dict[str, str]]:
-        """``status.url`` of a KServe kind, and the Host header to send when the address is an IP."""
-        if self.study.layers[layer_name].kind == "raw-vllm":
-            raise PlatformError(f"layers.{layer_name}: raw vLLM has no gateway; use a port-forward or in-cluster")
-        ref = self._top_ref(layer_name)
-        kind = ref[1]
+        """``status.url`` of a layer with a gateway, and the Host header to send when the address is an IP."""
+        kind = self.kind_of(layer_name)
+        if not kind.has_gateway:
+            raise PlatformError(f"layers.{layer_name}: {kind.title} has no gateway; use a port-forward or in-cluster")
+        ref = self.top_ref(layer_name)
         obj = self.kube.get(*ref) or {}
         url = (obj.get("status") or {}).get("url")
         if not url:
-            raise PlatformError(f"layers.{layer_name}: {kind} has no status.url yet")
+            raise PlatformError(f"layers.{layer_name}: {ref[1]} has no status.url yet")
         if self.settings.gateway_address:
             parsed = urlsplit(url)
             routed = urlunsplit((parsed.scheme, self.settings.gateway_address, parsed.path, "", ""))
@@ -521,16 +548,17 @@ class KubernetesPlatform:
         """Where a ready layer answers, by the path ``via`` (default ``platform.endpoint``) names; the path
         taken is recorded in the endpoint's ``via``.
 
-        raw vLLM has no gateway: with ``endpoint: gateway`` it is reached through a port-forward.
+        A layer without a gateway is reached through a port-forward under ``endpoint: gateway``.
         """
-        current = self.kube.get(*self._top_ref(layer_name))
+        kind = self.kind_of(layer_name)
+        current = self.kube.get(*self.top_ref(layer_name))
         if not current or not self._ready(current):
             raise PlatformError(f"layers.{layer_name} is not deployed and ready in namespace {self.namespace}")
         served, key = self.study.model.served_name, self.study.api_key()
         mode = via or self.settings.endpoint
         if mode == "in-cluster":
-            return Endpoint(layer_name, self._in_cluster_url(layer_name), served, key, via="in-cluster")
-        if mode == "gateway" and self.study.layers[layer_name].kind != "raw-vllm":
+            return Endpoint(layer_name, self.in_cluster_url(layer_name), served, key, via="in-cluster")
+        if mode == "gateway" and kind.has_gateway:
             url, headers = self.gateway_endpoint(layer_name)
             return Endpoint(layer_name, url, served, key, headers=headers, via=f"gateway {url}")
         forward = self._forwards.get(layer_name)
@@ -547,10 +575,10 @@ class KubernetesPlatform:
                 target = self.port_forward_target(layer_name)
                 return self.pod_connector(*target)()
 
-            _, kind, _, name = self._top_ref(layer_name)
-            forward = PortForward(connect, f"a ready pod of {kind}/{name} ({first})")
+            _, top_kind, _, name = self.top_ref(layer_name)
+            forward = PortForward(connect, f"a ready pod of {top_kind}/{name} ({first})")
             self._forwards[layer_name] = forward
-        if self.study.layers[layer_name].kind == "llm-d":
+        if kind.serves_tls:
             # The workload serves TLS with a certificate of its own; the tunnel itself is authenticated by the
             # API server, so the certificate is not checked on this path.
             url = forward.url.replace("http://", "https://", 1)
@@ -562,7 +590,7 @@ class KubernetesPlatform:
         """The ways to reach a ready layer side by side: through its gateway (when it has one) and directly
         to its engine (the predictor's Service in-cluster, else a port-forward to a ready pod)."""
         out = {}
-        if self.study.layers[layer_name].kind != "raw-vllm":
+        if self.kind_of(layer_name).has_gateway:
             out["gateway"] = self.endpoint(layer_name, via="gateway")
         out["direct"] = self.endpoint(layer_name, via="in-cluster" if self.settings.endpoint == "in-cluster" else "port-forward")
         return out
@@ -588,24 +616,32 @@ class KubernetesPlatform:
                 raise PlatformError(f"layers.{layer_name}: still {len(pods)} pod(s), not {count}, after {timeout_s:g} s")
             time.sleep(0.1)
 
+    def replicas(self, layer_name: str) -> int | None:
+        """The top object's spec.replicas, for a layer a person scales by hand (None otherwise, or when absent)."""
+        if not self.kind_of(layer_name).scales_by_hand:
+            return None
+        top = self.kube.get(*self.top_ref(layer_name))
+        return None if top is None else int((top.get("spec") or {}).get("replicas") or 0)
+
     def scale(self, layer_name: str, replicas: int) -> None:
-        """Set a raw vLLM Deployment's replicas, as ``kubectl scale`` does (the only scaling it has)."""
-        if self.study.layers[layer_name].kind != "raw-vllm":
-            raise PlatformError(f"layers.{layer_name}: only a raw vLLM Deployment is scaled by hand")
-        api_version, kind, namespace, name = self._top_ref(layer_name)
-        self.kube.json("PATCH", object_path(api_version, kind, namespace, name), body={"spec": {"replicas": replicas}},
+        """Set the replicas of a layer scaled by hand, as ``kubectl scale`` does (the only scaling it has)."""
+        kind = self.kind_of(layer_name)
+        if not kind.scales_by_hand:
+            raise PlatformError(f"layers.{layer_name}: a {kind.title} is not scaled by hand")
+        api_version, top_kind, namespace, name = self.top_ref(layer_name)
+        self.kube.json("PATCH", object_path(api_version, top_kind, namespace, name), body={"spec": {"replicas": replicas}},
                        content_type="application/merge-patch+json")  # fmt: skip
 
     def wait_ready(self, layer_name: str, since: float) -> dict[str, float]:
         """Wait until the layer is ready again after a change made at ``since`` (time.time()); the marks seen."""
-        top = self.kube.get(*self._top_ref(layer_name))
+        top = self.kube.get(*self.top_ref(layer_name))
         if top is None:
             raise PlatformError(f"layers.{layer_name} is not deployed in namespace {self.namespace}")
         return self._wait_ready(layer_name, top, since)
 
     def traffic(self, layer_name: str) -> list[dict[str, Any]]:
         """What the controller reports of the traffic split: ``status.components.predictor.traffic``."""
-        top = self.kube.get(*self._top_ref(layer_name)) or {}
+        top = self.kube.get(*self.top_ref(layer_name)) or {}
         predictor = (((top.get("status") or {}).get("components") or {}).get("predictor") or {})
         return list(predictor.get("traffic") or [])
 
@@ -613,20 +649,16 @@ class KubernetesPlatform:
         """Stamps, from now on, when the layer's new pods are created, scheduled, pulled, started and ready."""
         return PodTimeline(self.kube, self.namespace, self.pod_selector(layer_name))
 
-    def _top_ref(self, layer_name: str) -> tuple[str, str, str, str]:
-        layer = self.study.layers[layer_name]
-        name = object_name(self.study, layer_name)
-        if layer.kind == "raw-vllm":
-            return "apps/v1", "Deployment", self.namespace, name
-        if layer.kind == "kserve":
-            return API_VERSIONS["InferenceService"], "InferenceService", self.namespace, name
-        return f"serving.kserve.io/{layer.api_version}", "LLMInferenceService", self.namespace, name
+    def top_ref(self, layer_name: str) -> tuple[str, str, str, str]:
+        """(apiVersion, kind, namespace, name) of the object whose readiness is the layer's."""
+        ref = self.kind_of(layer_name).top_ref(self.study, layer_name)
+        return ref.api_version, ref.kind, self.namespace, ref.name
 
     def status(self) -> list[dict[str, Any]]:
         """The study's layers present on the cluster: top object, readiness, spec hash, objects created."""
         rows = []
         for layer_name in self.study.layers:
-            ref = self._top_ref(layer_name)
+            ref = self.top_ref(layer_name)
             try:
                 top = self.kube.get(*ref)
             except ApiException as exc:
@@ -634,10 +666,10 @@ class KubernetesPlatform:
                     continue
                 raise
             if top:
-                rows.append({"layer": layer_name, "object": f"{ref[1]}/{ref[3]}",
-                             "state": "ready" if self._ready(top) else "not ready",
-                             "spec_hash": (top["metadata"].get("labels") or {}).get(HASH_LABEL),
-                             "created": len(self.created_objects(layer_name))})  # fmt: skip
+                rows.append({"layer": layer_name, "state": "ready" if self._ready(top) else "not ready",
+                             "where": f"{ref[1]}/{ref[3]} in {self.namespace}",
+                             "detail": f"spec {(top['metadata'].get('labels') or {}).get(HASH_LABEL)}, "
+                                       f"{len(self.created_objects(layer_name))} objects created by the platform"})  # fmt: skip
         return rows
 
     # --- stop ---------------------------------------------------------------------------------------
@@ -651,9 +683,11 @@ class KubernetesPlatform:
         )
         for name in list(self._forwards) if not layer_names else [n for n in layer_names if n in self._forwards]:
             self._forwards.pop(name).close()
+        for key in list(self._pod_forwards):
+            self._pod_forwards.pop(key).close()
         deleted: list[tuple[str, str, str]] = []
         for selector in selectors:
-            for kind in TEARDOWN_KINDS:
+            for kind in teardown_kinds():
                 for api_version in self._versions_of(kind):
                     try:
                         found = self.kube.list(api_version, kind, self.namespace, selector)
@@ -678,9 +712,8 @@ class KubernetesPlatform:
         return [f"{kind}/{name}" for _, kind, name in deleted]
 
     def _versions_of(self, kind: str) -> list[str]:
-        if kind == "LLMInferenceService":  # either served version lists the same objects; 404 when not served
-            return ["serving.kserve.io/v1alpha2", "serving.kserve.io/v1alpha1"]
-        return [API_VERSIONS[kind]]
+        custom = layers.resource_types().get(kind)  # every served version lists the same objects; 404 when not served
+        return list(custom.api_versions) if custom else [API_VERSIONS[kind]]
 
 
 class PodTimeline:
@@ -750,26 +783,22 @@ def _api_message(exc: ApiException) -> str:
         return str(exc.reason)
 
 
-# CRDs that tell which controllers a cluster runs, by what they enable.
-PREREQUISITE_CRDS = {
-    "inferenceservices.serving.kserve.io": "KServe InferenceService",
-    "servingruntimes.serving.kserve.io": "KServe ServingRuntime",
-    "llminferenceservices.serving.kserve.io": "KServe LLMInferenceService",
-    "services.serving.knative.dev": "Knative Serving",
-    "certificates.cert-manager.io": "cert-manager",
-    "gateways.gateway.networking.k8s.io": "Gateway API",
-    "httproutes.gateway.networking.k8s.io": "Gateway API HTTPRoute",
-    "inferencepools.inference.networking.k8s.io": "Gateway API Inference Extension",
-    "inferencepools.inference.networking.x-k8s.io": "Gateway API Inference Extension (x-k8s.io)",
-}
-CONTROL_PLANE_NAMESPACES = ("kserve", "knative-serving", "cert-manager", "llm-d")
+def prerequisite_crds() -> dict[str, str]:
+    """The CRDs the preflight looks for: what any registered kind may rely on, name → label."""
+    return layers.known_crds()
+
+
+def control_plane_namespaces(checks: dict[str, Any]) -> list[str]:
+    """Namespaces whose pods serve some registered kind: their controllers' and their control planes'."""
+    found = [c["namespace"] for c in checks.get("controllers", [])]
+    return list(dict.fromkeys([*found, *(ns for kind in layers.kinds() for ns in kind.control_plane)]))
 
 
 class _Lenient:
     """Reads for the preflight: a list or get the user's role forbids gives nothing and is noted."""
 
     def __init__(self, kube: Kube) -> None:
-        self.kube, self.forbidden = kube, set()
+        self.kube, self.forbidden = kube, set[str]()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.kube, name)

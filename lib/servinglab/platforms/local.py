@@ -8,6 +8,7 @@ platform settings, API key) is the one asked for.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,11 +24,15 @@ from typing import Any
 import httpx
 import psutil
 
-from .. import modelbuild
+from .. import layers, modelbuild
+from ..config import LocalPlatform as LocalSettings
 from ..config import Study, engine_argv
 from ..errors import PlatformError, ServerStartError, UnsupportedLayerError
-from ..results import utc_now
-from .base import Deployment, Endpoint
+from ..layers import Refusal
+from ..layers.common import Canary
+from ..layers.render import as_cluster_study, render_layer
+from ..records import utc_now
+from .base import Deployment, Endpoint, Manifests, MetricsTarget
 from .processes import Registry, ServerEntry, group_members, process_alive, stop_group
 
 NEEDS_KUBERNETES = "needs platform: kubernetes"
@@ -59,7 +64,8 @@ def port_free(host: str, port: int) -> bool:
 
 def cpu_facts() -> dict[str, Any]:
     """The CPU, its vector extensions (what vLLM's CPU build cares about), cores and memory."""
-    model, flags = None, set()
+    model: str | None = None
+    flags: set[str] = set()
     with_proc = Path("/proc/cpuinfo")
     if with_proc.is_file():
         for line in with_proc.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -99,8 +105,10 @@ class LocalPlatform:
     name = "local"
 
     def __init__(self, study: Study) -> None:
+        if not isinstance(study.platform, LocalSettings):
+            raise PlatformError(f"{study.source_file}: platform.kind is {study.platform.kind}, not local")
         self.study = study
-        self.settings = study.platform
+        self.settings: LocalSettings = study.platform
         self.registry = Registry(study.cache_dir)
         self.python = self.settings.python or sys.executable
         self._last_ports: dict[str, int] = {}  # a layer stopped here restarts on its old port
@@ -143,8 +151,17 @@ class LocalPlatform:
         }
 
     def unsupported_reason(self, layer_name: str) -> str | None:
-        kind = self.study.layers[layer_name].kind
-        return None if kind == "raw-vllm" else NEEDS_KUBERNETES
+        return None if layers.of(self.study.layers[layer_name]).hosted_locally else NEEDS_KUBERNETES
+
+    def refusal(self, needs: frozenset[str]) -> Refusal | None:
+        """A server process here has no cluster and no gateway in front of it."""
+        return Refusal(NEEDS_KUBERNETES, "platform") if needs else None
+
+    def manifests(self, layer_name: str, study: Study | None = None, run_id: str | None = None) -> Manifests:
+        """The layer as a cluster would be given it: the study rendered with the kubernetes platform's
+        defaults and its weights on a claim (what was assumed is said)."""
+        cluster, assumed = as_cluster_study(study or self.study)
+        return Manifests(render_layer(cluster, layer_name, run_id=run_id), assumed)
 
     # --- the model and the command -----------------------------------------------------------------
 
@@ -157,7 +174,7 @@ class LocalPlatform:
             if source.shape:
                 directory = modelbuild.ensure_model(self.study.cache_dir, source.shape, source.seed, weights=False)
             else:
-                directory = self.study.resolve_path(source.path)
+                directory = self.study.resolve_path(str(source.path))
             return directory, ["--load-format", "dummy"]
         if source.kind == "local":
             return self.study.resolve_path(source.path), []
@@ -234,17 +251,24 @@ class LocalPlatform:
         except httpx.HTTPError:
             return False
 
-    def ensure(self, layer_name: str, run_dir: str | os.PathLike) -> Deployment:
+    def ensure(self, layer_name: str, run_dir: str | os.PathLike, run_id: str | None = None,
+               canary: Canary | None = None, keep_on_failure: bool = False) -> Deployment:  # fmt: skip
         """Start the layer's server, or reuse the one running with the same spec; wait until ready.
 
         Parameters
         ----------
         layer_name : str
-            A layer of the study whose kind is ``raw-vllm``.
+            A layer of the study whose kind the local platform hosts.
         run_dir : path
             The run directory; the server's log goes to ``<run_dir>/logs/<layer>.log``.
+        run_id, keep_on_failure :
+            Accepted for the contract; a server that fails to start is always stopped here.
+        canary : Canary, optional
+            Refused: one process has no traffic split.
         """
         self._check_layer(layer_name)
+        if canary is not None:
+            raise UnsupportedLayerError(f"layer {layer_name}: a local server has no traffic split ({NEEDS_KUBERNETES})")
         spec_hash = self.spec_hash(layer_name)
         port = self._last_ports.get(layer_name)
         for entry in self.registry.entries(self.study.study, layer_name):
@@ -390,15 +414,74 @@ class LocalPlatform:
             rss_mib=round(rss / 2**20, 1),
         )
 
-    def endpoint(self, layer_name: str) -> Endpoint:
-        self._check_layer(layer_name)
+    def _ready_entry(self, layer_name: str) -> ServerEntry | None:
         for entry in self.registry.entries(self.study.study, layer_name):
             if entry.state == "ready" and entry.spec_hash == self.spec_hash(layer_name):
-                return Endpoint(layer_name, entry.base_url, entry.served_name, self.study.api_key())
-        raise PlatformError(
-            f"layer {layer_name} is not running with this study's spec; deploy it first "
-            f"(notebook 10_deploy, or `servinglab run {self.study.source_file}`)"
-        )
+                return entry
+        return None
+
+    def endpoint(self, layer_name: str, via: str | None = None) -> Endpoint:
+        """The server's address; every path to it is direct (``via`` is accepted for the contract)."""
+        self._check_layer(layer_name)
+        entry = self._ready_entry(layer_name)
+        if entry is None:
+            raise PlatformError(
+                f"layer {layer_name} is not running with this study's spec; deploy it first "
+                f"(notebook 10_deploy, or `servinglab run {self.study.source_file}`)"
+            )
+        return Endpoint(layer_name, entry.base_url, entry.served_name, self.study.api_key())
+
+    def paths(self, layer_name: str) -> dict[str, Endpoint]:
+        return {"direct": self.endpoint(layer_name)}
+
+    def metrics_targets(self, layer_name: str) -> list[MetricsTarget]:
+        """The layer's one server."""
+        entry = self._ready_entry(layer_name)
+        if entry is None:
+            return []
+        return [MetricsTarget(layer_name, entry.base_url.removesuffix("/v1"), self.study.api_key())]
+
+    def created_objects(self, layer_name: str) -> list[str]:
+        return []  # no controller makes anything of a server process
+
+    def replicas(self, layer_name: str) -> int | None:
+        """None: a local server is stopped and started (``scale`` to 0, ``ensure``), not given replicas."""
+        return None
+
+    def scale(self, layer_name: str, replicas: int) -> None:
+        """What a person does here by hand: stop the server (0) or start it (1)."""
+        if replicas == 0:
+            self.teardown([layer_name])
+        elif replicas == 1:
+            if self._ready_entry(layer_name) is None:
+                raise PlatformError(f"layer {layer_name}: start it with ensure(), which records its start")
+        else:
+            raise PlatformError(f"layer {layer_name}: the local platform runs one server per layer, not {replicas}")
+
+    def wait_for_pods(self, layer_name: str, count: int, timeout_s: float) -> float:
+        t0 = time.monotonic()
+        while (1 if self._ready_entry(layer_name) else 0) != count:
+            if time.monotonic() - t0 > timeout_s:
+                raise PlatformError(f"layer {layer_name}: not {count} server(s) after {timeout_s:g} s")
+            time.sleep(0.1)
+        return round(time.monotonic() - t0, 3)
+
+    def wait_ready(self, layer_name: str, since: float) -> dict[str, float]:
+        entry = self._ready_entry(layer_name)
+        if entry is None:
+            raise PlatformError(f"layer {layer_name} is not running")
+        return {"applied": since, "ready": time.time()}
+
+    def traffic(self, layer_name: str) -> list[dict[str, Any]]:
+        return []  # one process: nothing splits traffic
+
+    def pod_timeline(self, layer_name: str) -> contextlib.AbstractContextManager[NoTimeline]:
+        """A process has no pod phases to watch; its start's phases are in the deployment it returns."""
+        return contextlib.nullcontext(NoTimeline())
+
+    def status(self) -> list[dict[str, Any]]:
+        return [{"layer": e.layer, "state": e.state, "where": e.base_url,
+                 "detail": f"pid {e.pid}, started {e.started_at}, log {e.log_path}"} for e in self.running()]  # fmt: skip
 
     def running(self) -> list[ServerEntry]:
         """The servers of this study that are alive now."""
@@ -438,6 +521,11 @@ class LocalPlatform:
                 how = stop_group(pgid, self.settings.stop_grace_s)
                 stopped.append(f"unregistered engine process group {pgid}: {how}")
         return stopped
+
+
+class NoTimeline:
+    def first(self) -> dict[str, float]:
+        return {}
 
 
 def tail(path: str | os.PathLike, lines: int = 25) -> str:

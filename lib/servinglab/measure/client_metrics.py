@@ -27,14 +27,14 @@ LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
 CLIENT_LAG_WARN_MS = 5.0
 
 
-def _tpot_ms(record: dict[str, Any]) -> float | None:
+def tpot_ms(record: dict[str, Any]) -> float | None:
     tokens = record.get("output_tokens") or record.get("client_tokens") or 0
     if tokens > 1 and record.get("ttft_ms") is not None:
         return (record["e2el_ms"] - record["ttft_ms"]) / (tokens - 1)
     return None
 
 
-def _itl_ms(record: dict[str, Any]) -> list[float]:
+def itl_ms(record: dict[str, Any]) -> list[float]:
     times = record.get("token_ms") or []
     return [b - a for a, b in zip(times, times[1:])]
 
@@ -58,7 +58,7 @@ def good_request(record: dict[str, Any], slos: dict[str, float]) -> bool:
     """True when a finished request met every objective given (keys ttft_ms, tpot_ms, e2el_ms)."""
     if not record.get("ok"):
         return False
-    checks = {"ttft_ms": record.get("ttft_ms"), "tpot_ms": _tpot_ms(record), "e2el_ms": record.get("e2el_ms")}
+    checks = {"ttft_ms": record.get("ttft_ms"), "tpot_ms": tpot_ms(record), "e2el_ms": record.get("e2el_ms")}
     for key, limit in slos.items():
         value = checks[key]
         if value is not None and value > limit:
@@ -95,8 +95,8 @@ def summarize(
         "total_token_throughput": (input_tokens + output_tokens) / duration_s if duration_s > 0 else 0.0,
     }
     summary |= _stats("ttft", [r["ttft_ms"] for r in done])
-    summary |= _stats("tpot", [t for r in done if (t := _tpot_ms(r)) is not None])
-    summary |= _stats("itl", [gap for r in done for gap in _itl_ms(r)])
+    summary |= _stats("tpot", [t for r in done if (t := tpot_ms(r)) is not None])
+    summary |= _stats("itl", [gap for r in done for gap in itl_ms(r)])
     summary |= _stats("e2el", [r["e2el_ms"] for r in done])
     if slos:
         good = sum(1 for r in done if good_request(r, slos))

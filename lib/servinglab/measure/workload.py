@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import ParamsError
+from ..errors import ParamsError
 
 
 @dataclass(frozen=True)

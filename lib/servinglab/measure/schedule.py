@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from .errors import ParamsError
+from ..errors import ParamsError
 
 
 def arrival_offsets_s(count: int, rate: float, burstiness: float = 1.0, seed: int = 0) -> np.ndarray:

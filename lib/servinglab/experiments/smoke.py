@@ -15,10 +15,10 @@ from typing import Any
 import httpx
 import openai
 
-from . import results
-from .config import Study
-from .errors import SmokeCheckError
-from .platforms import Endpoint
+from .. import records
+from ..config import Study
+from ..errors import SmokeCheckError
+from ..platforms import Endpoint
 
 
 def _check(layer: str, check: str, passed: bool, expected: str, observed: Any, elapsed_ms: float) -> dict:
@@ -29,7 +29,7 @@ def _check(layer: str, check: str, passed: bool, expected: str, observed: Any, e
         "expected": expected,
         "observed": observed,
         "latency_ms": round(elapsed_ms, 2),
-        "at": results.utc_now(),
+        "at": records.utc_now(),
     }
 
 
@@ -113,9 +113,9 @@ def run_smoke(
         client.close()
         for row in rows:
             row["via"] = endpoint.via  # the path the requests took (direct, port-forward, gateway, in-cluster)
-        results.append_records(run_dir, "smoke", rows)
+        records.append(run_dir, records.SMOKE, rows)
     if fingerprint:
-        results.update_context(run_dir, engine={"system_fingerprint": fingerprint})
+        records.update_context(run_dir, engine={"system_fingerprint": fingerprint})
     return rows
 
 

@@ -15,9 +15,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..loadgen import NS, Target, make_client, send_one
-from ..platforms import Endpoint
-from ..workload import RequestSpec
+from ...measure.loadgen import NS, Target, make_client, send_one
+from ...platforms import Endpoint
+from ...measure.workload import RequestSpec
 
 Sink = Callable[[dict[str, Any]], None]
 KEPT = ("ok", "status", "error_kind", "error", "ttft_ms", "e2el_ms", "output_tokens", "model")

@@ -13,14 +13,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from . import results, servermetrics
-from .errors import ParamsError
-from .loadgen import StageSpec, Target, run_stage
-from .metrics import summarize
+from .. import records
+from ..errors import ParamsError
+from ..platforms.base import MetricsTarget
+from .loadgen import StageSpec, Target
+from .server_metrics import ServerWindow
+from .stage import StagePlan, run_local
 from .workload import DirectoryTokenizer, ServerTokenizer, file_requests, random_requests
-
-STAGES_TABLE = "latency_stages"
-REQUESTS_TABLE = "latency_requests"
 
 
 def root_url(base_url: str) -> str:
@@ -36,26 +35,6 @@ def read_api_key(env_name: str | None = None, file: str | None = None) -> str | 
             raise ParamsError(f"--api-key-file {file}: file not found")
         return path.read_text(encoding="utf-8").strip()
     return os.environ.get(env_name or "OPENAI_API_KEY") or None
-
-
-class RecordSink:
-    """Appends each request record to a JSONL file the moment it ends (flushed, so nothing is lost)."""
-
-    def __init__(self, path: Path | None, extra: dict[str, Any]) -> None:
-        self.records: list[dict[str, Any]] = []
-        self.extra = extra
-        self._handle = open(path, "a", encoding="utf-8") if path else None
-
-    def __call__(self, record: dict[str, Any]) -> None:
-        record = self.extra | record
-        self.records.append(record)
-        if self._handle:
-            self._handle.write(json.dumps(record, sort_keys=True) + "\n")
-            self._handle.flush()
-
-    def close(self) -> None:
-        if self._handle:
-            self._handle.close()
 
 
 def run_bench(
@@ -93,22 +72,16 @@ def run_bench(
         specs = random_requests(tok, num_prompts + num_warmups, input_len, output_len, seed, range_ratio)
     warmups, requests = specs[:num_warmups], specs[num_warmups:]
     target = Target(f"{root}/v1", model, api_key=api_key, ignore_eos=ignore_eos)
-    stage = StageSpec(request_rate=request_rate, burstiness=burstiness, max_concurrency=max_concurrency, seed=seed,
-                      duration_s=duration_s)  # fmt: skip
-    sink = RecordSink(records_path, labels or {})
-    before = servermetrics.scrape(root, api_key)
-    started = servermetrics.now_unix_s()
+    spec = StageSpec(request_rate=request_rate, burstiness=burstiness, max_concurrency=max_concurrency, seed=seed,
+                     duration_s=duration_s)  # fmt: skip
+    name = f"c={max_concurrency}" if math.isinf(request_rate) and max_concurrency else f"rate={request_rate:g}"
+    plan = StagePlan.make(name, requests, warmups, spec)
+    writer = records.Writer(records_path, records.LATENCY_REQUESTS, {"layer": "bench", "stage": name} | (labels or {}))
     try:
-        with servermetrics.GaugeSampler(root, api_key) as gauges:
-            outcome = run_stage(target, requests, stage, sink, warmups)
+        with ServerWindow([MetricsTarget("server", root, api_key)]) as window:
+            merged = run_local(target, plan, writer, slos)
     finally:
-        sink.close()
-    after = servermetrics.scrape(root, api_key)
-    summary = summarize(
-        sink.records, outcome.duration_s, slos=slos, requested_rate=request_rate,
-        send_window_s=outcome.send_window_s, schedule_lag_ms=outcome.schedule_lag_ms,
-        loop_lag_ms=outcome.loop_lag_ms,
-    )  # fmt: skip
+        writer.close()
     return {
         "date": datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"),
         "client": "servinglab",
@@ -125,10 +98,10 @@ def run_bench(
         "max_concurrency": max_concurrency,
         "seed": seed,
         "ignore_eos": ignore_eos,
-        "started_at_unix": started,
-        "interrupted": outcome.interrupted,
-        **summary,
-        "server": servermetrics.delta(before, after) | gauges.summary(),
+        "started_at_unix": window.fields["started_at_unix"],
+        "interrupted": merged.interrupted,
+        **merged.summary,
+        "server": window.fields["server"],
     }
 
 
@@ -148,7 +121,7 @@ def import_vllm_bench(path: str | os.PathLike, run_dir: str | os.PathLike, layer
     missing = [k for k in ("completed", "duration", "mean_ttft_ms") if k not in data]
     if missing:
         raise ParamsError(f"{source}: not a vllm bench serve result (no {', '.join(missing)})")
-    results.read_context(run_dir)
+    records.read_context(run_dir)
     summary = {k: data.get(k) for k in VLLM_KEYS if k in data}
     for metric in ("ttft", "tpot", "itl", "e2el"):
         for key, value in data.items():
@@ -166,5 +139,5 @@ def import_vllm_bench(path: str | os.PathLike, run_dir: str | os.PathLike, layer
         "summary": summary,
         "context": {k: data.get(k) for k in ("date", "backend", "model_id", "tokenizer_id", "num_prompts", "burstiness")},
     }
-    results.append_records(run_dir, STAGES_TABLE, [stage])
+    records.append(run_dir, records.LATENCY_STAGES, [stage])
     return stage

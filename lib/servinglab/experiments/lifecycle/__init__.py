@@ -1,10 +1,15 @@
 """The lifecycle experiments of a study (notebook 40_lifecycle): time to ready, model update, canary split,
 scale to zero and cold start, gateway overhead, per layer where the layer supports them.
 
+Each experiment is a module of this package with a ``run(trial)`` that starts from the layer as the study
+specifies it, ready, and leaves it that way when it succeeds. How it is done on a layer, or who refuses
+it, is the layer kind's answer (``LayerKind.mechanism``), checked against what the platform offers.
+
 Every outcome is one record in ``data/lifecycle.jsonl``, written when the experiment ends (measured,
-unsupported with the reason, failed with the error, or interrupted); every request the experiments send
-is one record in ``data/lifecycle_requests.jsonl``, written as it ends. After a failure or an interruption
-the layer is put back as the study specifies it, or deleted, as ``workloads.lifecycle.on_interrupt`` says.
+unsupported with the reason and who refused, failed with the error, or interrupted); every request the
+experiments send is one record in ``data/lifecycle_requests.jsonl``, written as it ends. After a failure or
+an interruption the layer is put back as the study specifies it, or deleted, as
+``workloads.lifecycle.on_interrupt`` says.
 """
 
 from __future__ import annotations
@@ -12,18 +17,25 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from .. import results
-from ..config import Study
-from ..errors import ServinglabError
-from ..platforms import Platform
-from .experiments import EXPERIMENTS, NEEDS_CLUSTER, REQUESTS_TABLE, Trial, layer_limit, unsupported_reason
+from ... import layers, records
+from ...config import Study
+from ...errors import PlatformError, ServinglabError
+from ...platforms import Platform
+from . import canary, gateway_hop, model_update, scale_to_zero, time_to_ready
+from .trial import Trial, refusal
 
-TABLE = "lifecycle"
+EXPERIMENTS: dict[str, Callable[[Trial], dict[str, Any]]] = {
+    "time_to_ready": time_to_ready.run,
+    "model_update": model_update.run,
+    "canary": canary.run,
+    "scale_to_zero": scale_to_zero.run,
+    "gateway_hop": gateway_hop.run,
+}
 
-__all__ = ["TABLE", "REQUESTS_TABLE", "assert_measured", "run_lifecycle", "plan_frame", "outcomes_frame",
-           "time_to_ready_frame", "settle"]  # fmt: skip
+__all__ = ["EXPERIMENTS", "assert_measured", "run_lifecycle", "plan_frame", "outcomes_frame", "time_to_ready_frame",
+           "settle"]  # fmt: skip
 
 
 def _record(trial: Trial, status: str, started: float, **fields: Any) -> dict[str, Any]:
@@ -32,7 +44,7 @@ def _record(trial: Trial, status: str, started: float, **fields: Any) -> dict[st
         "trial": trial.trial, "status": status, "reason": None, "started_at_unix": round(started, 3),
         "ended_at_unix": round(time.time(), 3), "measurements": {}, "settled": None,
     } | fields  # fmt: skip
-    results.append_records(trial.run_dir, TABLE, [record])
+    records.append(trial.run_dir, records.LIFECYCLE, [record])
     return record
 
 
@@ -41,13 +53,13 @@ def settle(study: Study, platform: Platform, layer_name: str, run_dir: str | os.
     if study.workloads.lifecycle.on_interrupt == "teardown":
         platform.teardown([layer_name])
         return "torn down"
-    layer = study.layers[layer_name]
-    if platform.name == "kubernetes" and layer.kind == "raw-vllm":
-        top = platform.kube.get(*platform._top_ref(layer_name))
-        if top and (top["spec"].get("replicas") or 0) != layer.replicas:  # scaled by hand during the experiment
-            since = time.time()
-            platform.scale(layer_name, layer.replicas)
-            platform.wait_ready(layer_name, since)
+    spec = study.layers[layer_name]
+    wanted = layers.of(spec).serving_replicas(spec)
+    current = platform.replicas(layer_name)
+    if current is not None and current != wanted:  # scaled by hand during the experiment
+        since = time.time()
+        platform.scale(layer_name, wanted)
+        platform.wait_ready(layer_name, since)
     platform.ensure(layer_name, str(run_dir))
     return "restored"
 
@@ -80,19 +92,14 @@ def run_lifecycle(
             raise ServinglabError(f"unknown lifecycle experiment '{name}'; known: {', '.join(EXPERIMENTS)}")
     out = []
     for layer_name in study.select_layers(layers):
-        hosted = platform.unsupported_reason(layer_name)
         for name in names:
             repeats = settings.repeats if name == "time_to_ready" else 1
             for index in range(repeats):
                 trial = Trial(study, platform, Path(run_dir), layer_name, name, index)
                 started = time.time()
-                layer = study.layers[layer_name]
-                limit = layer_limit(layer.kind, getattr(layer, "mode", None), name)
-                reason = limit or hosted or unsupported_reason(study, platform, layer_name, name)
-                if reason:
-                    # Who refused: the layer kind itself (true anywhere), the platform, or the study's settings.
-                    refused_by = "layer" if limit else "platform" if hosted or reason == NEEDS_CLUSTER else "settings"
-                    out.append(_record(trial, "unsupported", started, reason=reason, refused_by=refused_by))
+                refused = refusal(study, platform, layer_name, name)
+                if refused:
+                    out.append(_record(trial, "unsupported", started, reason=refused.reason, refused_by=refused.by))
                     break
                 out.append(_run_one(trial, started, deploy_missing))
     return out
@@ -116,9 +123,9 @@ def _run_one(trial: Trial, started: float, deploy_missing: bool) -> dict[str, An
     return _record(trial, "measured", started, measurements=measurements)
 
 
-def assert_measured(records: list[dict[str, Any]]) -> None:
+def assert_measured(outcomes: list[dict[str, Any]]) -> None:
     """Raise when an experiment that could run did not measure (failed or interrupted)."""
-    failed = [r for r in records if r["status"] in ("failed", "interrupted")]
+    failed = [r for r in outcomes if r["status"] in ("failed", "interrupted")]
     if failed:
         raise ServinglabError("lifecycle experiments did not measure:\n  " + "\n  ".join(
             f"{r['layer']} {r['experiment']} #{r['trial'] + 1}: {r['reason']} (layer {r['settled']})" for r in failed))  # fmt: skip
@@ -126,8 +133,6 @@ def assert_measured(records: list[dict[str, Any]]) -> None:
 
 def _ready(trial: Trial, deploy_missing: bool) -> None:
     """The layer must be running with the study's spec before an experiment starts from it."""
-    from ..errors import PlatformError
-
     try:
         trial.platform.endpoint(trial.layer)
     except PlatformError:
@@ -145,13 +150,10 @@ def plan_frame(study: Study, platform: Platform, layers: list[str] | None = None
 
     rows = []
     for layer_name in study.select_layers(layers):
-        hosted = platform.unsupported_reason(layer_name)
         row = {"layer": layer_name}
         for name in study.workloads.lifecycle.experiments:
-            layer = study.layers[layer_name]
-            reason = (layer_limit(layer.kind, getattr(layer, "mode", None), name) or hosted
-                      or unsupported_reason(study, platform, layer_name, name))  # fmt: skip
-            row[name] = f"no: {reason}" if reason else "yes"
+            refused = refusal(study, platform, layer_name, name)
+            row[name] = f"no: {refused.reason}" if refused else "yes"
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -160,11 +162,11 @@ def outcomes_frame(run_dir: str | os.PathLike):
     """One row per experiment trial: layer, experiment, status and the headline figure or the reason."""
     import pandas as pd
 
-    from ..report.sections import trial_sentence  # the report's wording, so notebook and report agree
+    from ...report.sections import trial_sentence  # the report's wording, so notebook and report agree
 
     rows = [{"layer": r["layer"], "experiment": r["experiment"], "trial": r["trial"] + 1, "status": r["status"],
              "result": trial_sentence(r), "settled": r.get("settled")}
-            for r in results.read_records(run_dir, TABLE)]  # fmt: skip
+            for r in records.read(run_dir, records.LIFECYCLE).rows]  # fmt: skip
     return pd.DataFrame(rows, columns=["layer", "experiment", "trial", "status", "result", "settled"])
 
 
@@ -173,7 +175,7 @@ def time_to_ready_frame(run_dir: str | os.PathLike):
     import pandas as pd
 
     rows = []
-    for r in results.read_records(run_dir, TABLE):
+    for r in records.read(run_dir, records.LIFECYCLE).rows:
         if r["experiment"] == "time_to_ready" and r["status"] == "measured":
             m = r["measurements"]
             rows.append({"layer": r["layer"], "trial": r["trial"] + 1, "time_to_ready_s": m["time_to_ready_s"],

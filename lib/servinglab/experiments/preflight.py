@@ -5,17 +5,27 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import modelbuild, results
-from .config import Study
-from .platforms import Platform
+from .. import layers, modelbuild, records
+from ..config import Study
+from ..platforms import Platform
 
 
-def layer_support(study: Study, platform: Platform) -> list[dict[str, Any]]:
-    """One row per layer of the study: can this platform host it, and if not, why."""
+def layer_support(study: Study, platform: Platform, cluster: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One row per layer of the study: can this platform host it (and if not, why), and what its kind relies
+    on on a cluster (the CRDs and the control-plane namespaces the report's Control and Prereqs rows read);
+    ``cluster`` is the platform's inventory of the cluster, when it has one."""
+    checks = cluster or {}
     rows = []
     for name, layer in study.layers.items():
+        kind = layers.of(layer)
         reason = platform.unsupported_reason(name)
-        rows.append({"layer": name, "kind": layer.kind, "hostable": reason is None, "reason": reason})
+        requires = {"crds": {crd: kind.crds.get(crd, crd) for crd in kind.required_crds(layer)},
+                    "control_plane_namespaces": kind.control_plane_namespaces(layer, checks),
+                    "controllers": [c for c in checks.get("controllers", []) if c["name"] in kind.controllers],
+                    "facts": (checks.get("kind_facts") or {}).get(kind.name, {}),
+                    "has_gateway": kind.has_gateway}  # fmt: skip
+        rows.append({"layer": name, "kind": layer.kind, "hostable": reason is None, "reason": reason,
+                     "requires": requires})  # fmt: skip
     return rows
 
 
@@ -43,11 +53,11 @@ def run_preflight(study: Study, platform: Platform, run_dir: str | os.PathLike) 
         Where ``data/preflight.jsonl`` and run.json's ``platform``/``hardware``/``engine`` go.
     """
     facts = platform.facts()
-    support = layer_support(study, platform)
+    support = layer_support(study, platform, facts.get("cluster"))
     model = model_facts(study, platform)
-    record = {"at": results.utc_now(), "facts": facts, "layers": support, "model": model}
-    results.append_records(run_dir, "preflight", [record])
-    results.update_context(
+    record = {"at": records.utc_now(), "facts": facts, "layers": support, "model": model}
+    records.append(run_dir, records.PREFLIGHT, [record])
+    records.update_context(
         run_dir,
         platform={"name": facts["platform"], "accelerator": facts.get("accelerator")},
         hardware=facts.get("hardware", {}),

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import results
-from .config import Study
-from .errors import PlatformError, ServinglabError
-from .platforms import Deployment, Endpoint, Platform
+from .. import layers as layer_kinds
+from .. import records
+from ..config import Study
+from ..errors import PlatformError, ServinglabError
+from ..layers.render import with_model
+from ..platforms import Deployment, Endpoint, Platform
 
 
 def deploy_layers(
@@ -20,9 +22,13 @@ def deploy_layers(
     to start is recorded as ``failed`` with the error, and the remaining layers are still tried. Each
     record is written as soon as its layer is done, so an interruption keeps the ones before it.
 
+    Before anything starts, every selected layer's manifests are recorded in the run directory
+    (:func:`record_manifests`), so the report counts what was applied, or would be on a cluster.
+
     Returns the records; use :func:`assert_deployed` to stop when a hostable layer failed.
     """
-    records = []
+    record_manifests(study, platform, run_dir, layers)
+    outcomes = []
     for name, layer in study.select_layers(layers).items():
         reason = platform.unsupported_reason(name)
         if reason:
@@ -32,10 +38,26 @@ def deploy_layers(
                 outcome = platform.ensure(name, run_dir)
             except ServinglabError as exc:
                 outcome = Deployment(name, layer.kind, platform.name, "failed", reason=str(exc))
-        record = outcome.to_record() | {"recorded_at": results.utc_now()}
-        results.append_records(run_dir, "deployments", [record])
-        records.append(record)
-    return records
+        kind = layer_kinds.of(layer)
+        # The kind's cost rule, recorded with the layer, so the report prices what the run deployed.
+        outcome.serving_replicas, outcome.idle_replicas = kind.serving_replicas(layer), kind.idle_replicas(layer)
+        record = outcome.to_record() | {"recorded_at": records.utc_now()}
+        records.append(run_dir, records.DEPLOYMENTS, [record])
+        outcomes.append(record)
+    return outcomes
+
+
+def record_manifests(study: Study, platform: Platform, run_dir: str | os.PathLike, layers: list[str] | None = None) -> None:
+    """Write each layer's objects into the run directory as the platform applies them (as a cluster would be
+    given them, where the platform is not one), and each ``compare_models`` entry's, rendered the same way."""
+    for name in study.select_layers(layers):
+        for model_name, model in [(None, None), *study.compare_models.items()]:
+            try:
+                found = platform.manifests(name, None if model is None else with_model(study, model))
+            except (ServinglabError, ValueError) as exc:
+                records.write_manifest(run_dir, name, None, None, model_name, error=str(exc).splitlines()[0])
+                continue
+            records.write_manifest(run_dir, name, found.objects, found.assumed, model_name)
 
 
 def running_endpoints(

@@ -1,0 +1,379 @@
+"""One latency stage, the one way it is run: planned once, sent as one or more slices, merged, recorded.
+
+``servinglab bench``, the sweeps of 30_latency and the in-cluster load Job all go through here:
+
+1. :class:`StagePlan` — the stage's requests and warmups, how they are sent (rate, burstiness, seed,
+   concurrency, duration) and every request's send offset, drawn once from the seed;
+2. :func:`slice_stage` — the plan split into slices (one per client process or pod) so that their union
+   is exactly the planned schedule; one slice when a single client sends it all;
+3. :func:`run_slice` — one client sends its slice (in this process, in a worker process, or in a pod)
+   and reports its outcome; every record keeps its index in the whole stage;
+4. :func:`merge_slices` — the stage's summary from every slice's records: percentiles over the union of
+   their requests, never averaged across clients, with warnings for late or missing slices;
+5. :func:`stage_record` — the stage's row of ``data/latency_stages.jsonl``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import ParamsError
+from .client_metrics import summarize
+from .loadgen import StageSpec, Target, run_stage_async
+from .schedule import arrival_offsets_s
+from .server_metrics import ServerWindow
+from .workload import RequestSpec
+
+# A client that starts its slice this much after the common start leaves the others running short-handed.
+LATE_START_WARN_S = 1.0
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One stage, planned once: what every client that sends part of it works from."""
+
+    name: str
+    requests: list[RequestSpec]
+    warmups: list[RequestSpec]
+    spec: StageSpec
+    offsets_s: list[float]  # every request's send offset from the stage start
+
+    @classmethod
+    def make(cls, name: str, requests: list[RequestSpec], warmups: list[RequestSpec], spec: StageSpec) -> StagePlan:
+        """Draw the send offsets from the stage's rate, burstiness and seed."""
+        offsets = arrival_offsets_s(len(requests), spec.request_rate, spec.burstiness, spec.seed)
+        return cls(name, list(requests), list(warmups), spec, [float(o) for o in offsets])
+
+
+@dataclass(frozen=True)
+class Slice:
+    """What one client sends: indices into the stage's requests and warmups, at their offsets."""
+
+    index: int
+    requests: list[int]
+    offsets_s: list[float]
+    max_concurrency: int | None  # None: no cap; 0: the client has nothing to send
+    warmups: list[int] = field(default_factory=list)
+
+
+def split_concurrency(max_concurrency: int | None, clients: int) -> list[int | None]:
+    """A concurrency cap shared as evenly as possible: client i gets C//N, plus one for the first C%N."""
+    if max_concurrency is None:
+        return [None] * clients
+    return [max_concurrency // clients + (i < max_concurrency % clients) for i in range(clients)]
+
+
+def slice_stage(
+    offsets_s: Sequence[float], clients: int, max_concurrency: int | None, request_rate: float, num_warmups: int = 0
+) -> list[Slice]:
+    """Split one stage's schedule into ``clients`` slices; every request lands in exactly one.
+
+    Parameters
+    ----------
+    offsets_s : sequence of float
+        Every request's send offset from the stage start.
+    clients : int
+        Client processes or pods.
+    max_concurrency : int or None
+        The stage's concurrency (closed loop) or cap (open loop); shared by :func:`split_concurrency`.
+    request_rate : float
+        Requests/s; inf is a closed loop.
+    num_warmups : int
+        Warmup requests, dealt round-robin over the clients that send.
+
+    Returns
+    -------
+    list of Slice
+        Open loop: client i takes requests i, i+N, ... (its share of the arrival times, so the merged
+        arrivals are exactly the planned ones). Closed loop: request k goes to concurrency slot k mod C,
+        slot j to client j mod N, so each client's share of the requests follows its share of the
+        concurrency; a client with no concurrency gets nothing.
+    """
+    if clients < 1:
+        raise ParamsError(f"clients {clients}: must be at least 1")
+    caps = split_concurrency(max_concurrency, clients)
+    active = [i for i, cap in enumerate(caps) if cap != 0]
+    if math.isinf(request_rate) and max_concurrency:
+        owner = [(k % max_concurrency) % clients for k in range(len(offsets_s))]
+    else:
+        owner = [active[k % len(active)] for k in range(len(offsets_s))]
+    warm_owner = [active[k % len(active)] for k in range(num_warmups)]
+    return [
+        Slice(
+            index=i,
+            requests=[k for k, o in enumerate(owner) if o == i],
+            offsets_s=[float(offsets_s[k]) for k, o in enumerate(owner) if o == i],
+            max_concurrency=caps[i],
+            warmups=[k for k, o in enumerate(warm_owner) if o == i],
+        )
+        for i in range(clients)
+    ]
+
+
+def slices_of(plan: StagePlan, clients: int) -> list[Slice]:
+    return slice_stage(plan.offsets_s, clients, plan.spec.max_concurrency, plan.spec.request_rate, len(plan.warmups))
+
+
+async def run_slice(
+    target: Target,
+    plan: StagePlan,
+    piece: Slice,
+    emit: Callable[[dict[str, Any]], None],
+    stop: threading.Event | None = None,
+    start_at_unix_s: float | None = None,
+) -> dict[str, Any]:
+    """Send one slice of a stage and return its outcome; each record goes to ``emit`` as its request ends,
+    with its ``index`` in the whole stage (warmups counted apart).
+
+    ``start_at_unix_s`` holds the slice's start until that wall-clock time (after its warmups), so that
+    clients in several processes or pods start together; without it the slice starts at once.
+    """
+    requests = [plan.requests[k] for k in piece.requests]
+    warmups = [plan.warmups[k] for k in piece.warmups]
+    spec = StageSpec(request_rate=plan.spec.request_rate, burstiness=plan.spec.burstiness, seed=plan.spec.seed,
+                     max_concurrency=piece.max_concurrency or None, duration_s=plan.spec.duration_s)  # fmt: skip
+
+    def remap(record: dict[str, Any]) -> None:
+        positions = piece.warmups if record.get("warmup") else piece.requests
+        emit(record | {"index": positions[record["index"]]})
+
+    outcome = await run_stage_async(target, requests, spec, remap, warmups, stop, offsets_s=piece.offsets_s,
+                                    start_at_unix_s=start_at_unix_s)  # fmt: skip
+    lags = outcome.schedule_lag_ms
+    t0 = outcome.started_unix_s or 0.0
+    return {
+        "slice": piece.index,
+        "planned": len(requests),
+        "sent": outcome.sent,
+        "completed": outcome.completed,
+        "failed": outcome.failed,
+        "cancelled": outcome.cancelled,
+        "t0_unix_s": t0,
+        "late_s": round(t0 - start_at_unix_s, 4) if start_at_unix_s is not None else 0.0,
+        "duration_s": outcome.duration_s,
+        "send_window_s": outcome.send_window_s,
+        "interrupted": outcome.interrupted,
+        "schedule_lag_ms": {
+            "count": len(lags),
+            "p50": float(np.percentile(lags, 50)) if lags else None,
+            "p99": float(np.percentile(lags, 99)) if lags else None,
+            "max": max(lags) if lags else None,
+        },
+        # The whole series, so the stage's loop-lag percentile is taken over every client's samples.
+        "loop_lag_ms": [round(v, 3) for v in outcome.loop_lag_ms],
+    }
+
+
+def run_in_thread(work: Callable[[threading.Event], Any]) -> Any:
+    """Run ``work(stop)`` to completion from synchronous code: at once in a plain script, in a worker thread
+    with its own event loop inside a running one (a Jupyter cell). Ctrl-C in the calling thread sets
+    ``stop`` and waits for the work to end, so what it recorded stays."""
+    stop = threading.Event()
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return work(stop)
+    box: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            box["value"] = work(stop)
+        except BaseException as exc:  # handed to the calling thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=body, name="servinglab-stage", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.1)
+    except KeyboardInterrupt:
+        stop.set()
+        worker.join()
+        raise
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+@dataclass
+class SliceResult:
+    """What came back from one slice's client (a process of this machine, or a pod)."""
+
+    index: int
+    planned: int  # requests in its slice
+    pod: str | None = None  # the pod that sent it (in-cluster), for the warnings
+    node: str | None = None
+    log_found: bool = True  # whether its records could be read back at all
+    records: list[dict[str, Any]] = field(default_factory=list)
+    outcome: dict[str, Any] | None = None  # run_slice's report; None: the client died before its end
+    other_lines: list[str] = field(default_factory=list)  # what else it printed (stderr, tracebacks)
+
+
+@dataclass
+class MergedStage:
+    records: list[dict[str, Any]]  # every slice's, each with its client slice when there were several
+    summary: dict[str, Any]  # client_metrics.summarize over all of them, plus the warnings of the merge
+    start_unix_s: float  # the earliest slice start
+    duration_s: float
+    interrupted: bool  # a slice was stopped before it sent all its requests
+
+
+def merge_slices(
+    slices: list[SliceResult],
+    start_at_unix_s: float,
+    slos: dict[str, float] | None = None,
+    requested_rate: float | None = None,
+    what: str = "pod",
+    tag: str | None = None,
+) -> MergedStage:
+    """One stage's summary from its slices: percentiles over the union of their requests, never averaged.
+
+    Each client times its requests from its own start (``t0``); its outcome gives that start as Unix time,
+    which places its requests on the stage's common time line. The stage's duration runs from the earliest
+    start to the end of the last request of any slice. A client that returned no outcome (it died) is
+    placed at the common start. Warnings name missing records and late clients (``what`` names them);
+    ``tag`` is the record field that names each record's slice (none when None).
+    """
+    t0 = {p.index: (p.outcome or {}).get("t0_unix_s") or start_at_unix_s for p in slices}
+    records = [r | {tag: p.index} if tag else r for p in slices for r in p.records]
+    starts = [t0[p.index] for p in slices if p.planned]
+    start = min(starts) if starts else start_at_unix_s
+    ends, sends, schedule_lag, loop_lag = [], [], [], []
+    for p in slices:
+        if p.outcome:
+            ends.append(t0[p.index] + p.outcome["duration_s"])
+            loop_lag += p.outcome.get("loop_lag_ms") or []
+        for r in p.records:
+            if r.get("warmup"):
+                continue
+            if r.get("sent_s") is not None:
+                sends.append(t0[p.index] + r["sent_s"])
+                ends.append(t0[p.index] + r["sent_s"] + (r.get("e2el_ms") or 0.0) / 1000)
+            if r.get("error_kind") != "cancelled" and r.get("schedule_lag_ms") is not None:
+                schedule_lag.append(r["schedule_lag_ms"])
+    duration = max(ends) - start if ends else 0.0
+    window = max(sends) - min(sends) if sends else 0.0
+    summary = summarize(records, duration, slos or None, requested_rate, window, schedule_lag, loop_lag)
+    warnings = summary["warnings"]
+    for p in slices:
+        measured = [r for r in p.records if not r.get("warmup")]
+        who = f"{what} {p.pod}" if p.pod else what
+        if not p.log_found:
+            warnings.append(f"slice {p.index} ({p.planned} requests): nothing came back from its {what} "
+                            f"{p.pod or '(none found)'}; its requests are missing from the stage")  # fmt: skip
+        elif p.outcome is None:
+            warnings.append(f"slice {p.index}: {who} ended before its slice did; its {len(measured)} of "
+                            f"{p.planned} records are kept, placed from the common start")  # fmt: skip
+        else:
+            expected = p.outcome["completed"] + p.outcome["failed"] + p.outcome["cancelled"]
+            if len(measured) < expected:
+                warnings.append(f"slice {p.index}: {len(measured)} of the {expected} records {who} wrote reached "
+                                "servinglab")  # fmt: skip
+            late = p.outcome.get("late_s") or 0.0
+            if p.planned and late > LATE_START_WARN_S:
+                warnings.append(f"slice {p.index} started {late:.1f} s after the common start ({who}): the "
+                                "slices did not fully overlap, so the load was lower than planned for that long")  # fmt: skip
+    interrupted = any((p.outcome or {}).get("interrupted") for p in slices)
+    return MergedStage(records, summary, start, duration, interrupted)
+
+
+def run_local(target: Target, plan: StagePlan, sink: Callable[[dict[str, Any]], None],
+              slos: dict[str, float] | None = None) -> MergedStage:  # fmt: skip
+    """Send the whole stage from this process (one slice) and merge it; each record goes to ``sink``."""
+    [piece] = slices_of(plan, 1)
+    result = SliceResult(0, len(piece.requests))
+
+    def keep(record: dict[str, Any]) -> None:
+        result.records.append(record)
+        sink(record)
+
+    def work(stop: threading.Event) -> dict[str, Any]:
+        return asyncio.run(run_slice(target, plan, piece, keep, stop))
+
+    result.outcome = run_in_thread(work)
+    start = result.outcome["t0_unix_s"]
+    return merge_slices([result], start, slos, plan.spec.request_rate, what="client")
+
+
+def stage_record(
+    plan: dict[str, Any], layer: str, seed: int, client: str, interrupted: bool, summary: dict[str, Any],
+    window: ServerWindow,
+) -> dict[str, Any]:  # fmt: skip
+    """A stage's row of ``data/latency_stages.jsonl``: the planned stage, where its client ran, what it measured.
+
+    Parameters
+    ----------
+    plan : dict
+        The stage as the sweep plans it: stage, mode, max_concurrency, request_rate, num_prompts.
+    layer : str
+        The layer measured.
+    seed : int
+        The seed of the stage's prompts and arrivals.
+    client : str
+        Where the load generator ran (this machine's name, or the in-cluster Job and its pods).
+    interrupted : bool
+        Whether the stage was stopped before its requests were all sent.
+    summary : dict
+        The client-side metrics (:func:`servinglab.measure.client_metrics.summarize`).
+    window : ServerWindow
+        The server's side of the stage, exited.
+    """
+    fields = window.fields
+    record = plan | {
+        "layer": layer,
+        "source": "servinglab",
+        "seed": seed,
+        "client": client,
+        "started_at_unix": fields["started_at_unix"],
+        "ended_at_unix": fields["ended_at_unix"],
+        "interrupted": interrupted,
+        "server_alive_after": fields["server_alive_after"],
+        "summary": summary,
+        "server": fields["server"],
+    }
+    if "gpu" in fields:
+        record["gpu"] = fields["gpu"]
+    return record
+
+
+def plan_to_dict(plan: StagePlan) -> dict[str, Any]:
+    """The plan as JSON-ready data (for a worker process or a pod)."""
+    spec = plan.spec
+    return {
+        "stage": plan.name,
+        "request_rate": None if math.isinf(spec.request_rate) else spec.request_rate,
+        "burstiness": spec.burstiness,
+        "seed": spec.seed,
+        "max_concurrency": spec.max_concurrency,
+        "duration_s": spec.duration_s,
+        "requests": [asdict(r) for r in plan.requests],
+        "warmups": [asdict(r) for r in plan.warmups],
+        "offsets_s": list(plan.offsets_s),
+    }
+
+
+def plan_from_dict(data: dict[str, Any]) -> StagePlan:
+    rate = math.inf if data["request_rate"] is None else data["request_rate"]
+    spec = StageSpec(request_rate=rate, burstiness=data["burstiness"], seed=data["seed"],
+                     max_concurrency=data["max_concurrency"], duration_s=data["duration_s"])  # fmt: skip
+    return StagePlan(data["stage"], [RequestSpec(**r) for r in data["requests"]],
+                     [RequestSpec(**r) for r in data["warmups"]], spec, list(data["offsets_s"]))  # fmt: skip
+
+
+def target_to_dict(target: Target) -> dict[str, Any]:
+    """A target without its API key (a worker reads the key from its own environment)."""
+    return {"base_url": target.base_url, "model": target.model, "request_timeout_s": target.request_timeout_s,
+            "ignore_eos": target.ignore_eos, "continuous_usage": target.continuous_usage,
+            "headers": [list(h) for h in target.headers], "verify_tls": target.verify_tls}  # fmt: skip
+
+
+def target_from_dict(data: dict[str, Any], api_key: str | None) -> Target:
+    return Target(data["base_url"], data["model"], api_key, data["request_timeout_s"], data["ignore_eos"],
+                  data["continuous_usage"], headers=tuple(tuple(h) for h in data["headers"]),  # type: ignore[misc]
+                  verify_tls=data["verify_tls"])  # fmt: skip
