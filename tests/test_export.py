@@ -12,8 +12,9 @@ import yaml
 from conftest import run_cli
 from test_report_compare import make_run, request, stage
 
-from servinglab import results
-from servinglab.bench import import_vllm_bench
+from servinglab import records
+from servinglab.measure.bench import import_vllm_bench
+from servinglab.platforms import Deployment
 from servinglab.errors import RunDirError
 from servinglab.report.export import benchmark_reports, export_llmd_benchmark
 
@@ -150,7 +151,7 @@ def test_every_stage_exports_a_valid_report(tmp_path):
 
 def test_statistics_are_computed_from_the_request_records(tmp_path):
     run = make_run(tmp_path, "20261126T000000Z", stages=False, lifecycle=False)
-    records = [
+    rows = [
         request("c=2", 0, 10.0, gap=2.0, tokens=5),   # TPOT 2.0, E2E 18
         request("c=2", 1, 20.0, gap=4.0, tokens=3),   # TPOT 4.0, E2E 28
         request("c=2", 2, 30.0, gap=1.0, tokens=2),   # TPOT 1.0, E2E 31
@@ -158,10 +159,10 @@ def test_statistics_are_computed_from_the_request_records(tmp_path):
         request("c=2", 4, 0.0, ok=False, error_kind="cancelled"),  # cut off by Ctrl-C
         request("c=2", 5, 5.0, warmup=True),          # left out, as in the metrics
     ]  # fmt: skip
-    results.append_records(run, "latency_requests", records)
+    records.append(run, records.LATENCY_REQUESTS, rows)
     s, _ = stage(2, 99.0, 1.0)
     s["summary"] |= {"completed": 3, "failed": 2, "duration": 2.0}
-    results.append_records(run, "latency_stages", [s])
+    records.append(run, records.LATENCY_STAGES, [s])
     [(name, report)] = benchmark_reports(run)
     validate(report)
     aggregate = report["results"]["request_performance"]["aggregate"]
@@ -192,7 +193,7 @@ def test_statistics_are_computed_from_the_request_records(tmp_path):
 
 def test_statistics_agree_with_the_stage_summary(tmp_path):
     run = make_run(tmp_path, "20261126T000000Z")
-    summary = next(s for s in results.read_records(run, "latency_stages") if s["stage"] == "c=4")["summary"]
+    summary = next(s for s in records.read(run, records.LATENCY_STAGES).rows if s["stage"] == "c=4")["summary"]
     latency = reports_by_name(run)["br_v0.2_raw_c4.yaml"]["results"]["request_performance"]["aggregate"]["latency"]
     for field, metric in (("time_to_first_token", "ttft"), ("time_per_output_token", "tpot"),
                           ("inter_token_latency", "itl"), ("request_latency", "e2el")):  # fmt: skip
@@ -204,9 +205,9 @@ def test_statistics_agree_with_the_stage_summary(tmp_path):
 def test_a_stage_measured_twice_keeps_its_own_records(tmp_path):
     run = make_run(tmp_path, "20261126T000000Z", stages=False, lifecycle=False)
     for ttft in (10.0, 50.0):  # the latency notebook run twice into the same run directory
-        s, records = stage(1, ttft, 2.0)
-        results.append_records(run, "latency_requests", records)
-        results.append_records(run, "latency_stages", [s])
+        s, rows = stage(1, ttft, 2.0)
+        records.append(run, records.LATENCY_REQUESTS, rows)
+        records.append(run, records.LATENCY_STAGES, [s])
     reports = reports_by_name(run)
     assert list(reports) == ["br_v0.2_raw_c1.yaml", "br_v0.2_raw_c1-2.yaml"]
     medians = [r["results"]["request_performance"]["aggregate"]["latency"]["time_to_first_token"]["p50"]
@@ -248,14 +249,19 @@ def test_a_cluster_layer_names_its_gpu_and_controller(tmp_path):
     context = json.loads((run / "run.json").read_text())
     context["params"]["platform"] = {"kind": "kubernetes", "gpus": 2, "gpu_resource": "nvidia.com/gpu",
                                      "node_selector": {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}}  # fmt: skip
-    context["params"]["layers"]["kserve"] = {"kind": "kserve", "mode": "Knative", "replicas": 3}
+    context["params"]["layers"]["kserve"] = {"kind": "kserve", "mode": "Knative", "min_replicas": 3, "max_replicas": 3}
     context["platform"] = {"name": "kubernetes"}
     (run / "run.json").write_text(json.dumps(context))
-    results.append_records(run, "preflight", [{"facts": {"cluster": {
-        "kubernetes_version": "v1.33.1", "kserve_controllers": [{"name": "kserve-controller-manager", "version": "v0.20.0"}]}}}])  # fmt: skip
-    s, records = stage(1, 10.0, 2.0)
-    results.append_records(run, "latency_requests", [r | {"layer": "kserve"} for r in records])
-    results.append_records(run, "latency_stages", [s | {"layer": "kserve"}])
+    controller = {"name": "kserve-controller-manager", "version": "v0.20.0"}
+    records.append(run, records.PREFLIGHT, [{"at": "2026-11-26T00:00:00Z", "model": {},
+        "facts": {"cluster": {"kubernetes_version": "v1.33.1", "controllers": [controller]}},
+        "layers": [{"layer": "kserve", "kind": "kserve", "hostable": True, "reason": None,
+                    "requires": {"controllers": [controller]}}]}])  # fmt: skip
+    records.append(run, records.DEPLOYMENTS, [Deployment("kserve", "kserve", "kubernetes", "ready", serving_replicas=3,
+                                                         idle_replicas=3).to_record()])  # fmt: skip
+    s, rows = stage(1, 10.0, 2.0)
+    records.append(run, records.LATENCY_REQUESTS, [r | {"layer": "kserve"} for r in rows])
+    records.append(run, records.LATENCY_STAGES, [s | {"layer": "kserve"}])
     [(name, report)] = benchmark_reports(run)
     validate(report)
     engine, layer = report["scenario"]["stack"]

@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 from conftest import PARAMS
 
-from servinglab import report, results
+from servinglab import layers, records, report
+from servinglab.api import run_context
+from servinglab.experiments import deploy
+from servinglab.platforms import get_platform
 from servinglab.config import load_study
 from servinglab.platforms import Deployment
 from servinglab.report.advice import derive_advice
@@ -62,31 +65,36 @@ def latency_stage(c, ttft_p50, throughput, p95_factor=1.5):
             "request_rate": None, "summary": summary, "server": {"mean_ttft_ms": ttft_p50 * 0.8}}  # fmt: skip
 
 
-def make_run(root: Path, shape: str) -> Path:
+def make_run(root: Path, shape: str, overrides: list[str] | tuple[str, ...] = ()) -> Path:
     """A run directory as the suite writes it: complete, partial (preflight only) or failed."""
-    study = load_study(PARAMS / "ci.yaml")
-    context = {"params": study.resolved(), "project_dir": str(root), "git": {"sha": "f" * 40, "dirty": False},
-               "platform": {"name": "local", "accelerator": "none (CPU)"}, "status": "ok",
-               "hardware": PREFLIGHT["facts"]["hardware"], "engine": dict(PREFLIGHT["facts"]["engine"])}  # fmt: skip
-    run = results.create_run(root / "runs", "ci", context)
-    results.append_records(run, "preflight", [PREFLIGHT])
+    study = load_study(PARAMS / "ci.yaml", overrides)
+    context = run_context(study) | {
+        "project_dir": str(root), "git": {"sha": "f" * 40, "dirty": False}, "status": "ok",
+        "platform": {"name": "local", "accelerator": "none (CPU)"},
+        "hardware": PREFLIGHT["facts"]["hardware"], "engine": dict(PREFLIGHT["facts"]["engine"]),
+    }  # fmt: skip
+    run = records.create_run(root / "runs", "ci", context)
+    records.append(run, records.PREFLIGHT, [PREFLIGHT])
+    if shape != "partial":  # the deploy step records every layer's manifests before it starts anything
+        deploy.record_manifests(study, get_platform(study), run)
     if shape == "complete":
-        results.append_records(run, "deployments", [ready(), unsupported("kserve", "kserve"), unsupported("llm-d", "llm-d")])
-        results.append_records(run, "smoke", [
+        records.append(run, records.DEPLOYMENTS, [ready(), unsupported("kserve", "kserve"), unsupported("llm-d", "llm-d")])
+        records.append(run, records.SMOKE, [
             check("models_lists_served_name", observed=["tiny"]), check("chat_completion_200", observed={"status": 200}),
             check("fingerprint_names_engine", observed="vllm-0.32.0-90f8a5ba"),
         ])  # fmt: skip
-        results.update_context(run, engine={"system_fingerprint": "vllm-0.32.0-90f8a5ba"}, ended_at="2026-11-27T00:02:00.000Z")
-        results.append_records(run, "latency_stages", [latency_stage(1, 9.0, 1100.0), latency_stage(4, 18.0, 2900.0),
+        records.update_context(run, engine={"system_fingerprint": "vllm-0.32.0-90f8a5ba"}, ended_at="2026-11-27T00:02:00.000Z")
+        records.append(run, records.LATENCY_STAGES, [latency_stage(1, 9.0, 1100.0), latency_stage(4, 18.0, 2900.0),
                                                         latency_stage(16, 1600.0, 3400.0)])  # fmt: skip
-        results.append_records(run, "latency_requests", [
-            {"layer": "raw", "stage": "c=1", "ok": True, "warmup": False, "ttft_ms": 9.0 + i, "token_ms": [9.0 + i, 10.0 + i, 11.5 + i]}
+        records.append(run, records.LATENCY_REQUESTS, [
+            {"layer": "raw", "stage": "c=1", "index": i, "ok": True, "warmup": False, "ttft_ms": 9.0 + i,
+             "token_ms": [9.0 + i, 10.0 + i, 11.5 + i]}
             for i in range(5)
         ])  # fmt: skip
     elif shape == "failed":
         failed = unsupported("raw", "raw-vllm") | {"status": "failed", "reason": "layer raw: the vLLM server exited with status 1\n  log"}
-        results.append_records(run, "deployments", [failed, unsupported("kserve", "kserve")])
-        results.update_context(run, status="failed")
+        records.append(run, records.DEPLOYMENTS, [failed, unsupported("kserve", "kserve")])
+        records.update_context(run, status="failed")
     return run
 
 
@@ -160,7 +168,7 @@ def test_advice_is_derived_from_measurements_and_objectives(tmp_path):
 
 def test_reused_server_is_flagged(tmp_path):
     run = make_run(tmp_path, "partial")
-    results.append_records(run, "deployments", [ready(reused=True)])
+    records.append(run, records.DEPLOYMENTS, [ready(reused=True)])
     _, cells = cells_of(run)
     assert cells["model_lifecycle"]["raw"].status == "observed" and cells["model_lifecycle"]["raw"].trials == 0
     assert "reused a server started at" in report.render_html(run)
@@ -191,21 +199,21 @@ def test_publish_writes_run_report_newest_copy_and_index(tmp_path):
     assert report.publish(newer, out).read_bytes() == before
 
 
-def test_every_row_has_a_claim_or_is_a_performance_row():
-    for row in ROWS:
-        assert row.claims or row.key in PERFORMANCE_ROWS
-        for text in row.claims.values():
-            assert text.endswith(".")
+def test_every_row_has_a_claim_of_every_built_in_kind_or_is_a_performance_row():
+    for kind in layers.kinds():
+        claims = kind.describe()["claims"]
+        assert set(claims) == {row.key for row in ROWS if row.key not in PERFORMANCE_ROWS}, kind.name
+        assert all(text.endswith(".") for text in claims.values())
 
 
 def test_an_imported_vllm_bench_result_renders_with_the_percentiles_it_saved(tmp_path):
     """vllm bench serve saves only the percentiles it was asked for (p99 by default): no p95 here."""
     import json
 
-    from servinglab import bench
+    from servinglab.measure import bench
 
     run = make_run(tmp_path, "partial")
-    results.append_records(run, "deployments", [ready(), unsupported("kserve", "kserve"), unsupported("llm-d", "llm-d")])
+    records.append(run, records.DEPLOYMENTS, [ready(), unsupported("kserve", "kserve"), unsupported("llm-d", "llm-d")])
     saved = {"date": "20261127-090000", "backend": "openai-chat", "model_id": "tiny", "num_prompts": 20,
              "request_rate": "inf", "max_concurrency": 4, "duration": 2.5, "completed": 20, "failed": 0,
              "request_throughput": 8.0, "output_throughput": 128.0, "total_token_throughput": 640.0,

@@ -96,7 +96,7 @@ def test_cluster_report_renders(browser, tmp_path, width, height):
     assert layers == ["raw", "kserve-standard", "kserve-knative", "llm-d"]
     statuses = table.locator("tbody td .tag").all_inner_texts()
     assert len(statuses) == 4 * len(ROWS) and {s.lower() for s in statuses} == {"measured", "observed"}
-    assert "20.3 % observed" in table.locator("#row-rollout_canary").inner_text()
+    assert "17.7 % observed" in table.locator("#row-rollout_canary").inner_text()
     for anchor in ("fig-lifecycle-ready", "fig-update-timeline", "fig-cold-start", "fig-canary", "fig-cost"):
         box = page.locator(f"#{anchor} svg").bounding_box()
         assert box and box["width"] > 200 and box["height"] > 50, anchor

@@ -14,14 +14,16 @@ from pathlib import Path
 import pytest
 from test_report import make_run
 
-from servinglab import report
+from servinglab import records, report
 from servinglab.config import Study
+from servinglab.layers.render import render_layer, with_model
 from servinglab.report import manifests
 from servinglab.report.advice import derive_advice, derive_recommendations
 from servinglab.report.rundata import load_run
 from servinglab.report.table import ROWS, decision_table
 
 RUNS = Path(__file__).parent / "fixtures" / "report-runs"
+RUNS_V1 = Path(__file__).parent / "fixtures" / "report-runs-v1"  # written before schema_version 2
 LAYERS = [("raw", "raw-vllm"), ("kserve-standard", "kserve"), ("kserve-knative", "kserve"), ("llm-d", "llm-d")]
 
 
@@ -38,7 +40,8 @@ def advice_of(run):
 def test_full_cluster_run_measures_every_cell():
     table, cells = cells_of(RUNS / "cluster-full")
     assert table.layers == LAYERS
-    assert table.groups == [("raw-vllm", 1), ("kserve", 2), ("llm-d", 1)]  # under the source page's columns
+    # Under the source page's columns, as the run recorded its layer kinds.
+    assert table.groups == [("raw vLLM", 1), ("KServe InferenceService", 2), ("LLMInferenceService (llm-d)", 1)]
     html = report.render_html(RUNS / "cluster-full")
     for row, row_cells in table.rows:
         for (layer, _), cell in zip(table.layers, row_cells):
@@ -54,23 +57,23 @@ def test_full_cluster_run_measures_every_cell():
     assert "HTTPRoute, HorizontalPodAutoscaler" in write["kserve-standard"].text
 
     lifecycle = cells["model_lifecycle"]
-    assert lifecycle["raw"].trials == 3 and "ready from nothing: median 0.57 s (0.52–1.08 s, 3 starts)" in lifecycle["raw"].text
-    assert "served after 1.45 s, by Deployment rollout (Recreate)" in lifecycle["raw"].text
+    assert lifecycle["raw"].trials == 3 and "ready from nothing: median 0.67 s (0.57–0.81 s, 3 starts)" in lifecycle["raw"].text
+    assert "served after 1.76 s, by Deployment rollout (Recreate)" in lifecycle["raw"].text
     assert "tracked 2 revisions during the canary" in lifecycle["kserve-knative"].text
 
     rollout = cells["rollout_canary"]
     assert rollout["raw"].text.startswith("no traffic split: raw vLLM has no traffic split")
-    assert "17 of 44 requests failed (connection_error 14, disconnect 3)" in rollout["raw"].text
-    assert "longest gap without an answer 1.45 s" in rollout["raw"].text
+    assert "14 of 56 requests failed (connection_error 12, disconnect 2)" in rollout["raw"].text
+    assert "longest gap without an answer 1.76 s" in rollout["raw"].text
     knative = rollout["kserve-knative"]
     assert knative.trials == 300 and knative.evidence == "#fig-canary"
-    assert "20 % requested, 20.3 % observed [16.2, 25.2] (95 % interval, 300 answers)" in knative.text
-    assert "promote: 2 of 47 requests failed" in knative.text and "rollback: 4 of 74 requests failed" in knative.text
+    assert "20 % requested, 17.7 % observed [13.8, 22.4] (95 % interval, 300 answers)" in knative.text
+    assert "promote: 3 of 61 requests failed" in knative.text and "rollback: 32 of 117 requests failed" in knative.text
     assert rollout["llm-d"].text.startswith("no traffic split: LLMInferenceService has no canary field")
 
     scale = cells["scale_to_zero"]
     assert scale["kserve-standard"].status == "observed" and "the HPA keeps at least one replica" in scale["kserve-standard"].text
-    assert "first token from zero after 1.02 s against a warm TTFT of 9.14 ms" in scale["kserve-knative"].text
+    assert "first token from zero after 1.37 s against a warm TTFT of 9.27 ms" in scale["kserve-knative"].text
     assert scale["raw"].text.startswith("by hand: kubectl scale to 0")
     assert scale["llm-d"].status == "observed"
 
@@ -93,7 +96,7 @@ def test_full_cluster_run_measures_every_cell():
     assert "llmisvc-controller-manager v0.20.0 (1 ready)" in cells["prereqs"]["llm-d"].text
 
     assert cells["gateway"]["raw"].status == "observed" and "raw vLLM has no gateway" in cells["gateway"]["raw"].text
-    assert cells["gateway"]["llm-d"].trials == 25 and cells["gateway"]["llm-d"].text.startswith("TTFT 7.89 ms [7.77, 8.17]")
+    assert cells["gateway"]["llm-d"].trials == 25 and cells["gateway"]["llm-d"].text.startswith("TTFT 8.50 ms [8.08, 8.88]")
     assert cells["goodput"]["kserve-knative"].text.startswith("concurrency 16: ")  # c=32 misses TTFT p95 ≤ 200 ms
     cost = cells["cost"]
     assert cost["raw"].text.startswith("0.0021 USD per 1,000 requests at c=32 within the SLOs (91.10 req/s on 1 replica")
@@ -105,12 +108,14 @@ def test_full_cluster_advice_and_recommendations():
     run = load_run(RUNS / "cluster-full")
     advice, needs = advice_of(run)
     assert advice["raw"].verdict == "misses"
-    assert any("failed 17 of 44 requests" in r and "over the 5 the study allows" in r for r in advice["raw"].reasons)
-    assert {advice[layer].verdict for layer in ("kserve-standard", "kserve-knative", "llm-d")} == {"fits"}
+    assert any("failed 14 of 56 requests" in r and "over the 5 the study allows" in r for r in advice["raw"].reasons)
+    assert advice["llm-d"].verdict == "misses"  # its rollout cut 61 of 113 requests in this run
+    assert any("failed 61 of 113 requests" in r for r in advice["llm-d"].reasons)
+    assert {advice[layer].verdict for layer in ("kserve-standard", "kserve-knative")} == {"fits"}
     assert any("canary split held" in r for r in advice["kserve-standard"].reasons)
 
     update = needs["Model updates with at most 5 failed requests"]
-    assert update.layers == ["kserve-standard", "kserve-knative", "llm-d"]
+    assert update.layers == ["kserve-standard", "kserve-knative"]
     assert "raw replaces its pods in place" in update.reading and "second replica" in update.reading
     assert needs["A traffic-split canary"].layers == ["kserve-standard", "kserve-knative"]
     assert "raw: raw vLLM has no traffic split" in needs["A traffic-split canary"].reading
@@ -125,21 +130,21 @@ def test_full_cluster_advice_and_recommendations():
 
     # The same measurements against other objectives give other advice.
     slos = run.context["params"]["slos"]
-    slos.update(cold_start_s=0.5, update_failed_requests=0, time_to_ready_s=3)
+    slos.update(cold_start_s=0.5, update_failed_requests=0, time_to_ready_s=2)
     advice, needs = advice_of(run)
     knative = advice["kserve-knative"]
     assert knative.verdict == "misses"
-    assert any("cold start 1.02 s exceeds the cold-start objective of 0.5 s" in r and "511.00 USD a month" in r
+    assert any("cold start 1.37 s exceeds the cold-start objective of 0.5 s" in r and "511.00 USD a month" in r
                for r in knative.reasons)  # fmt: skip
-    assert any("ready in 3.25 s at worst, over the time-to-ready objective of 3 s" in r for r in knative.reasons)
-    assert advice["kserve-standard"].verdict == "misses"  # one failed request is over 0
-    assert needs["Model updates without failed requests"].layers == ["kserve-knative"]
+    assert any("ready in 2.21 s at worst, over the time-to-ready objective of 2 s" in r for r in knative.reasons)
+    assert advice["kserve-knative"].verdict == "misses"  # two failed requests are over 0
+    assert needs["Model updates without failed requests"].layers == ["kserve-standard"]
     assert needs["Scale to zero when idle, woken by a request"].layers == []
 
 
 def test_partial_cluster_run_explains_what_is_missing():
     table, cells = cells_of(RUNS / "cluster-partial")
-    assert cells["model_lifecycle"]["raw"].status == "measured" and "start to ready: 0.33 s (apply → Ready)" in cells["model_lifecycle"]["raw"].text
+    assert cells["model_lifecycle"]["raw"].status == "measured" and "start to ready: 0.35 s (apply → Ready)" in cells["model_lifecycle"]["raw"].text
     for key in ("rollout_canary", "scale_to_zero", "gateway"):
         for layer, _ in LAYERS:
             cell = cells[key][layer]
@@ -173,7 +178,7 @@ def test_failed_cluster_run_carries_every_reason():
         cells["model_lifecycle"]["kserve-standard"].text)
     assert cells["rollout_canary"]["kserve-standard"].status == "not-run"
     canary = cells["rollout_canary"]["kserve-knative"]
-    assert "canary: experiment failed: LayerNotReadyError" in canary.text and "0 of 156 requests failed" in canary.text
+    assert "canary: experiment failed: LayerNotReadyError" in canary.text and "2 of 114 requests failed" in canary.text
 
     run = load_run(RUNS / "cluster-failed")
     advice, needs = advice_of(run)
@@ -233,32 +238,33 @@ def test_local_run_renders_the_cluster_manifests_and_a_second_model(tmp_path):
     assert cells["rollout_canary"]["raw"].status == "not-run"  # no lifecycle in this run
     assert cells["cost"]["raw"].text.startswith("the study sets no price")
 
-    run = load_run(run_dir)
-    run.context["params"]["compare_models"] = {"other": {
-        "name": "other-tiny", "served_name": "other", "source": {"kind": "built", "shape": "tiny", "seed": 1},
-        "engine_args": {"dtype": "bfloat16", "max-model-len": 2048}}}  # fmt: skip
-    cells = decision_table(run).cells()
+    other = ("compare_models={other: {name: other-tiny, served_name: other, source: {kind: built, shape: tiny, seed: 1}, "
+             "engine_args: {dtype: bfloat16, max-model-len: 2048}}}")  # fmt: skip
+    cells = decision_table(load_run(make_run(tmp_path / "two", "complete", [other]))).cells()
     for layer in ("raw", "kserve", "llm-d"):
         assert cells["multi_model"][layer].status == "measured"
         assert cells["multi_model"][layer].text.startswith("tiny → other: ")
 
 
 def test_local_lifecycle_records_fill_the_lifecycle_rows(tmp_path):
-    from servinglab import results
+    from servinglab import records
 
     run_dir = make_run(tmp_path, "complete")
     base = {"layer": "raw", "kind": "raw-vllm", "platform": "local", "trial": 0, "reason": None, "settled": None,
-            "started_at_unix": 1.0, "ended_at_unix": 2.0}  # fmt: skip
+            "started_at_unix": 1.0, "ended_at_unix": 2.0, "measurements": {}}  # fmt: skip
     during = {"requests": 12, "failed": 12, "errors": {"connection_error": 12}, "p50_e2el_ms": None, "p99_e2el_ms": None}
-    results.append_records(run_dir, "lifecycle", [
+    records.append(run_dir, records.LIFECYCLE, [
         base | {"experiment": "model_update", "status": "measured", "measurements": {
-            "how": "restart with the new arguments", "change_to_ready_s": 40.2, "change_to_served_s": 40.9,
+            "how": "restart with the new arguments", "replaces_in_place": True, "change_to_ready_s": 40.2,
+            "change_to_served_s": 40.9,
             "longest_gap_s": 41.0, "changed_args": {"max-num-seqs": 128}, "during": during,
             "before": during | {"failed": 0, "errors": {}}, "after": during | {"failed": 0, "errors": {}}}},
-        base | {"experiment": "canary", "status": "unsupported", "reason": "raw vLLM has no traffic split: by hand"},
-        base | {"experiment": "gateway_hop", "status": "unsupported", "reason": "raw vLLM has no gateway: none"},
+        base | {"experiment": "canary", "status": "unsupported", "reason": "raw vLLM has no traffic split: by hand",
+                "refused_by": "layer"},
+        base | {"experiment": "gateway_hop", "status": "unsupported", "reason": "raw vLLM has no gateway: none",
+                "refused_by": "layer"},
         base | {"layer": "kserve", "kind": "kserve", "experiment": "canary", "status": "unsupported",
-                "reason": "needs platform: kubernetes"},
+                "reason": "needs platform: kubernetes", "refused_by": "platform"},
     ])  # fmt: skip
     run = load_run(run_dir)
     cells = decision_table(run).cells()
@@ -276,16 +282,34 @@ def test_local_lifecycle_records_fill_the_lifecycle_rows(tmp_path):
 
 def test_fields_and_model_distance_are_counted_from_the_manifests():
     assert manifests.count_fields({"a": 1, "b": {"c": [1, 2], "d": {}}, "e": []}) == 5
-    study = Study.model_validate(load_run(RUNS / "cluster-full").params)
-    [distance] = manifests.distances(study, "raw")
+    run = load_run(RUNS / "cluster-full")
+    [distance] = manifests.recorded(run)["raw"].distances
     assert (distance.changed_fields, distance.added_or_removed, distance.diff_lines) == (3, 0, 6)
     assert distance.paths == ["Deployment/qwen-cluster-raw.spec.template.spec.containers.vllm.args"]
     # A flag more shifts the ones after it: only what was inserted counts.
-    extra = study.compare_models["llama"].model_copy(deep=True)
+    study = Study.model_validate(run.params)
+    extra = study.model.model_copy(deep=True)
     extra.engine_args = {**study.model.engine_args, "enforce-eager": True}
-    extra.served_name, extra.source = study.model.served_name, study.model.source
-    same_but_one = manifests.distance(study, "raw", "eager", extra)
+    ours = records.read_manifest(records.manifest_path(run.run_dir, "raw"))
+    same_but_one = manifests.distance("eager", extra.served_name, ours, render_layer(with_model(study, extra), "raw"))
     assert (same_but_one.changed_fields, same_but_one.added_or_removed) == (1, 1)
+
+
+def test_a_run_written_before_runs_kept_their_manifests_still_renders():
+    """Version 1 runs: read through the migrations, rendered, and honest about what they did not record."""
+    table, cells = cells_of(RUNS_V1 / "cluster-full")
+    assert table.groups == [("raw vLLM", 1), ("KServe InferenceService", 2), ("LLMInferenceService (llm-d)", 1)]
+    for layer, _ in LAYERS:
+        for key in ("what_you_write", "multi_model"):
+            assert cells[key][layer].status == "not-run" and cells[key][layer].text.startswith("not recorded in this run")
+    assert cells["rollout_canary"]["raw"].text.startswith("no traffic split: raw vLLM has no traffic split")  # refused_by: layer
+    assert "control plane: 10 pods (kserve 2, cert-manager 3, knative-serving 5)" in cells["control"]["kserve-knative"].text
+    assert "kserve-controller-manager v0.20.0 (1 ready), default deployment mode Knative" in cells["prereqs"]["kserve-standard"].text
+    assert cells["cost"]["raw"].text.startswith("0.0021 USD per 1,000 requests at c=32")
+    html = report.render_html(RUNS_V1 / "cluster-full")
+    assert "Manifests: not recorded in this run" in html
+    for name in ("cluster-partial", "cluster-failed"):
+        assert "<table" in report.render_html(RUNS_V1 / name)
 
 
 def test_compare_models_and_update_objective_are_validated():
@@ -307,3 +331,66 @@ def test_compare_models_and_update_objective_are_validated():
 def test_every_row_is_in_the_fixture_table():
     table, _ = cells_of(RUNS / "cluster-full")
     assert [row.key for row, _ in table.rows] == [row.key for row in ROWS]
+
+
+# --- the report reads what the run recorded -----------------------------------------------------------
+
+
+def _leaves(obj) -> int:
+    if isinstance(obj, dict):
+        return sum(_leaves(v) for v in obj.values()) if obj else 1
+    if isinstance(obj, list):
+        return sum(_leaves(v) for v in obj) if obj else 1
+    return 1
+
+
+def _as_written(obj):
+    """An object as its user writes it: servinglab's spec-hash label and run-id annotation taken out."""
+    if isinstance(obj, dict):
+        out = {k: _as_written(v) for k, v in obj.items() if k not in ("servinglab.io/spec-hash", "servinglab.io/run-id")}
+        return {k: v for k, v in out.items() if not (k == "annotations" and v == {})}
+    if isinstance(obj, list):
+        return [_as_written(v) for v in obj]
+    return obj
+
+
+def test_the_report_calls_no_renderer_and_counts_the_recorded_manifests(monkeypatch):
+    from servinglab import layers
+    from servinglab.layers import render as rendering
+
+    run_dir = RUNS / "cluster-full"
+    before = report.render_html(run_dir)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the report rendered a manifest instead of reading the recorded one")
+
+    for kind in layers.kinds():
+        monkeypatch.setattr(type(kind), "render", refuse)
+    for name in ("render_layer", "render_study", "as_cluster_study"):
+        monkeypatch.setattr(rendering, name, refuse)
+    after = report.render_html(run_dir)
+    assert after == before
+    table = after[after.index('id="manifests-table"') : after.index("</table>", after.index('id="manifests-table"'))]
+    for layer in ("raw", "kserve-standard", "kserve-knative", "llm-d"):
+        objects = [_as_written(o) for o in records.read_manifest(records.manifest_path(run_dir, layer))]
+        lines, fields = len(records.to_yaml(objects).splitlines()), sum(_leaves(o) for o in objects)
+        assert f"<tr><td>{layer}</td><td>" in table
+        row = table[table.index(f"<tr><td>{layer}</td>") :].split("</tr>", 1)[0]
+        assert f"<td>{lines}</td><td>{fields}</td>" in row, (layer, lines, fields, row)
+
+
+def test_a_damaged_line_is_named_in_the_report_never_dropped_silently(tmp_path):
+    run_dir = tmp_path / "cluster-full"
+    shutil.copytree(RUNS / "cluster-full", run_dir)
+    path = run_dir / "data" / "latency_requests.jsonl"
+    count = len(path.read_text().splitlines())
+    with open(path, "a") as handle:
+        handle.write("{not json\n")
+        handle.write('{"layer": "raw", "stage": "c=1", "ind')  # a write cut short when the run stopped
+    run = load_run(run_dir)
+    assert len(run.latency_requests) == count
+    html = report.render_html(run_dir)
+    warnings = html[html.index('id="warnings"') : html.index('id="table"')]
+    assert (f"data/latency_requests.jsonl: 2 lines could not be read and are left out (line {count + 1}: not JSON"
+            in warnings)  # fmt: skip
+    assert f"line {count + 2}: cut short (the last line, written when the run stopped)" in warnings

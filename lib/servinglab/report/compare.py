@@ -32,7 +32,7 @@ import jinja2
 
 from .. import __version__
 from ..errors import RunDirError
-from . import (KIND_TITLES, _load_pattern, _request_shape, _write_if_changed, reports_dir_of, template_environment,
+from . import (load_pattern, request_shape, write_if_changed, reports_dir_of, template_environment,
                write_index)
 from .rundata import RunData, load_run
 from .runfacts import accelerator, engine_command_args
@@ -341,10 +341,9 @@ def _context_rows(runs: list[RunData]) -> list[ContextRow]:
         ("Fingerprint", lambda r: r.context.get("engine", {}).get("system_fingerprint") or "not seen"),
         ("Model", model),
         ("Server args", lambda r: " ".join(engine_command_args(r)) or "none recorded"),
-        ("Layers", lambda r: ", ".join(f"{n} ({KIND_TITLES.get(s.get('kind'), s.get('kind'))})"
-                                        for n, s in r.layers.items())),
-        ("Request shape", _request_shape),
-        ("Load pattern", _load_pattern),
+        ("Layers", lambda r: ", ".join(f"{n} ({r.kind_of_layer(n)['title']})" for n in r.layers)),
+        ("Request shape", request_shape),
+        ("Load pattern", load_pattern),
         ("Code", lambda r: f"git {git(r)} · servinglab {r.context.get('servinglab_version') or '?'}"),
     ]
     # Identity fields differ by nature; marking them would hide the differences that matter.
@@ -467,7 +466,7 @@ def _render(runs: list[RunData]) -> str:
     comparison = _compare(runs)
     env = template_environment(jinja2.StrictUndefined)
     return env.get_template("compare.html.j2").render(
-        version=__version__, c=comparison, runs=comparison.runs, kind_titles=KIND_TITLES
+        version=__version__, c=comparison, runs=comparison.runs
     )
 
 
@@ -508,7 +507,7 @@ def publish_comparison(
     folder = reports_dir_of(runs[0], reports_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / comparison_file_name(runs)
-    _write_if_changed(path, _render(runs))
+    write_if_changed(path, _render(runs))
     write_index(folder)
     return path
 

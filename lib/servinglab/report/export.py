@@ -24,7 +24,7 @@ rate of requests is named ``request_rate``), with its example ``br_v0_2_example.
   where known.
 
 Latency and length statistics are computed from the stage's per-request records
-(``data/latency_requests.jsonl``), with the definitions of :mod:`servinglab.metrics`: TTFT and E2E of
+(``data/latency_requests.jsonl``), with the definitions of :mod:`servinglab.measure.client_metrics`: TTFT and E2E of
 every completed request, TPOT = (E2E − TTFT)/(output tokens − 1) per request, ITL every gap between
 token-bearing chunks pooled, NTPOT = E2E / output tokens per request. A stage without records (imported
 ``vllm bench serve`` results) gives what its summary holds: the mean, standard deviation and the
@@ -49,8 +49,9 @@ import numpy as np
 import yaml
 
 from ..errors import RunDirError
-from ..metrics import _itl_ms, _tpot_ms
-from . import KIND_TITLES, reports_dir_of
+from ..measure.client_metrics import itl_ms, tpot_ms
+from . import reports_dir_of
+from .table import requires
 from .rundata import RunData, load_run
 from .runfacts import accelerator, args_dict, engine_command_args
 
@@ -169,7 +170,7 @@ def _cfg_id(data: Any) -> str:
 
 def _stack(run: RunData, layer: str, stage: dict[str, Any]) -> list[dict[str, Any]]:
     spec = run.layers.get(layer, {})
-    kind = spec.get("kind", "raw-vllm")
+    kind = run.kind_of_layer(layer)
     engine = run.context.get("engine", {})
     args = args_dict(engine_command_args(run, layer))
     deployment = run.last_deployment(layer) or {}
@@ -182,7 +183,8 @@ def _stack(run: RunData, layer: str, stage: dict[str, Any]) -> list[dict[str, An
     tool = engine.get("distribution") or engine.get("name") or "vllm"
     version = engine.get("version") or engine.get("image") or "unknown"
     # The format counts every accelerator the stack used: a replica's GPUs times the layer's replicas.
-    count = max(1, int(accel["count"]) * int(spec.get("replicas") or 1)) if accel["gpu"] else 1
+    replicas = int(deployment.get("serving_replicas") or 1)
+    count = max(1, int(accel["count"]) * replicas) if accel["gpu"] else 1
     platform = run.context.get("platform", {}).get("name") or run.params.get("platform", {}).get("kind") or "unknown"
     stack = [{
         "metadata": {
@@ -190,7 +192,7 @@ def _stack(run: RunData, layer: str, stage: dict[str, Any]) -> list[dict[str, An
             "schema_version": COMPONENT_SCHEMA_VERSION,
             "label": f"{layer}-engine",
             "cfg_id": (deployment.get("spec_hash") or _cfg_id(args))[:32],
-            "description": f"the vLLM engine of layer {layer} ({KIND_TITLES.get(kind, kind)}) on the {platform} "
+            "description": f"the vLLM engine of layer {layer} ({kind['title']}) on the {platform} "
                            f"platform; {accel['text']}",
         },
         "standardized": {
@@ -202,17 +204,17 @@ def _stack(run: RunData, layer: str, stage: dict[str, Any]) -> list[dict[str, An
         },
         "native": {"args": args} if args else {},
     }]  # fmt: skip
-    if kind in ("kserve", "llm-d"):
-        clusters = [r.get("facts", {}).get("cluster") or {} for r in run.preflight]
-        controllers = [c for cluster in clusters for c in cluster.get("kserve_controllers", [])]
+    component = kind.get("component")
+    if component:
+        controllers = requires(run, layer).get("controllers") or []
         versions = sorted({c["version"] for c in controllers if c.get("version")})
-        standardized = {"tool": "kserve" if kind == "kserve" else "llm-d", "tool_version": versions[-1] if versions else "unknown",
-                        "resource": "InferenceService" if kind == "kserve" else "LLMInferenceService"}  # fmt: skip
-        if kind == "kserve" and spec.get("mode"):
+        standardized = {"tool": component["tool"], "tool_version": versions[-1] if versions else "unknown",
+                        "resource": component["resource"]}  # fmt: skip
+        if spec.get("mode"):
             standardized["deployment_mode"] = spec["mode"]
         stack.append({
             "metadata": {"kind": "generic", "schema_version": COMPONENT_SCHEMA_VERSION, "label": layer,
-                         "cfg_id": _cfg_id(spec), "description": f"the {KIND_TITLES[kind]} in front of the engine"},
+                         "cfg_id": _cfg_id(spec), "description": f"the {kind['title']} in front of the engine"},
             "standardized": standardized,
             "native": {"config": spec},
         })  # fmt: skip
@@ -289,8 +291,8 @@ def _aggregate(stage: dict[str, Any], records: list[dict[str, Any]] | None) -> d
                 requests[name] = stats
         series = {
             "time_to_first_token": [r["ttft_ms"] for r in done if r.get("ttft_ms") is not None],
-            "time_per_output_token": [t for r in done if (t := _tpot_ms(r)) is not None],
-            "inter_token_latency": [gap for r in done for gap in _itl_ms(r)],
+            "time_per_output_token": [t for r in done if (t := tpot_ms(r)) is not None],
+            "inter_token_latency": [gap for r in done for gap in itl_ms(r)],
             "request_latency": [r["e2el_ms"] for r in done if r.get("e2el_ms") is not None],
             "normalized_time_per_output_token": [r["e2el_ms"] / r["output_tokens"] for r in done
                                                  if r.get("e2el_ms") is not None and r.get("output_tokens")],

@@ -1,23 +1,20 @@
-"""What a user writes per layer, counted from the manifests the study renders to, and how much of them
-changes from one model to another. Pure: the run's params in, counts out; no cluster.
-
-A study on the local platform renders nothing itself, so it is rendered as it would be on a cluster: the
-kubernetes platform's defaults, and weights on a claim named after the model. The counts say so.
+"""What a user writes per layer, counted from the manifests the run recorded, and how much of them changes
+from one model to another. Nothing is rendered here: the counts are of ``manifests/`` in the run directory,
+which the deploy step wrote (what was applied, or on a platform that is not a cluster, what a cluster would
+be given, with what was assumed to render it).
 """
 
 from __future__ import annotations
 
 import difflib
-import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import Model, Study
-from ..errors import ServinglabError
-from ..layers import HASH_LABEL, render_layer, to_yaml
-
-CLAIM = "models"  # the claim a local study's weights are assumed on when it is rendered for a cluster
+from .. import records
+from ..layers.common import without_bookkeeping
+from ..records import to_yaml
+from .rundata import RunData
 
 
 @dataclass(frozen=True)
@@ -47,39 +44,6 @@ class Distance:
     paths: list[str]  # the changed fields' paths, in manifest order
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9.-]+", "-", text.lower()).strip("-.") or "model"
-
-
-def _for_cluster_model(model: dict[str, Any]) -> dict[str, Any]:
-    if model["source"]["kind"] == "uri":
-        return model
-    return model | {"source": {"kind": "uri", "uri": f"pvc://{CLAIM}/{_slug(model['name'])}"}}
-
-
-def cluster_study(params: dict[str, Any]) -> tuple[Study, str | None]:
-    """The run's study, made renderable: unchanged for a cluster study; a local one gets the kubernetes
-    platform's defaults and a claim for its weights. Returns the study and what was assumed (None: nothing).
-    """
-    if params.get("platform", {}).get("kind") == "kubernetes" and params["model"]["source"]["kind"] == "uri":
-        return Study.model_validate(params), None
-    data = dict(params)
-    data["platform"] = {"kind": "kubernetes"}
-    data["model"] = _for_cluster_model(params["model"])
-    data["compare_models"] = {k: _for_cluster_model(v) for k, v in (params.get("compare_models") or {}).items()}
-    assumed = (f"rendered as on a cluster: this run's platform is {params.get('platform', {}).get('kind')}, so the "
-               f"kubernetes platform's defaults and weights on the claim '{CLAIM}' stand in")  # fmt: skip
-    return Study.model_validate(data), assumed
-
-
-def _without_hash(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _without_hash(v) for k, v in obj.items() if k != HASH_LABEL}
-    if isinstance(obj, list):
-        return [_without_hash(v) for v in obj]
-    return obj
-
-
 def count_fields(obj: Any) -> int:
     """Leaf values of a manifest: scalars, and empty mappings or lists (``emptyDir: {}`` is written too)."""
     if isinstance(obj, dict):
@@ -87,20 +51,6 @@ def count_fields(obj: Any) -> int:
     if isinstance(obj, list):
         return sum(count_fields(v) for v in obj) if obj else 1
     return 1
-
-
-def _render(study: Study, layer: str) -> list[dict[str, Any]]:
-    try:
-        return _without_hash(render_layer(study, layer))
-    except ServinglabError as exc:
-        raise ServinglabError(f"layers.{layer} does not render: {exc}") from None
-
-
-def authored(study: Study, layer: str, assumed: str | None = None) -> Authored:
-    """What the user writes for ``layer``: its objects, YAML lines and fields."""
-    objects = _render(study, layer)
-    return Authored([o["kind"] for o in objects], len(to_yaml(objects).splitlines()),
-                    sum(count_fields(o) for o in objects), assumed)  # fmt: skip
 
 
 def _named(items: list[Any]) -> bool:
@@ -147,25 +97,68 @@ def _object_key(obj: dict[str, Any]) -> str:
     return f"{obj['kind']}/{obj['metadata']['name']}"
 
 
-def distance(study: Study, layer: str, name: str, model: Model) -> Distance:
-    """Render ``layer`` for the study's model and for ``model``; count what differs."""
-    other = study.model_copy(deep=True)
-    other.model = model
-    mine, theirs = _render(study, layer), _render(other, layer)
+def authored(objects: list[dict[str, Any]], assumed: str | None = None) -> Authored:
+    """What the user writes: the objects, YAML lines and fields, servinglab's own bookkeeping left out."""
+    mine = without_bookkeeping(objects)
+    return Authored([o["kind"] for o in mine], len(to_yaml(mine).splitlines()), sum(count_fields(o) for o in mine), assumed)
+
+
+def distance(name: str, served_name: str, ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> Distance:
+    """How the objects rendered for another model (``theirs``) differ from the study's own (``ours``)."""
+    mine, other = without_bookkeeping(ours), without_bookkeeping(theirs)
     found: list[tuple[str, int, int]] = []
-    _changes({_object_key(o): o for o in mine}, {_object_key(o): o for o in theirs}, "", found)
-    diff = difflib.unified_diff(to_yaml(mine).splitlines(), to_yaml(theirs).splitlines(), lineterm="", n=0)
+    _changes({_object_key(o): o for o in mine}, {_object_key(o): o for o in other}, "", found)
+    diff = difflib.unified_diff(to_yaml(mine).splitlines(), to_yaml(other).splitlines(), lineterm="", n=0)
     diff_lines = sum(1 for line in diff if line[:1] in "+-" and not line.startswith(("+++", "---")))
     return Distance(
-        model=name, served_name=model.served_name, changed_fields=sum(n for _, n, _ in found),
+        model=name, served_name=served_name, changed_fields=sum(n for _, n, _ in found),
         added_or_removed=sum(shape for _, _, shape in found), total_fields=sum(count_fields(o) for o in mine),
         diff_lines=diff_lines, paths=[p for p, _, _ in found],
     )  # fmt: skip
 
 
-def distances(study: Study, layer: str) -> list[Distance]:
-    """The layer's distance to every model of ``compare_models``, in the study's order."""
-    return [distance(study, layer, name, model) for name, model in study.compare_models.items()]
+@dataclass(frozen=True)
+class LayerManifests:
+    """What the run recorded of one layer's manifests: its objects counted, or why they are not there."""
+
+    layer: str
+    authored: Authored | None
+    error: str | None  # why they could not be rendered when the run recorded them
+    distances: list[Distance]
+    distance_errors: list[str]
+
+
+def recorded(run: RunData) -> dict[str, LayerManifests] | None:
+    """Per layer, the manifests the run recorded (None: this run recorded none, an older run)."""
+    index = records.read_manifest_index(run.run_dir)
+    if index is None:
+        return None
+    compared = run.params.get("compare_models") or {}
+    out: dict[str, LayerManifests] = {}
+    for layer in run.layers:
+        own = index.get(f"{layer}.yaml")
+        if own is None:
+            out[layer] = LayerManifests(layer, None, "not recorded in this run (the layer was not deployed)", [], [])
+            continue
+        if own.get("error"):
+            out[layer] = LayerManifests(layer, None, own["error"], [], [])
+            continue
+        ours = records.read_manifest(records.manifest_path(run.run_dir, layer))
+        distances, errors = [], []
+        for model, spec in compared.items():
+            entry = index.get(f"compare/{model}/{layer}.yaml")
+            if entry is None or entry.get("error"):
+                errors.append(f"{model}: {entry.get('error') if entry else 'not recorded in this run'}")
+                continue
+            theirs = records.read_manifest(records.manifest_path(run.run_dir, layer, model))
+            distances.append(distance(model, spec.get("served_name", model), ours, theirs))
+        out[layer] = LayerManifests(layer, authored(ours, own.get("assumed")), None, distances, errors)
+    return out
+
+
+def assumed_text(found: dict[str, LayerManifests]) -> str | None:
+    """What was assumed to render the run's manifests (the same for every layer of a run), or None."""
+    return next((m.authored.assumed for m in found.values() if m.authored and m.authored.assumed), None)
 
 
 def kind_counts(names: list[str]) -> str:

@@ -292,12 +292,8 @@ def canary_figure(run: RunData) -> Figure | None:
 def cost_figure(run: RunData) -> Figure | None:
     """Cost per 1,000 requests against the request rate served, one line per layer, one point per stage."""
     from .. import cost
-    from ..errors import ServinglabError
 
-    try:
-        rows = [r for r in cost.load_point_costs(run.resolved_study(), run.run_dir) if r["cost_per_1k_requests"]]
-    except ServinglabError:
-        return None
+    rows = [r for r in cost.load_point_costs(run.params, run.deployments, run.latency_stages) if r["cost_per_1k_requests"]]
     if not rows:
         return None
     by_layer: dict[str, list[dict]] = {}

@@ -1,4 +1,5 @@
-"""A run directory read back for the report: context and tables, nothing else."""
+"""A run directory read back for the report: its context, its tables and its recorded manifests, through
+``servinglab.records`` and nothing else. Nothing here asks today's code what the run would have done."""
 
 from __future__ import annotations
 
@@ -7,9 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import results
-from ..config import Study
-from ..errors import RunDirError
+from .. import records
 
 
 @dataclass
@@ -23,7 +22,7 @@ class RunData:
     latency_requests: list[dict[str, Any]]
     lifecycle: list[dict[str, Any]]
     lifecycle_requests: list[dict[str, Any]]
-    _study: Study | RunDirError | None = field(default=None, init=False, repr=False, compare=False)
+    damaged: list[str] = field(default_factory=list)  # one warning per table with lines that could not be read
 
     @property
     def study(self) -> str:
@@ -41,6 +40,15 @@ class RunData:
     def layers(self) -> dict[str, dict[str, Any]]:
         return self.params.get("layers", {})
 
+    def kind(self, name: str) -> dict[str, Any]:
+        """What the run recorded of a layer kind (title, column, claims, ...); a kind it did not record is
+        shown under its own name, with no claim."""
+        found = (self.context.get("layer_kinds") or {}).get(name)
+        return found or {"title": name, "column": name, "claims": {}, "has_gateway": False}
+
+    def kind_of_layer(self, layer: str) -> dict[str, Any]:
+        return self.kind(self.layers.get(layer, {}).get("kind", ""))
+
     def last_deployment(self, layer: str) -> dict[str, Any] | None:
         found = [d for d in self.deployments if d["layer"] == layer]
         return found[-1] if found else None
@@ -48,22 +56,6 @@ class RunData:
     def fresh_starts(self, layer: str) -> list[dict[str, Any]]:
         """Deployments of a layer that started a server in this run (not reuses)."""
         return [d for d in self.deployments if d["layer"] == layer and d["status"] == "ready" and not d["reused"]]
-
-    def resolved_study(self) -> Study:
-        """The study the run was made from, rebuilt from run.json's params (for rendering and pricing).
-
-        Raises RunDirError when the params no longer validate (a run from an older servinglab).
-        """
-        if self._study is None:
-            try:
-                self._study = Study.model_validate(self.params)
-            except Exception as exc:  # noqa: BLE001 - pydantic's error, kept as the reason
-                first = str(exc).splitlines()
-                self._study = RunDirError(f"{self.run_dir}: run.json's params do not validate as a study now: "
-                                          f"{' '.join(first[:3])}")  # fmt: skip
-        if isinstance(self._study, RunDirError):
-            raise self._study
-        return self._study
 
     def lifecycle_of(self, layer: str, experiment: str) -> list[dict[str, Any]]:
         """The lifecycle records of one experiment on one layer, in the order they were written."""
@@ -79,16 +71,10 @@ class RunData:
 
 
 def load_run(run_dir: str | os.PathLike) -> RunData:
-    """Read everything the report may show from ``run_dir``."""
+    """Read everything the report may show from ``run_dir``; every line that could not be read is named."""
     run_dir = Path(run_dir).resolve()
-    return RunData(
-        run_dir=run_dir,
-        context=results.read_context(run_dir),
-        deployments=results.read_records(run_dir, "deployments"),
-        smoke=results.read_records(run_dir, "smoke"),
-        preflight=results.read_records(run_dir, "preflight"),
-        latency_stages=results.read_records(run_dir, "latency_stages"),
-        latency_requests=results.read_records(run_dir, "latency_requests"),
-        lifecycle=results.read_records(run_dir, "lifecycle"),
-        lifecycle_requests=results.read_records(run_dir, "lifecycle_requests"),
-    )
+    context = records.read_context(run_dir)
+    tables = {name: records.read(run_dir, table) for name, table in records.TABLES.items()}
+    damaged = [w for t in tables.values() if (w := t.warning())]
+    return RunData(run_dir=run_dir, context=context, damaged=damaged,
+                   **{name: read.rows for name, read in tables.items()})  # fmt: skip

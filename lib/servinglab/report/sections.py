@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import cost
-from ..errors import ServinglabError
 from . import manifests
 from .plots import START_PHASE_LABELS
 from .rundata import RunData
@@ -45,25 +44,29 @@ class Manifests:
 
 def manifest_section(run: RunData) -> Manifests:
     """Per layer, what the user writes and what the platform created; per compared model, what changes."""
-    try:
-        study, assumed = manifests.cluster_study(run.params)
-        rows, distances = [], []
-        for layer, spec in study.layers.items():
-            written = manifests.authored(study, layer, assumed)
-            created = created_by_platform(run, layer)
-            if created is None:
-                created_text = ("not recorded: no fresh start of this layer in this run" if assumed is None
-                                else "needs platform: kubernetes")  # fmt: skip
-            else:
-                created_text = ", ".join(created) or "nothing"
-            rows.append(ManifestRow(layer, spec.kind, manifests.kind_counts(written.kinds),
-                                    written.lines, written.fields, created_text))  # fmt: skip
-            for d in manifests.distances(study, layer):
-                distances.append(DistanceRow(layer, f"{d.model} ({d.served_name})", d.changed_fields,
-                                             d.added_or_removed, d.total_fields, d.diff_lines, d.paths))  # fmt: skip
-        return Manifests(rows, distances, assumed, None)
-    except (ServinglabError, ValueError) as exc:
-        return Manifests([], [], None, str(exc).splitlines()[0])
+    found = manifests.recorded(run)
+    if found is None:
+        return Manifests([], [], None, "not recorded in this run: it was made before runs kept the manifests they "
+                         "applied (manifests/ in the run directory)")  # fmt: skip
+    rows, distances, errors = [], [], []
+    for layer, spec in run.layers.items():
+        mine = found[layer]
+        if mine.authored is None:
+            errors.append(f"{layer}: {mine.error}")
+            continue
+        created = created_by_platform(run, layer)
+        if created is None:
+            created_text = ("not recorded: no fresh start of this layer in this run" if mine.authored.assumed is None
+                            else "needs platform: kubernetes")  # fmt: skip
+        else:
+            created_text = ", ".join(created) or "nothing"
+        rows.append(ManifestRow(layer, spec.get("kind", "?"), manifests.kind_counts(mine.authored.kinds),
+                                mine.authored.lines, mine.authored.fields, created_text))  # fmt: skip
+        for d in mine.distances:
+            distances.append(DistanceRow(layer, f"{d.model} ({d.served_name})", d.changed_fields,
+                                         d.added_or_removed, d.total_fields, d.diff_lines, d.paths))  # fmt: skip
+        errors += [f"{layer}: {e}" for e in mine.distance_errors]
+    return Manifests(rows, distances, manifests.assumed_text(found), "; ".join(errors) or None)
 
 
 def trial_sentence(record: dict[str, Any]) -> str:
@@ -127,11 +130,8 @@ class Costs:
 
 def cost_section(run: RunData) -> Costs:
     """Cost per 1,000 requests at every load point and the idle cost of each layer, from the study's prices."""
-    try:
-        study = run.resolved_study()
-    except ServinglabError as exc:
-        return Costs([], [], str(exc))
-    if study.costs.replica_price_per_hour(cost.gpus_per_replica(study)) is None:
+    if cost.replica_price(run.params) is None:
         return Costs([], [], "The study sets no price that applies here: costs.gpu_hourly (GPU replicas), or "
                      "costs.replica_hourly (any replica, a CPU machine too).")  # fmt: skip
-    return Costs(cost.load_point_costs(study, run.run_dir), cost.idle_costs(study), None)
+    return Costs(cost.load_point_costs(run.params, run.deployments, run.latency_stages),
+                 cost.idle_costs(run.params, run.deployments), None)  # fmt: skip

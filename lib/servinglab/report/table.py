@@ -17,16 +17,13 @@ mode). Every cell is built from the run's data only and says what kind of statem
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .. import cost
-from ..errors import ServinglabError
-from ..lifecycle.experiments import layer_limit
 from . import manifests
 from .rundata import RunData
 
-KIND_ORDER = ("raw-vllm", "kserve", "llm-d")
 NOT_RUN_LIFECYCLE = "experiment not run in this run (40_lifecycle runs it: workloads.lifecycle.experiments)"
 
 
@@ -44,9 +41,8 @@ class Cell:
 
 @dataclass(frozen=True)
 class Row:
-    key: str
+    key: str  # the row's key; each layer kind's claims (run.json's layer_kinds) are keyed by it
     title: str
-    claims: dict[str, str]  # by layer kind: the source page's claim, in this project's words
     measure: Callable[[RunData, str, str], Cell]
 
 
@@ -92,16 +88,6 @@ def _on_cluster(run: RunData) -> bool:
     return run.params.get("platform", {}).get("kind") == "kubernetes"
 
 
-def _layer_spec(run: RunData, layer: str) -> dict[str, Any]:
-    return run.layers.get(layer, {})
-
-
-def _layer_limit(run: RunData, layer: str, experiment: str) -> str | None:
-    """Why the layer kind refuses an experiment whatever the platform (an observed behaviour), or None."""
-    spec = _layer_spec(run, layer)
-    return layer_limit(spec.get("kind", ""), spec.get("mode"), experiment)
-
-
 @dataclass(frozen=True)
 class Outcome:
     """One experiment on one layer: its measured trials, or the record that says why there are none."""
@@ -127,13 +113,13 @@ def _why_not(run: RunData, layer: str, experiment: str, outcome: Outcome, eviden
     record = outcome.other
     if record is not None and record["status"] == "unsupported":
         reason = record["reason"] or ""
-        limit = _layer_limit(run, layer, experiment)
         gate = _deployment_gate(run, layer)
         if gate and gate.status == "needs-platform":  # the layer never ran here: nothing about it was seen
             return gate
-        if limit:
-            return Cell("observed", limit, trials=None, evidence=evidence)
-        if reason.startswith(("needs platform", "the cluster lacks")):
+        by = record.get("refused_by")
+        if by == "layer":  # the kind has no means for it: a behaviour of the layer, seen in this run
+            return Cell("observed", reason, trials=None, evidence=evidence)
+        if by == "platform":
             return Cell("needs-platform", reason, evidence=evidence)
         return Cell("not-run", f"experiment not run: {reason}", evidence=evidence)
     gate = _deployment_gate(run, layer)
@@ -166,11 +152,14 @@ def created_by_platform(run: RunData, layer: str) -> list[str] | None:
 
 
 def _what_you_write(run: RunData, layer: str, kind: str) -> Cell:
-    try:
-        study, assumed = manifests.cluster_study(run.params)
-        written = manifests.authored(study, layer, assumed)
-    except (ServinglabError, ValueError) as exc:
-        return Cell("failed", f"the study's manifests do not render: {_first_line(str(exc))}", evidence="#manifests")
+    found = manifests.recorded(run)
+    if found is None:
+        return Cell("not-run", "not recorded in this run: it was made before runs kept their manifests "
+                    "(manifests/ in the run directory)", evidence="#manifests")  # fmt: skip
+    mine = found[layer]
+    if mine.authored is None:
+        return Cell("failed", f"the layer's manifests: {_first_line(mine.error)}", evidence="#manifests")
+    written = mine.authored
     text = (f"you write {written.objects} object{'s' if written.objects != 1 else ''} "
             f"({manifests.kind_counts(written.kinds)}): {written.lines} YAML lines, "
             f"{written.fields} fields")  # fmt: skip
@@ -183,8 +172,8 @@ def _what_you_write(run: RunData, layer: str, kind: str) -> Cell:
         text += f"; what the platform creates is unknown: {gate.text if gate else 'no fresh start recorded it'}"
     else:
         text += "; what a cluster creates from them needs platform: kubernetes"
-    if assumed:
-        text += f" ({assumed})"
+    if written.assumed:
+        text += f" ({written.assumed})"
     return Cell("measured", text, trials=1, evidence="#manifests")
 
 
@@ -196,7 +185,7 @@ def _revisions_text(run: RunData, layer: str) -> str:
                 + ", ".join(f"{t.get('revisionName')} {t.get('percent')} %" for t in entries) + ")")
     update = experiment_outcome(run, layer, "model_update").last
     refused = experiment_outcome(run, layer, "canary").other
-    if update and refused is not None and refused["status"] == "unsupported" and _layer_limit(run, layer, "canary"):
+    if update and refused is not None and refused["status"] == "unsupported" and refused.get("refused_by") == "layer":
         return f"revisions: none listed in the layer's status; a change goes out as {update['how']}"
     return ""
 
@@ -341,8 +330,8 @@ def _ingress(run: RunData, layer: str, kind: str) -> Cell:
     created = created_by_platform(run, layer) or []
     routes = [c for c in created if c.startswith("HTTPRoute/")]
     parts.append(f"routes the platform created: {', '.join(routes)}" if routes else "no HTTPRoute created")
-    if kind == "raw-vllm":
-        record = run.last_deployment(layer)
+    if not run.kind(kind).get("has_gateway"):
+        record = run.last_deployment(layer) or {}
         services = [a for a in record.get("applied") or [] if a.startswith("Service/")]
         parts.append(f"clients reach your {', '.join(services) or 'Service'}; a gateway route is yours to write")
     paths = _gateway_paths(run, layer)
@@ -360,21 +349,24 @@ def _multi_model(run: RunData, layer: str, kind: str) -> Cell:
     if not others:
         return Cell("not-run", "the study names no further model to render beside its own (compare_models)",
                     evidence="#manifests")  # fmt: skip
-    try:
-        study, assumed = manifests.cluster_study(run.params)
-        found = manifests.distances(study, layer)
-    except (ServinglabError, ValueError) as exc:
-        return Cell("failed", f"the study's manifests do not render: {_first_line(str(exc))}", evidence="#manifests")
+    found = manifests.recorded(run)
+    if found is None:
+        return Cell("not-run", "not recorded in this run: it was made before runs kept their manifests",
+                    evidence="#manifests")  # fmt: skip
+    mine = found[layer]
+    if mine.authored is None or mine.distance_errors:
+        why = mine.error or "; ".join(mine.distance_errors)
+        return Cell("failed", f"the manifests of a compared model: {_first_line(why)}", evidence="#manifests")
     parts = []
-    for d in found:
+    for d in mine.distances:
         shape = f"{d.added_or_removed} added or removed" if d.added_or_removed else "same shape"
         fields = sorted({p.split(".", 1)[-1].rsplit(".", 1)[-1] for p in d.paths})
         parts.append(f"{run.params['model']['served_name']} → {d.served_name}: {d.changed_fields} of {d.total_fields} "
                      f"fields change ({shape}; in {', '.join(fields)}), {d.diff_lines} diff lines")  # fmt: skip
     text = "; ".join(parts) + "; every other field is the same"
-    if assumed:
-        text += f" ({assumed})"
-    return Cell("measured", text, trials=len(found), evidence="#manifests")
+    if mine.authored.assumed:
+        text += f" ({mine.authored.assumed})"
+    return Cell("measured", text, trials=len(mine.distances), evidence="#manifests")
 
 
 def _cluster_checks(run: RunData) -> dict[str, Any] | None:
@@ -385,51 +377,13 @@ def _cluster_checks(run: RunData) -> dict[str, Any] | None:
     return None
 
 
-def _controllers(checks: dict[str, Any], name: str) -> list[dict[str, Any]]:
-    return [c for c in checks.get("kserve_controllers", []) if c["name"] == name]
-
-
-def control_plane_namespaces(spec: dict[str, Any], checks: dict[str, Any]) -> list[str]:
-    """The control-plane namespaces a layer of this kind depends on (where its controllers run)."""
-    kind = spec.get("kind")
-    if kind == "kserve":
-        found = [c["namespace"] for c in _controllers(checks, "kserve-controller-manager")] or ["kserve"]
-        found.append("cert-manager")
-        if spec.get("mode") == "Knative":
-            found.append("knative-serving")
-    elif kind == "llm-d":
-        found = [c["namespace"] for c in _controllers(checks, "llmisvc-controller-manager")] or ["kserve"]
-        found.append("llm-d")
-    else:
-        found = []
-    return list(dict.fromkeys(found))
-
-
-def required_crds(spec: dict[str, Any]) -> list[str]:
-    """The CRDs a layer of this kind relies on (names as the cluster lists them)."""
-    kind = spec.get("kind")
-    if kind == "kserve":
-        crds = ["inferenceservices.serving.kserve.io", "certificates.cert-manager.io"]
-        if spec.get("predictor") == "runtime":
-            crds.append("servingruntimes.serving.kserve.io")
-        if spec.get("mode") == "Knative":
-            crds.append("services.serving.knative.dev")
-        else:
-            crds += ["gateways.gateway.networking.k8s.io", "httproutes.gateway.networking.k8s.io"]
-        return crds
-    if kind == "llm-d":
-        crds = ["llminferenceservices.serving.kserve.io", "gateways.gateway.networking.k8s.io",
-                "httproutes.gateway.networking.k8s.io"]  # fmt: skip
-        if spec.get("scheduler", True):
-            crds.append("inferencepools.inference.networking.k8s.io")
-        return crds
-    return []
-
-
-def _crd_label(name: str) -> str:
-    from ..platforms.kubernetes import PREREQUISITE_CRDS
-
-    return PREREQUISITE_CRDS.get(name, name)
+def requires(run: RunData, layer: str) -> dict[str, Any]:
+    """What the preflight recorded that the layer relies on: CRDs, control-plane namespaces, controllers."""
+    for record in reversed(run.preflight):
+        for row in record.get("layers") or []:
+            if row.get("layer") == layer:
+                return row.get("requires") or {}
+    return {}
 
 
 def _control(run: RunData, layer: str, kind: str) -> Cell:
@@ -445,8 +399,8 @@ def _control(run: RunData, layer: str, kind: str) -> Cell:
     checks = _cluster_checks(run)
     if checks is None:
         return Cell("not-run", "no cluster inventory in this run's preflight (00_preflight)", evidence="#preflight")
-    spec = _layer_spec(run, layer)
-    namespaces = control_plane_namespaces(spec, checks)
+    needs = requires(run, layer)
+    namespaces = needs.get("control_plane_namespaces") or []
     plane = checks.get("control_plane", {})
     created = created_by_platform(run, layer)
     if not namespaces:
@@ -465,7 +419,7 @@ def _control(run: RunData, layer: str, kind: str) -> Cell:
     if absent:
         text += f"; no pods found in {', '.join(absent)}"
     crds = checks.get("crds", {})
-    relied = [f"{_crd_label(n)} ({', '.join(crds[n])})" for n in required_crds(spec) if n in crds]
+    relied = [f"{label} ({', '.join(crds[n])})" for n, label in (needs.get("crds") or {}).items() if n in crds]
     if relied:
         text += f"; CRDs it relies on: {', '.join(relied)}"
     return Cell("observed", text, trials=1, evidence="#preflight")
@@ -489,26 +443,20 @@ def _prereqs(run: RunData, layer: str, kind: str) -> Cell:
             "no cluster components needed on this platform",
             trials=1, evidence="#preflight",
         )  # fmt: skip
-    spec = _layer_spec(run, layer)
+    needs = requires(run, layer)
     found = [f"Kubernetes {checks.get('kubernetes_version')}"]
     gpus = checks.get("gpus", {})
     need = run.params.get("platform", {}).get("gpus", 1)
     if need:
         found.append(f"{gpus.get('total', 0)} × {gpus.get('resource', 'GPU')} on {len(gpus.get('by_node', {}))} nodes")
-    if kind == "kserve":
-        found += [f"{c['name']} {c.get('version') or '?'} ({c.get('ready', 0)} ready)"
-                  for c in _controllers(checks, "kserve-controller-manager")]  # fmt: skip
-        if checks.get("kserve_default_deployment_mode"):
-            found.append(f"default deployment mode {checks['kserve_default_deployment_mode']}")
-    if kind == "llm-d":
-        found += [f"{c['name']} {c.get('version') or '?'} ({c.get('ready', 0)} ready)"
-                  for c in _controllers(checks, "llmisvc-controller-manager")]  # fmt: skip
+    found += [f"{c['name']} {c.get('version') or '?'} ({c.get('ready', 0)} ready)" for c in needs.get("controllers") or []]
+    found += [f"{fact} {value}" for fact, value in (needs.get("facts") or {}).items()]
     crds = checks.get("crds", {})
-    wanted = required_crds(spec)
-    found += [f"{_crd_label(n)} CRD ({', '.join(crds[n])})" for n in wanted if n in crds]
-    if kind != "raw-vllm" and checks.get("gateway_classes"):
+    wanted = needs.get("crds") or {}
+    found += [f"{label} CRD ({', '.join(crds[n])})" for n, label in wanted.items() if n in crds]
+    if needs.get("has_gateway") and checks.get("gateway_classes"):
         found.append(f"gateway class {', '.join(checks['gateway_classes'])}")
-    missing = [_crd_label(n) for n in wanted if n not in crds]
+    missing = [label for n, label in wanted.items() if n not in crds]
     text = "found " + ", ".join(found)
     text += f"; missing: {', '.join(missing)}" if missing else "; nothing it needs is missing"
     return Cell("observed", text, trials=1, evidence="#preflight")
@@ -628,14 +576,15 @@ def _gateway(run: RunData, layer: str, kind: str) -> Cell:
     return Cell("measured", text, trials=t["pairs"], evidence="#lifecycle")
 
 
+def load_point_costs(run: RunData) -> list[dict[str, Any]]:
+    """Cost per 1,000 requests at every latency stage, from the run's prices, replicas and throughput."""
+    return cost.load_point_costs(run.params, run.deployments, run.latency_stages)
+
+
 def best_cost_point(run: RunData, layer: str) -> tuple[dict[str, Any], bool] | None:
     """The layer's cheapest load point per 1,000 requests, among those meeting the p95 objectives when
     any does; with whether it meets them. None without a price or a priced stage."""
-    try:
-        rows = [r for r in cost.load_point_costs(run.resolved_study(), run.run_dir)
-                if r["layer"] == layer and r["cost_per_1k_requests"] is not None]  # fmt: skip
-    except ServinglabError:
-        return None
+    rows = [r for r in load_point_costs(run) if r["layer"] == layer and r["cost_per_1k_requests"] is not None]
     if not rows:
         return None
     stages = {s["stage"]: s for s in run.latency_stages if s["layer"] == layer}
@@ -647,19 +596,11 @@ def best_cost_point(run: RunData, layer: str) -> tuple[dict[str, Any], bool] | N
 
 def replica_price(run: RunData) -> tuple[float, str] | None:
     """What one replica costs an hour under the study's prices, and the currency (None: no price applies)."""
-    try:
-        study = run.resolved_study()
-    except ServinglabError:
-        return None
-    price = study.costs.replica_price_per_hour(cost.gpus_per_replica(study))
-    return None if price is None else (price, study.costs.currency)
+    return cost.replica_price(run.params)
 
 
 def idle_cost(run: RunData, layer: str) -> dict[str, Any] | None:
-    try:
-        return next(r for r in cost.idle_costs(run.resolved_study()) if r["layer"] == layer)
-    except (ServinglabError, StopIteration):
-        return None
+    return next((r for r in cost.idle_costs(run.params, run.deployments) if r["layer"] == layer), None)
 
 
 def _money(value: float, currency: str) -> str:
@@ -696,57 +637,21 @@ def _cost(run: RunData, layer: str, kind: str) -> Cell:
 
 
 ROWS: list[Row] = [
-    Row("what_you_write", "What you write", {
-        "raw-vllm": "You write the Deployment, Service, volume claim and probes yourself.",
-        "kserve": "You write one InferenceService; the controller makes the rest.",
-        "llm-d": "You write one LLMInferenceService; the controller makes workloads and routing.",
-    }, _what_you_write),
-    Row("model_lifecycle", "Model lifecycle", {
-        "raw-vllm": "Manual: change image or arguments and restart.",
-        "kserve": "Declarative; the controller tracks revisions.",
-        "llm-d": "Declarative, through the LLMInferenceService spec.",
-    }, _lifecycle),
-    Row("rollout_canary", "Rollout / canary", {
-        "raw-vllm": "Build it yourself: Recreate strategy, no traffic split.",
-        "kserve": "canaryTrafficPercent splits traffic between revisions.",
-        "llm-d": "No claim on the source page.",
-    }, _rollout),
-    Row("scale_to_zero", "Scale-to-zero", {
-        "raw-vllm": "By hand: replicas to 0 (and a GitOps exception for it).",
-        "kserve": "Built in: minReplicas 0.",
-        "llm-d": "No claim on the source page.",
-    }, _scale_to_zero),
-    Row("ingress_url", "Ingress / URL", {
-        "raw-vllm": "A Service; you wire the gateway route.",
-        "kserve": "An HTTPRoute and a stable URL per InferenceService, made for you.",
-        "llm-d": "Routed by the inference gateway's KV-aware scheduler.",
-    }, _ingress),
-    Row("multi_model", "Multi-model contract", {
-        "raw-vllm": "None: each model is its own set of manifests.",
-        "kserve": "One resource shape for every model (governance).",
-        "llm-d": "One resource shape for every model.",
-    }, _multi_model),
-    Row("control", "Control / blast radius", {
-        "raw-vllm": "Total control, fewest moving parts.",
-        "kserve": "A controller, cert-manager and KServe's opinionated defaults.",
-        "llm-d": "KServe's controller plus the inference gateway and scheduler.",
-    }, _control),
-    Row("prereqs", "Prereqs", {
-        "raw-vllm": "Nothing beyond the cluster.",
-        "kserve": "cert-manager, the KServe controller, a network controller.",
-        "llm-d": "KServe's LLMInferenceService controller and the Gateway API inference extension.",
-    }, _prereqs),
-    Row("confirmed", "Confirmed behavior", {
-        "raw-vllm": "Serves /v1/models and chat (200) with a vLLM system_fingerprint.",
-        "kserve": "Ready; /v1/models and chat (200) answer as on raw vLLM.",
-        "llm-d": "No claim on the source page.",
-    }, _smoke),
-    Row("ttft", "TTFT p50 / p95", {}, _percentiles("ttft")),
-    Row("tpot", "TPOT p50 / p95", {}, _percentiles("tpot")),
-    Row("e2e", "E2E p50 / p95", {}, _percentiles("e2el")),
-    Row("goodput", "Highest load within the SLOs", {}, _goodput),
-    Row("gateway", "Gateway overhead", {}, _gateway),
-    Row("cost", "Cost", {}, _cost),
+    Row("what_you_write", "What you write", _what_you_write),
+    Row("model_lifecycle", "Model lifecycle", _lifecycle),
+    Row("rollout_canary", "Rollout / canary", _rollout),
+    Row("scale_to_zero", "Scale-to-zero", _scale_to_zero),
+    Row("ingress_url", "Ingress / URL", _ingress),
+    Row("multi_model", "Multi-model contract", _multi_model),
+    Row("control", "Control / blast radius", _control),
+    Row("prereqs", "Prereqs", _prereqs),
+    Row("confirmed", "Confirmed behavior", _smoke),
+    Row("ttft", "TTFT p50 / p95", _percentiles("ttft")),
+    Row("tpot", "TPOT p50 / p95", _percentiles("tpot")),
+    Row("e2e", "E2E p50 / p95", _percentiles("e2el")),
+    Row("goodput", "Highest load within the SLOs", _goodput),
+    Row("gateway", "Gateway overhead", _gateway),
+    Row("cost", "Cost", _cost),
 ]
 PERFORMANCE_ROWS = ("ttft", "tpot", "e2e", "goodput", "gateway", "cost")
 
@@ -755,17 +660,24 @@ PERFORMANCE_ROWS = ("ttft", "tpot", "e2e", "goodput", "gateway", "cost")
 class Table:
     layers: list[tuple[str, str]]  # (layer name, kind), grouped by kind in the source page's order
     rows: list[tuple[Row, list[Cell]]]
+    claims: dict[str, dict[str, str]] = field(default_factory=dict)  # by kind: the source page's claim per row
+    columns: dict[str, str] = field(default_factory=dict)  # by kind: the source page's column it stands under
 
     @property
     def groups(self) -> list[tuple[str, int]]:
-        """(kind, number of layers) for each source column the study has, in order."""
+        """(the source page's column, number of layers under it) for each column the study has, in order."""
         out: list[tuple[str, int]] = []
         for _, kind in self.layers:
-            if out and out[-1][0] == kind:
-                out[-1] = (kind, out[-1][1] + 1)
+            column = self.columns.get(kind, kind)
+            if out and out[-1][0] == column:
+                out[-1] = (column, out[-1][1] + 1)
             else:
-                out.append((kind, 1))
+                out.append((column, 1))
         return out
+
+    def claim(self, row_key: str, kind: str) -> str | None:
+        """The source page's claim for a row about a layer of this kind, as the run recorded it."""
+        return self.claims.get(kind, {}).get(row_key)
 
     def cells(self) -> dict[str, dict[str, Cell]]:
         """{row key: {layer: cell}}."""
@@ -775,10 +687,13 @@ class Table:
 
 def decision_table(run: RunData) -> Table:
     """Every row of ROWS measured (or explained) for every layer of the run's study."""
+    order = list(run.context.get("layer_kinds") or {})  # the kinds in the source page's order, as recorded
     layers = [(name, spec["kind"]) for name, spec in run.layers.items()]
-    layers.sort(key=lambda nk: KIND_ORDER.index(nk[1]) if nk[1] in KIND_ORDER else len(KIND_ORDER))  # stable
+    layers.sort(key=lambda nk: order.index(nk[1]) if nk[1] in order else len(order))  # stable
     rows = [(row, [row.measure(run, name, kind) for name, kind in layers]) for row in ROWS]
-    return Table(layers, rows)
+    claims = {kind: dict(run.kind(kind).get("claims") or {}) for _, kind in layers}
+    columns = {kind: run.kind(kind).get("column", kind) for _, kind in layers}
+    return Table(layers, rows, claims, columns)
 
 
 def table_frame(table: Table):
