@@ -44,7 +44,7 @@ from typing import Any, Protocol
 
 from kubernetes.client.exceptions import ApiException
 
-from servinglab.platforms.kube import Kube, object_path
+from servinglab.platforms.kube import Kube, WatchEvent, object_path
 
 TOP_KINDS = [
     ("apps/v1", "Deployment"),
@@ -873,9 +873,30 @@ class Controller:
         if self.network is not None:
             self.network.pod_gone(name)
 
+    def _release_held(self) -> None:
+        """Resync, as a real controller does: an owner held for its dependents whose MODIFIED event fell
+        between two watches (each watch reopens without a resourceVersion) is collected all the same."""
+        for api_version, kind in TOP_KINDS:
+            try:
+                found = self.kube.list(api_version, kind, self.namespace, {"app.kubernetes.io/managed-by": "servinglab"})
+            except ApiException:
+                continue
+            for obj in found:
+                meta = obj["metadata"]
+                if meta.get("deletionTimestamp") and "foregroundDeletion" in (meta.get("finalizers") or []):
+                    obj.setdefault("kind", kind)
+                    obj.setdefault("apiVersion", api_version)
+                    self.events.put(WatchEvent("MODIFIED", kind, obj, time.time()))
+
     def _run(self) -> None:
-        last_tick = 0.0
+        last_tick = last_resync = 0.0
         while not self.stop.is_set():
+            if time.monotonic() - last_resync >= 1.0:
+                last_resync = time.monotonic()
+                try:
+                    self._release_held()
+                except Exception:  # noqa: BLE001
+                    self.errors.append(traceback.format_exc())
             if time.monotonic() - last_tick >= min(0.05, self.idle_s / 4):
                 last_tick = time.monotonic()
                 try:
@@ -902,8 +923,12 @@ class Controller:
         meta = top["metadata"]
         if event.type == "MODIFIED" and meta.get("deletionTimestamp") and "foregroundDeletion" in (meta.get("finalizers") or []):
             self._collect_garbage(top)  # then release the owner, as the garbage collector does
-            self.kube.json("PATCH", object_path(top["apiVersion"], top["kind"], self.namespace, meta["name"]),
-                           body={"metadata": {"finalizers": []}}, content_type="application/merge-patch+json")  # fmt: skip
+            try:
+                self.kube.json("PATCH", object_path(top["apiVersion"], top["kind"], self.namespace, meta["name"]),
+                               body={"metadata": {"finalizers": []}}, content_type="application/merge-patch+json")  # fmt: skip
+            except ApiException as exc:
+                if exc.status != 404:  # gone already: released by an earlier event of the same deletion
+                    raise
             return
         if event.type == "DELETED":
             self._collect_garbage(top)

@@ -30,7 +30,8 @@ from servinglab.experiments.clusterload import (
     build_job_plan,
     in_cluster_target,
     render_load_job,
-    run_in_cluster_stage,
+    client_description,
+    run_in_cluster,
 )
 from servinglab.measure.server_metrics import ServerWindow
 from servinglab.measure.stage import SliceResult, StagePlan, merge_slices, slice_stage, split_concurrency
@@ -324,9 +325,6 @@ def leftovers(kube: Kube) -> list[str]:
     return found + [f"Pod/{o['metadata']['name']}" for o in kube.list("v1", "Pod", NS)]
 
 
-PLAN = {"stage": "c=4", "mode": "closed", "max_concurrency": 4, "request_rate": None, "num_prompts": 20}
-
-
 def watched(endpoint: StreamingEndpoint) -> ServerWindow:
     """The server's side of a stage, from this machine, as the sweep watches it."""
     return ServerWindow([MetricsTarget("raw", endpoint.url)], Endpoint("raw", f"{endpoint.url}/v1", "m"))
@@ -336,10 +334,11 @@ def test_a_stage_as_an_indexed_job(cluster, endpoint, tmp_path):
     s = job_study()
     platform = KubernetesPlatform(s)
     stage = StageSpec(max_concurrency=4, seed=42)
+    window = watched(endpoint)
     with JobController(cluster.kube, NS, cluster.emulator, endpoint.url) as jobs:
         started = time.monotonic()
-        stage_row = run_in_cluster_stage(s, platform, "raw", PLAN, tmp_path, StagePlan.make("c=4", specs(20), specs(2, "warm"), stage),
-                                         watched(endpoint))  # fmt: skip
+        merged = run_in_cluster(s, platform, "raw", tmp_path, StagePlan.make("c=4", specs(20), specs(2, "warm"), stage),
+                                window)  # fmt: skip
         took = time.monotonic() - started
         assert leftovers(cluster.kube) == []  # Job, ConfigMap and pods deleted
     assert not jobs.errors and jobs.jobs == ["qwen-cluster-raw-load"] and jobs.deleted == ["qwen-cluster-raw-load"]
@@ -349,22 +348,21 @@ def test_a_stage_as_an_indexed_job(cluster, endpoint, tmp_path):
     assert sorted(r["index"] for r in measured) == list(range(20)) and all(r["ok"] for r in measured)
     assert sorted(r["index"] for r in rows if r["warmup"]) == [0, 1]
     assert {r["client_pod"] for r in measured} == {0, 1, 2}
-    assert all(r["layer"] == "raw" and r["stage"] == "c=4" for r in rows)
+    assert all(r["layer"] == "raw" and r["stage"] == "c=4" and r["repeat"] == 0 for r in rows)
     by_pod = {i: sorted(r["index"] for r in measured if r["client_pod"] == i) for i in range(3)}
     assert by_pod == {i: jobs.plans[0]["slices"][i]["requests"] for i in range(3)}
-    assert records.read(tmp_path, records.LATENCY_STAGES).rows == [stage_row]
-    assert stage_row["client"] == "in-cluster Job qwen-cluster-raw-load, 3 pods"
-    assert stage_row["stage"] == "c=4" and stage_row["seed"] == 42 and stage_row["server_alive_after"] is True
-    summary = stage_row["summary"]
+    assert window.fields["server_alive_after"] is True and window.periods == 1
+    summary = merged.summary
     assert summary["completed"] == 20 and summary["failed"] == 0
     union = summarize(rows, summary["duration"])  # the records as written, all pods together
     for key in [k for k in union if any(f"_{m}_ms" in k for m in ("ttft", "tpot", "itl", "e2el"))]:
         assert summary[key] == union[key], key
-    assert [p["slice"] for p in stage_row["client_pods"]] == [0, 1, 2]
-    assert [p["completed"] for p in stage_row["client_pods"]] == [len(jobs.plans[0]["slices"][i]["requests"]) for i in range(3)]
-    assert all(p["late_s"] < 1.0 for p in stage_row["client_pods"])
+    assert [p["slice"] for p in merged.clients] == [0, 1, 2]
+    assert [p["completed"] for p in merged.clients] == [len(jobs.plans[0]["slices"][i]["requests"]) for i in range(3)]
+    assert all(p["late_s"] < 1.0 for p in merged.clients)
     assert not [w for w in summary["warnings"] if "slice" in w]
     assert jobs.plans[0]["target"]["base_url"] == "http://qwen-cluster-raw.servinglab.svc.cluster.local:8000/v1"
+    assert client_description(s, "raw") == "in-cluster Job qwen-cluster-raw-load, 3 pods"
 
 
 def test_a_failed_pod_fails_the_job_keeps_the_others_records_and_deletes_the_job(cluster, endpoint, tmp_path):
@@ -372,8 +370,8 @@ def test_a_failed_pod_fails_the_job_keeps_the_others_records_and_deletes_the_job
     platform = KubernetesPlatform(s)
     with JobController(cluster.kube, NS, cluster.emulator, endpoint.url, scenario="pod_fails", fail_index=1) as jobs:
         with pytest.raises(LoadJobError) as caught:
-            run_in_cluster_stage(s, platform, "raw", PLAN, tmp_path, StagePlan.make("c=4", specs(20), [], StageSpec(max_concurrency=4, seed=1)),
-                                 ServerWindow([]))
+            run_in_cluster(s, platform, "raw", tmp_path, StagePlan.make("c=4", specs(20), [], StageSpec(max_concurrency=4, seed=1)),
+                           ServerWindow([]))
         assert leftovers(cluster.kube) == []
     message = str(caught.value)
     assert "layers.raw: stage c=4: in-cluster load Job qwen-cluster-raw-load: the Job failed (BackoffLimitExceeded" in message
@@ -384,7 +382,7 @@ def test_a_failed_pod_fails_the_job_keeps_the_others_records_and_deletes_the_job
     kept = {i: sorted(r["index"] for r in rows if r["client_pod"] == i) for i in range(3)}
     assert kept[0] == plan["slices"][0]["requests"] and kept[2] == plan["slices"][2]["requests"]
     assert len(kept[1]) == 2  # what the failed pod printed before it died
-    assert records.read(tmp_path, records.LATENCY_STAGES).rows == []
+    assert records.read(tmp_path, records.LATENCY_STAGES).rows == []  # the sweep writes a stage that ended
 
 
 def test_an_image_that_cannot_be_pulled_fails_promptly(cluster, endpoint, tmp_path):
@@ -393,8 +391,8 @@ def test_an_image_that_cannot_be_pulled_fails_promptly(cluster, endpoint, tmp_pa
     with JobController(cluster.kube, NS, cluster.emulator, endpoint.url, scenario="image_pull"):
         started = time.monotonic()
         with pytest.raises(LoadJobError, match=rf"container loadgen: ImagePullBackOff: Back-off pulling image \"{IMAGE}\""):
-            run_in_cluster_stage(s, platform, "raw", PLAN, tmp_path, StagePlan.make("c=4", specs(4), [], StageSpec(max_concurrency=4)),
-                                 ServerWindow([]))
+            run_in_cluster(s, platform, "raw", tmp_path, StagePlan.make("c=4", specs(4), [], StageSpec(max_concurrency=4)),
+                           ServerWindow([]))
         assert time.monotonic() - started < 10  # not the start delay, not the deadline
         assert leftovers(cluster.kube) == []
 
@@ -420,16 +418,20 @@ def test_the_sweep_records_where_each_stage_ran(cluster, endpoint, tmp_path, mon
     monkeypatch.setattr(latency, "ServerTokenizer", WordTokenizer)
     s = job_study(f"workloads.latency.client={client}", "workloads.latency.concurrency=[2]",
                   "workloads.latency.min_prompts=6", "workloads.latency.input_len=5", "workloads.latency.output_len=3",
-                  "workloads.latency.rate_sweep.rates=[4]", "workloads.latency.rate_sweep.num_prompts=5")  # fmt: skip
+                  "workloads.latency.rate_sweep.rates=[4]", "workloads.latency.rate_sweep.num_prompts=5",
+                  "workloads.latency.repeats=2")  # fmt: skip
     platform = KubernetesPlatform(s)
     (tmp_path / "data").mkdir()  # as in a run directory
     with JobController(cluster.kube, NS, cluster.emulator, endpoint.url) as jobs:
         stages = latency.run_layer_sweep(s, platform, Endpoint("raw", f"{endpoint.url}/v1", "m"), tmp_path)
     assert [st["stage"] for st in stages] == ["c=2", "rate=4"]
-    assert all(st["summary"]["completed"] == st["num_prompts"] for st in stages)
+    assert all(st["repeats"] == 2 and st["summary"]["completed"] == 2 * st["num_prompts"] for st in stages)
+    assert [len(st["repeat_summaries"]) for st in stages] == [2, 2]
+    repeats = {(r["stage"], r["repeat"]) for r in records.read(tmp_path, records.LATENCY_REQUESTS).rows}
+    assert repeats == {("c=2", 0), ("c=2", 1), ("rate=4", 0), ("rate=4", 1)}
     if client == "in-cluster":
         assert [st["client"] for st in stages] == ["in-cluster Job qwen-cluster-raw-load, 3 pods"] * 2
-        assert len(jobs.plans) == 2 and jobs.plans[1]["plan"]["request_rate"] == 4
+        assert len(jobs.plans) == 4 and jobs.plans[2]["plan"]["request_rate"] == 4
         # The Job sent the prompts the single client would have sent, seeded per stage.
         single = [r for r in records.read(tmp_path, records.LATENCY_REQUESTS).rows if r["stage"] == "c=2"]
         assert {r["client_pod"] for r in single} == {0, 1}  # concurrency 2 over 3 pods: the third sends nothing
@@ -467,6 +469,6 @@ def test_a_refused_job_is_named_and_its_plan_deleted(cluster, tmp_path, monkeypa
     monkeypatch.setattr(Kube, "apply", forbid_jobs)
     s = job_study()
     with pytest.raises(LoadJobError, match=r"layers.raw: stage c=4: the cluster refused Job/qwen-cluster-raw-load: Forbidden"):
-        run_in_cluster_stage(s, KubernetesPlatform(s), "raw", PLAN, tmp_path, StagePlan.make("c=4", specs(4), [], StageSpec(max_concurrency=4)),
-                                 ServerWindow([]))
+        run_in_cluster(s, KubernetesPlatform(s), "raw", tmp_path, StagePlan.make("c=4", specs(4), [], StageSpec(max_concurrency=4)),
+                           ServerWindow([]))
     assert leftovers(cluster.kube) == []  # the plan went too

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from servinglab.measure.loadgen import TokenClock
-from servinglab.measure.client_metrics import good_request, summarize
+from servinglab.measure.client_metrics import good_request, summarize, validity
 from servinglab.measure.schedule import arrival_offsets_s
 
 MS = 1_000_000
@@ -95,20 +95,22 @@ def test_goodput_needs_every_objective():
     assert not good_request(r | {"ok": False}, {})
 
 
-def test_client_health_warns_when_the_loop_lags():
+def test_client_health_judges_the_loop_lag():
     s = summarize([record(10, [10, 20], 2)], 1.0, loop_lag_ms=[0.1] * 99 + [50.0] * 2)
-    assert s["p99_loop_lag_ms"] > 5 and any("client was the bottleneck" in w for w in s["warnings"])
+    assert s["p99_loop_lag_ms"] > 5 and validity(s)["verdict"] == "client-limited"
+    assert "latencies include the client's own delay" in validity(s)["reasons"][0]["text"]
+    assert s["warnings"] == []  # the verdict says it, once
     quiet = summarize([record(10, [10, 20], 2)], 1.0, loop_lag_ms=[0.1] * 100)
-    assert quiet["warnings"] == []
+    assert "client-limited" not in [r["verdict"] for r in validity(quiet)["reasons"]]
 
 
 def test_streams_delivered_in_one_burst_are_counted_and_flagged():
     streamed = [record(10, [10 + i for i in range(0, 100, 10)], 10) for _ in range(9)]
     burst = record(99, [99.0, 99.1, 99.2, 100.0], 4)  # first token after half the request's time
     s = summarize(streamed + [burst], 1.0)
-    assert s["burst_deliveries"] == 1 and any("one burst" in w for w in s["warnings"])
+    assert s["burst_deliveries"] == 1 and validity(s)["verdict"] == "server-burst"
     clean = summarize(streamed, 1.0)
-    assert clean["burst_deliveries"] == 0 and clean["warnings"] == []
+    assert clean["burst_deliveries"] == 0 and "server-burst" not in [r["verdict"] for r in validity(clean)["reasons"]]
     short = summarize([record(50, [50, 60], 2)], 1.0)  # two tokens: too short to call it a burst
     assert short["burst_deliveries"] == 0
 

@@ -142,6 +142,36 @@ def test_a_version_1_run_is_migrated_as_it_is_read(tmp_path):
     assert json.loads((tmp_path / "run.json").read_text())["schema_version"] == 1  # read, never rewritten
 
 
+def test_a_version_2_run_gets_provenance_and_verdicts_from_its_numbers(tmp_path):
+    """Stages recorded before verdicts: the verdict from p99_loop_lag_ms and burst_deliveries, never from the
+    warnings' words (which go, since the verdict says them); the server's interpolated percentiles set apart."""
+    context = {"schema_version": 2, "run_id": "r", "study": "s", "started_at": "x", "params": {"layers": {}}}
+    (tmp_path / "run.json").write_text(json.dumps(context))
+    (tmp_path / "data").mkdir()
+    lag = "the client was the bottleneck: its event loop woke 243.0 ms late at p99 (over 5 ms), so latencies ..."
+    burst = "42 of 60 streams reached the client in one burst at the end (first token after half the request's time)"
+    base = {"layer": "raw", "mode": "closed", "max_concurrency": 1}
+    stages = [
+        base | {"stage": "c=1", "source": "servinglab", "server": {"mean_queue_ms": 0.02, "p50_queue_ms": 150.0},
+                "summary": {"completed": 60, "p99_loop_lag_ms": 243.0, "burst_deliveries": 42,
+                            "warnings": [lag, burst, "3 requests failed"]}},
+        base | {"stage": "c=2", "source": "servinglab", "summary": {"completed": 60, "p99_loop_lag_ms": 1.2,
+                                                                    "burst_deliveries": 42, "warnings": []}},
+        base | {"stage": "c=4", "source": "servinglab", "summary": {"completed": 60, "p99_loop_lag_ms": 1.2,
+                                                                    "burst_deliveries": 0, "warnings": [lag]}},
+        base | {"stage": "c=8", "source": "vllm bench serve", "summary": {"completed": 80}},
+    ]  # fmt: skip
+    (tmp_path / "data" / "latency_stages.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stages))
+    (tmp_path / "data" / "smoke.jsonl").write_text(json.dumps(smoke(0)) + "\n")
+    read = records.read(tmp_path, records.LATENCY_STAGES).rows
+    assert [s["validity"]["verdict"] for s in read] == ["client-limited", "server-burst", "valid", "unchecked"]
+    assert [s["provenance"] for s in read] == ["measured", "measured", "measured", "imported"]
+    assert read[0]["summary"]["warnings"] == ["3 requests failed"] and read[2]["summary"]["warnings"] == []
+    assert read[0]["server"] == {"mean_queue_ms": 0.02, "p50_queue_ms_interpolated": 150.0}
+    assert records.read(tmp_path, records.SMOKE).rows[0]["provenance"] == "measured"
+    assert records.read_context(tmp_path)["schema_version"] == records.SCHEMA_VERSION
+
+
 def test_manifests_are_recorded_with_what_was_assumed(tmp_path):
     objects = [{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "a"}, "spec": {"ports": [{"port": 80}]}}]
     path = records.write_manifest(tmp_path, "raw", objects, "rendered as on a cluster")

@@ -23,6 +23,14 @@ def _study_args(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of client processes (at least 1), or auto")
+    return int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="servinglab",
@@ -81,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--goodput", nargs="*", default=[], metavar="KEY:MS", help="per-request objectives, e.g. ttft:200 tpot:20 e2el:2000")
     bench.add_argument("--api-key-env", help="variable holding the API key (default OPENAI_API_KEY)")
     bench.add_argument("--api-key-file", help="file holding the API key")
+    bench.add_argument("--workers", default="auto", type=_workers,
+                       help="client processes (default auto: one per 8 concurrent streams, within this machine's cores)")
     bench.add_argument("--out", required=True, help="result JSON (vllm bench serve --save-result key names)")
     bench.add_argument("--records", help="per-request records, appended as JSONL as each request ends")
 
@@ -241,11 +251,12 @@ def _bench(args) -> int:
         max_concurrency=args.max_concurrency, ignore_eos=args.ignore_eos, num_warmups=args.num_warmups,
         range_ratio=args.range_ratio, api_key=read_api_key(args.api_key_env, args.api_key_file),
         slos=slos or None, records_path=Path(args.records) if args.records else None,
-        prompts_file=args.prompts_file, duration_s=args.duration_s,
+        prompts_file=args.prompts_file, duration_s=args.duration_s, workers=args.workers, say=print,
     )  # fmt: skip
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"completed {result['completed']}, failed {result['failed']} in {result['duration']:.2f} s; "
-          f"TTFT median {result['median_ttft_ms']} ms, TPOT median {result['median_tpot_ms']} ms")  # fmt: skip
+          f"TTFT median {result['median_ttft_ms']} ms, TPOT median {result['median_tpot_ms']} ms; "
+          f"{result['validity']['verdict']}")  # fmt: skip
     for warning in result["warnings"]:
         print(f"warning: {warning}")
     print(args.out)

@@ -86,6 +86,11 @@ class LocalPlatform(StrictModel):
     env: dict[str, str] = Field(
         default_factory=dict, description="extra environment for the engine; recorded in run.json, so no secrets"
     )
+    cpu_placement: Literal["auto", "none"] = Field(
+        "auto",
+        description="auto: with vLLM's CPU build, the engine on every core but the first, the API server and the "
+        "measuring client on the first (servinglab.platforms.placement says why); none: the kernel decides",
+    )
 
 
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$"
@@ -335,6 +340,18 @@ class LatencyWorkload(StrictModel):
     rate_sweep: RateSweep = Field(default_factory=RateSweep)
     on_server_death: Literal["stop", "continue"] = Field(
         "stop", description="a stage whose server died ends the sweep (stop) or the next stage is tried"
+    )
+    repeats: int = Field(
+        3, ge=1, le=100, description="times each stage is measured; its intervals resample the repeats, then the "
+        "requests within each (one repeat: the intervals cover request-to-request variation only)"
+    )
+    workers: int | Literal["auto"] = Field(
+        "auto", description="client processes per stage on this machine; auto: one per 8 concurrent streams, "
+        "within the cores the engine leaves"
+    )
+    past_validity: bool = Field(
+        False, description="go on to higher load after a stage that was not valid (client-limited, server-burst, "
+        "too few samples); by default the sweep stops there, since higher load would only be less valid"
     )
     client: Literal["local", "in-cluster"] = Field(
         "local", description="where the load generator runs: this machine, or a Job in the cluster (in_cluster)"

@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 from . import records
+from .measure import intervals
 
 HOURS_PER_MONTH = 730  # 365 × 24 / 12, the usual cloud-billing month
 
@@ -59,10 +60,14 @@ def load_point_costs(params: dict[str, Any], deployments: list[dict[str, Any]],
         serving = replicas.get(layer, 1)  # an imported stage of a layer the run did not deploy: one replica
         throughput = stage["summary"].get("request_throughput") or 0.0
         per_1k = cost_per_1k_requests(price[0], serving, throughput)
+        # The throughput's recorded 95 % interval gives the cost's: the fastest end is the cheapest.
+        bounds = intervals.recorded(stage, "request_throughput")
+        ends = [cost_per_1k_requests(price[0], serving, t) for t in reversed(bounds or [])]
         rows.append({
             "layer": layer, "stage": stage["stage"], "request_throughput": throughput, "replicas": serving,
             "price_per_replica_hour": price[0], "currency": price[1],
             "cost_per_1k_requests": None if per_1k is None else round(per_1k, 6),
+            "cost_interval": [round(e, 6) for e in ends] if len(ends) == 2 and None not in ends else None,
         })  # fmt: skip
     return rows
 

@@ -26,6 +26,7 @@ import fcntl
 import json
 import os
 import queue
+import re
 import subprocess
 import threading
 import time
@@ -38,7 +39,8 @@ import yaml
 
 from .errors import RunDirError, ServinglabError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+PROVENANCES = ("measured", "imported", "synthetic")
 RUN_FILE = "run.json"
 DATA_DIR = "data"
 MANIFESTS_DIR = "manifests"
@@ -127,9 +129,13 @@ class Table:
 
 
 LAYER = f("layer", str, "the layer of the study")
+# Where a record's numbers come from: measured in this run, imported from another tool's file, or made by a
+# script (test fixtures). Written by append() and Writer when the writer says nothing else.
+PROVENANCE = opt("provenance", str, "measured (this run), imported (another tool's file) or synthetic (a script)")
 AT_UNIX = "unix s"
 
 PREFLIGHT = Table("preflight", "What the platform offered before anything was deployed (00_preflight).", (
+    PROVENANCE,
     f("at", str, "when it was recorded (ISO 8601, UTC)"),
     f("facts", dict, "the platform's facts: hardware, engine, packages, and on a cluster its inventory (cluster)"),
     f("layers", list, "one row per layer: layer, kind, hostable, reason, requires (crds, control-plane namespaces)"),
@@ -137,6 +143,7 @@ PREFLIGHT = Table("preflight", "What the platform offered before anything was de
 ))  # fmt: skip
 
 DEPLOYMENTS = Table("deployments", "One record per layer each time it was ensured (10_deploy, and later starts).", (
+    PROVENANCE,
     LAYER,
     f("kind", str, "the layer's kind"),
     f("platform", str, "local or kubernetes"),
@@ -157,12 +164,14 @@ DEPLOYMENTS = Table("deployments", "One record per layer each time it was ensure
     opt("processes", int, "processes the layer ran as when ready (local)"),
     opt("rss_mib", float, "their resident memory when ready (local)", "MiB"),
     opt("url", str, "the address the platform published (status.url)"),
+    opt("placement", dict, "the cores of the engine, its API server and the measuring client (local)"),
     opt("serving_replicas", int, "replicas that serve a load point, by the kind's cost rule"),
     opt("idle_replicas", int, "replicas kept when no request comes, by the kind's cost rule"),
     opt("recorded_at", str, "when the record was written (ISO 8601, UTC)"),
 ))  # fmt: skip
 
 SMOKE = Table("smoke", "The source page's confirmed behaviour, one record per check and layer (20_smoke).", (
+    PROVENANCE,
     LAYER,
     f("check", str, "models_lists_served_name, chat_completion_200, fingerprint_names_engine or api_key_enforced"),
     f("passed", bool, "whether the layer showed the expected behaviour"),
@@ -175,8 +184,10 @@ SMOKE = Table("smoke", "The source page's confirmed behaviour, one record per ch
 
 LATENCY_STAGES = Table("latency_stages", "One record per latency stage: what was planned, where the client ran, "
                        "what it measured and what the server saw (30_latency, servinglab import).", (
+    PROVENANCE,
     LAYER,
     f("stage", str, "c=<concurrency> (closed loop) or rate=<req/s> (open loop)"),
+    opt("stage_id", str, "this measurement of the stage, named by each of its request records"),
     f("mode", str, "closed or open"),
     f("source", str, "the tool that measured it: servinglab, or vllm bench serve (imported)"),
     opt("max_concurrency", int, "requests in flight at most"),
@@ -195,11 +206,22 @@ LATENCY_STAGES = Table("latency_stages", "One record per latency stage: what was
     opt("client_start_at_unix", float, "the in-cluster pods' common start", AT_UNIX),
     opt("source_file", str, "the imported result file"),
     opt("context", dict, "the imported result's own context"),
+    opt("repeats", int, "times the stage was measured"),
+    opt("validity", dict, "verdict (valid, client-limited, server-burst, too-few-samples), reasons with their numbers, "
+        "annotations (token packing, a p99 from few requests)"),
+    opt("uncertainty", dict, "95 % bootstrap intervals of the medians, p95s and throughput, with level, seed, resamples"),
+    opt("repeat_summaries", list, "each repeat's duration (s), completed, throughput (req/s), loop lag (ms), bursts"),
+    opt("client_workers", int, "client processes on this machine"),
+    opt("client_workers_rule", str, "why that many"),
+    opt("client_cpus", list, "the cores the client ran on"),
+    opt("stopped_sweep", bool, "the sweep stopped after this stage, which was not valid"),
 ))  # fmt: skip
 
 LATENCY_REQUESTS = Table("latency_requests", "One record per request of a latency stage, written as it ends.", (
+    PROVENANCE,
     LAYER,
     f("stage", str, "the stage it belongs to"),
+    opt("stage_id", str, "the measurement of the stage it belongs to (its stage record's stage_id)"),
     f("index", int, "its position in the stage's planned requests (warmups counted apart)"),
     opt("warmup", bool, "a warmup request, left out of every metric"),
     f("ok", bool, "it completed with at least one token"),
@@ -212,6 +234,7 @@ LATENCY_REQUESTS = Table("latency_requests", "One record per request of a latenc
     opt("ttft_ms", float, "time to the first token-bearing chunk", "ms"),
     opt("e2el_ms", float, "time to the last token-bearing chunk", "ms"),
     opt("token_ms", list, "arrival of every token-bearing chunk after the send", "ms"),
+    opt("chunk_tokens", list, "tokens each of those chunks carried (by usage; 1 each without continuous usage)"),
     opt("output_tokens", int, "the server's usage.completion_tokens"),
     opt("client_tokens", int, "token-bearing chunks counted by the client"),
     opt("prompt_tokens", int, "the server's usage.prompt_tokens"),
@@ -220,9 +243,12 @@ LATENCY_REQUESTS = Table("latency_requests", "One record per request of a latenc
     opt("chunks", int, "server-sent events with data"),
     opt("model", str, "the name the server answered as"),
     opt("client_pod", int, "the in-cluster load pod's slice that sent it"),
+    opt("client_worker", int, "the client process (on this machine) that sent it"),
+    opt("repeat", int, "which repeat of its stage"),
 ))  # fmt: skip
 
 LIFECYCLE = Table("lifecycle", "One record per lifecycle experiment trial, written when it ends (40_lifecycle).", (
+    PROVENANCE,
     LAYER,
     f("kind", str, "the layer's kind"),
     f("platform", str, "local or kubernetes"),
@@ -238,6 +264,7 @@ LIFECYCLE = Table("lifecycle", "One record per lifecycle experiment trial, writt
 ))  # fmt: skip
 
 LIFECYCLE_REQUESTS = Table("lifecycle_requests", "One record per request a lifecycle experiment sent, as it ends.", (
+    PROVENANCE,
     LAYER,
     f("experiment", str, "the experiment that sent it"),
     f("trial", int, "its trial"),
@@ -430,9 +457,10 @@ def _line(record: dict[str, Any]) -> str:
     return json.dumps(record, sort_keys=True, default=str) + "\n"
 
 
-def append(run_dir: str | os.PathLike, table: Table, rows: Iterable[dict[str, Any]]) -> int:
-    """Check and append records to a table, flushed and synced to disk; returns how many."""
-    lines = [_line(check(table, r)) for r in rows]
+def append(run_dir: str | os.PathLike, table: Table, rows: Iterable[dict[str, Any]], provenance: str = "measured") -> int:
+    """Check and append records to a table, flushed and synced to disk; returns how many. A record that does
+    not say where its numbers come from gets ``provenance``."""
+    lines = [_line(check(table, {"provenance": provenance} | r)) for r in rows]
     path = table_path(run_dir, table)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as handle:
@@ -473,7 +501,7 @@ class Writer:
         self.write(record)
 
     def write(self, record: dict[str, Any]) -> None:
-        record = check(self.table, self.extra | record)
+        record = check(self.table, {"provenance": "measured"} | self.extra | record)
         self.rows.append(record)
         if self._handle is not None:
             self._queue.put(record)
@@ -576,6 +604,8 @@ def read(run_dir: str | os.PathLike, table: Table, migrate_from: int | None = No
             if step is not None and isinstance(record, dict):
                 record = step(record, context)
         problems = table.problems(record, strict=False)
+        if not problems and record.get("provenance") not in (None, *PROVENANCES):
+            problems = [f"provenance: {record['provenance']!r} is not one of {', '.join(PROVENANCES)}"]
         if problems:
             out.damaged.append(DamagedLine(number, "; ".join(problems[:3]), line[:80].decode("utf-8", "replace")))
             continue
@@ -742,11 +772,52 @@ def _v1_lifecycle(record: dict[str, Any], context: dict[str, Any]) -> dict[str, 
     return record
 
 
-CONTEXT_MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_context}
+def _v2_context(data: dict[str, Any]) -> dict[str, Any]:
+    return data | {"schema_version": 3}
+
+
+def _v2_provenance(record: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 did not say where numbers came from: what servinglab measured, or a vllm bench serve import."""
+    if "provenance" in record:
+        return record
+    return record | {"provenance": "imported" if record.get("source") == "vllm bench serve" else "measured"}
+
+
+# The words version 2 gave a client-limited and a server-burst stage among its warnings.
+V2_VERDICT_WARNINGS = re.compile(r"^(the client was the bottleneck|\d+ of \d+ streams reached the client in one burst)")
+
+
+def _v2_stage(record: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 stages: the verdict from their numbers (never their warnings' words), and the server's
+    percentiles, which it read by interpolating inside coarse buckets, set apart as such."""
+    from .measure.client_metrics import validity
+
+    record = _v2_provenance(record, context)
+    if "validity" not in record and record["provenance"] == "imported":
+        record = record | {"validity": {"verdict": "unchecked", "reasons": [], "annotations": [
+            {"note": "imported", "text": "imported from vllm bench serve, which records no client health"}]}}
+    elif "validity" not in record and isinstance(record.get("summary"), dict):
+        record = record | {"validity": validity(record["summary"])}
+    summary = record.get("summary")
+    if isinstance(summary, dict) and isinstance(summary.get("warnings"), list):
+        # Version 2 also said client lag and held-back streams in words; the verdict says them now.
+        kept = [w for w in summary["warnings"] if not (isinstance(w, str) and V2_VERDICT_WARNINGS.match(w))]
+        record = record | {"summary": summary | {"warnings": kept}}
+    server = record.get("server")
+    if isinstance(server, dict):
+        moved = {(f"{k}_interpolated" if re.fullmatch(r"p\d+(\.\d+)?_\w+_ms", k) else k): v for k, v in server.items()}
+        record = record | {"server": moved}
+    return record
+
+
+CONTEXT_MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_context, 2: _v2_context}
 TABLE_MIGRATIONS: dict[tuple[int, str], Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]] = {
     (1, "preflight"): _v1_preflight,
     (1, "deployments"): _v1_deployments,
     (1, "lifecycle"): _v1_lifecycle,
+    (2, "latency_stages"): _v2_stage,
+    **{(2, name): _v2_provenance for name in ("preflight", "deployments", "smoke", "latency_requests", "lifecycle",
+                                              "lifecycle_requests")},
 }
 
 

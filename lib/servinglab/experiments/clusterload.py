@@ -41,8 +41,8 @@ from ..layers.common import RUN_ANNOTATION, cluster_settings, container_security
 from ..layers.validate import validate_objects
 from ..measure.loadgen import Target
 from ..measure.server_metrics import ServerWindow
-from ..measure.stage import (Slice, SliceResult, StagePlan, merge_slices, plan_from_dict, plan_to_dict, run_slice, slices_of,
-                             stage_record, target_from_dict, target_to_dict)  # fmt: skip
+from ..measure.stage import (MergedStage, Slice, SliceResult, StagePlan, merge_slices, plan_from_dict, plan_to_dict,
+                             run_slice, slices_of, target_from_dict, target_to_dict)  # fmt: skip
 from ..platforms.kube import WatchEvent, conditions
 from ..platforms.kubernetes import KubernetesPlatform
 
@@ -410,21 +410,21 @@ def in_cluster_target(study: Study, platform: KubernetesPlatform, layer: str) ->
                   verify_tls=verify)  # fmt: skip
 
 
-def run_in_cluster_stage(
+def run_in_cluster(
     study: Study,
     platform: KubernetesPlatform,
     layer: str,
-    planned: dict[str, Any],
     run_dir: str | os.PathLike,
     plan: StagePlan,
     window: ServerWindow,
-) -> dict[str, Any]:
-    """Run one latency stage as an indexed Job in the cluster and record it in the run directory.
+    repeat: int = 0,
+    stage_id: str | None = None,
+) -> MergedStage:
+    """Send one latency stage (one repeat of it) as an indexed Job in the cluster; its records go to the run.
 
-    The records of every pod go to ``data/latency_requests.jsonl`` (with ``client_pod``), the stage to
-    ``data/latency_stages.jsonl`` with its ``client`` ("in-cluster Job <name>, N pods"), each pod's
-    outcome under ``client_pods``, and the merge's warnings in its summary. The Job and its ConfigMap are
-    deleted at the end, also on failure and Ctrl-C.
+    The records of every pod go to ``data/latency_requests.jsonl`` as the Job ends (with ``client_pod`` and
+    ``repeat``); the merged stage, with each pod's outcome in ``clients``, is returned for the stage record.
+    The Job and its ConfigMap are deleted at the end, also on failure and Ctrl-C.
 
     Parameters
     ----------
@@ -434,19 +434,16 @@ def run_in_cluster_stage(
         The platform the layer runs on.
     layer : str
         The layer to load, reached at its in-cluster Service.
-    planned : dict
-        The stage as :func:`servinglab.experiments.latency.planned_stages` lists it.
     run_dir : path
         The run directory.
     plan : StagePlan
         The stage's requests, warmups and schedule, planned as for a local client.
     window : ServerWindow
-        The server's side of the stage, watched from this machine from just before the common start.
-
-    Returns
-    -------
-    dict
-        The stage record, as written.
+        The server's side of the stage, entered from just before the common start to the Job's end.
+    repeat : int
+        Which repeat of the stage this is.
+    stage_id : str, optional
+        The measurement of the stage its records belong to (the stage record's ``stage_id``).
 
     Raises
     ------
@@ -467,15 +464,16 @@ def run_in_cluster_stage(
     # The common start counts from the Job's creation, not from the validation before it.
     start_at = job_plan["start_at_unix_s"] = time.time() + client.start_delay_s
     objects = render_load_job(study, layer, job_plan, run_id)
-    description = f"in-cluster Job {name}, {client.pods} pods"
     collected: list[SliceResult] = []
     try:
         # The server is watched from just before the common start, not through the pods' start-up.
         with contextlib.ExitStack() as stack:
+            opened: list[bool] = []
 
             def open_window() -> None:
-                if "started_at_unix" not in window.fields:
+                if not opened:
                     stack.enter_context(window)
+                    opened.append(True)
 
             applied = time.time()
             for obj in objects:
@@ -490,7 +488,9 @@ def run_in_cluster_stage(
             collected = _collect(platform, name, job_plan)
         merged = merge_slices(collected, start_at, study.slos.goodput.limits() or None, plan.spec.request_rate,
                               what="pod", tag="client_pod")  # fmt: skip
-        extra = {"layer": layer, "stage": plan.name}
+        extra = {"layer": layer, "stage": plan.name, "repeat": repeat, "provenance": "measured"}
+        if stage_id is not None:
+            extra["stage_id"] = stage_id
         records.append(run_dir, records.LATENCY_REQUESTS, [extra | r for r in merged.records])
         if failure is not None:
             details = _failed_pods(platform, name, collected)
@@ -501,14 +501,11 @@ def run_in_cluster_stage(
             )
     finally:
         _delete(platform, name)
-    record = stage_record(planned, layer, plan.spec.seed, description, merged.interrupted, merged.summary, window)
-    record["client_start_at_unix"] = start_at
-    record["client_pods"] = [
-        {"slice": p.index, "pod": p.pod, "node": p.node, "planned": p.planned,
-         "records": sum(1 for r in p.records if not r.get("warmup")),
-         **{k: (p.outcome or {}).get(k) for k in ("sent", "completed", "failed", "late_s", "duration_s")},
-         "p99_schedule_lag_ms": ((p.outcome or {}).get("schedule_lag_ms") or {}).get("p99")}
-        for p in collected
-    ]  # fmt: skip
-    records.append(run_dir, records.LATENCY_STAGES, [record])
-    return record
+    for pod in merged.clients:
+        pod["client_start_at_unix"] = start_at
+    return merged
+
+
+def client_description(study: Study, layer: str) -> str:
+    """How a stage's record names an in-cluster client."""
+    return f"in-cluster Job {job_name(study, layer)}, {study.workloads.latency.in_cluster.pods} pods"

@@ -15,15 +15,17 @@ from __future__ import annotations
 import math
 import os
 import socket
-from typing import Any
+import uuid
+from typing import Any, Callable
 
 from .. import records
 from ..config import Study
+from ..measure.client import ENGINE_PROCESSES, run_local, workers_for
 from ..measure.loadgen import StageSpec, Target
-from ..measure.server_metrics import ServerWindow
-from ..measure.stage import StagePlan, run_local, stage_record
+from ..measure.server_metrics import ServerWindow, figure_text
+from ..measure.stage import MergedStage, StagePlan, stage_record
 from ..measure.workload import DirectoryTokenizer, ServerTokenizer, file_requests, random_requests
-from ..platforms import Endpoint, Platform
+from ..platforms import Endpoint, Platform, placement
 
 
 def planned_stages(study: Study) -> list[dict[str, Any]]:
@@ -48,12 +50,15 @@ def this_machine() -> str:
 
 
 def run_layer_sweep(
-    study: Study, platform: Platform, endpoint: Endpoint, run_dir: str | os.PathLike, modes: tuple[str, ...] = ("closed", "open")
-) -> list[dict[str, Any]]:
-    """Every planned stage of the given modes against one layer; returns the stage records.
+    study: Study, platform: Platform, endpoint: Endpoint, run_dir: str | os.PathLike, modes: tuple[str, ...] = ("closed", "open"),
+    say: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Every planned stage of the given modes against one layer, each measured ``repeats`` times; returns the
+    stage records.
 
     With ``workloads.latency.client: in-cluster`` each stage runs as an indexed Job in the cluster
-    (:func:`servinglab.experiments.clusterload.run_in_cluster_stage`); the server is still watched from here.
+    (:mod:`servinglab.experiments.clusterload`); the server is still watched from here. A sweep stops going
+    higher after a stage that was not valid, unless ``workloads.latency.past_validity`` says to go on.
     """
     w = study.workloads.latency
     in_cluster = w.client == "in-cluster" and platform.name == "kubernetes"
@@ -64,9 +69,16 @@ def run_layer_sweep(
                                     endpoint.verify_tls)  # fmt: skip
     target = Target(endpoint.base_url, endpoint.served_name, endpoint.api_key, w.request_timeout_s, w.ignore_eos,
                     headers=tuple(endpoint.headers.items()), verify_tls=endpoint.verify_tls)  # fmt: skip
-    slos = study.slos.goodput.limits()
-    out = []
+    slos = study.slos.goodput.limits() or None
+    cpus = platform.client_cpus(endpoint.layer)
+    cores = len(cpus) if cpus else len(placement.usable_cores())
+    engine_here = ENGINE_PROCESSES if platform.name == "local" and not cpus else 0
+    out: list[dict[str, Any]] = []
+    stopped: set[str] = set()  # the modes whose sweep stopped at a stage that was not valid
+    expected_e2e_s: float | None = None
     for index, planned in enumerate(p for p in planned_stages(study) if p["mode"] in modes):
+        if planned["mode"] in stopped:
+            continue
         # Seeded per stage, so a stage's prompts do not depend on which stages ran before it.
         seed = w.seed + index
         count = planned["num_prompts"] + w.num_warmups
@@ -79,24 +91,62 @@ def run_layer_sweep(
                          burstiness=w.rate_sweep.burstiness, duration_s=w.stage_duration_s)  # fmt: skip
         plan = StagePlan.make(planned["stage"], specs[w.num_warmups :], specs[: w.num_warmups], spec)
         window = ServerWindow(platform.metrics_targets(endpoint.layer), endpoint, study.telemetry)
+        stage_id = uuid.uuid4().hex[:12]  # ties the request records to this measurement of the stage
+        runs: list[MergedStage] = []
         if in_cluster:
-            from .clusterload import run_in_cluster_stage
+            from .clusterload import client_description, run_in_cluster
 
-            record = run_in_cluster_stage(study, platform, endpoint.layer, planned, run_dir, plan, window)
+            for repeat in range(w.repeats):
+                runs.append(run_in_cluster(study, platform, endpoint.layer, run_dir, plan, window, repeat, stage_id))
+                if runs[-1].interrupted:
+                    break
+            extra: dict[str, Any] = {"client_pods": [c | {"repeat": i} for i, run in enumerate(runs) for c in run.clients]}
+            client = client_description(study, endpoint.layer)
         else:
-            writer = records.Writer.to_run(run_dir, records.LATENCY_REQUESTS, {"layer": endpoint.layer, "stage": plan.name})
-            try:
-                with window:
-                    merged = run_local(target, plan, writer, slos or None)
-            finally:
-                writer.close()
-            record = stage_record(planned, endpoint.layer, seed, this_machine(), merged.interrupted, merged.summary,
-                                  window)  # fmt: skip
-            records.append(run_dir, records.LATENCY_STAGES, [record])
+            rule = workers_for(w.workers, spec, cores, engine_here, expected_e2e_s)
+            for repeat in range(w.repeats):
+                writer = records.Writer.to_run(run_dir, records.LATENCY_REQUESTS, {
+                    "layer": endpoint.layer, "stage": plan.name, "stage_id": stage_id, "repeat": repeat,
+                    "provenance": "measured"})  # fmt: skip
+                try:
+                    with placement.client_on(cpus), window:
+                        runs.append(run_local(target, plan, writer, slos, rule.workers, cpus))
+                finally:
+                    writer.close()
+                if runs[-1].interrupted:
+                    break
+            extra = {"client_workers": rule.workers, "client_workers_rule": rule.text,
+                     "client_cpus": list(cpus) if cpus else None}  # fmt: skip
+            client = this_machine()
+        record = stage_record(planned, endpoint.layer, seed, client, runs, window, slos, stage_id=stage_id, **extra)
+        verdict = record["validity"]["verdict"]
+        if verdict != "valid" and not w.past_validity:
+            record["stopped_sweep"] = True  # nothing higher is measured: it would only be less valid
+            stopped.add(planned["mode"])
+        records.append(run_dir, records.LATENCY_STAGES, [record])
+        expected_e2e_s = (record["summary"].get("mean_e2el_ms") or 0) / 1000 or expected_e2e_s
         out.append(record)
+        if say is not None:
+            say(stage_line(record))
         if record["server_alive_after"] is False and w.on_server_death == "stop":
             break
     return out
+
+
+def stage_line(record: dict[str, Any]) -> str:
+    """One line for a stage as it ends: its headline numbers and its validity."""
+    s = record["summary"]
+    verdict = record["validity"]["verdict"]
+
+    def ms(key: str) -> str:
+        return "–" if s.get(key) is None else f"{s[key]:.1f}"
+
+    line = (f"{record['layer']} {record['stage']}: {s['completed']} done, {s['failed']} failed, "
+            f"{s['request_throughput']:.2f} req/s, TTFT p50 {ms('median_ttft_ms')} ms, TPOT p50 {ms('median_tpot_ms')} ms, "
+            f"E2E p50 {ms('median_e2el_ms')} ms; {verdict}")  # fmt: skip
+    if record.get("stopped_sweep"):
+        line += " (the sweep stops here: workloads.latency.past_validity is false)"
+    return line
 
 
 def stages_frame(run_dir: str | os.PathLike):
@@ -114,6 +164,7 @@ def stages_frame(run_dir: str | os.PathLike):
             "TPOT p50": s.get("median_tpot_ms"), "ITL p50": s.get("median_itl_ms"), "ITL p95": s.get("p95_itl_ms"),
             "E2E p50": s.get("median_e2el_ms"), "E2E p95": s.get("p95_e2el_ms"),
             "server TTFT mean": (stage.get("server") or {}).get("mean_ttft_ms"),
+            "validity": (stage.get("validity") or {}).get("verdict", "unchecked"),
             "warnings": "; ".join(s.get("warnings", [])),
         })  # fmt: skip
     return pd.DataFrame(rows)
@@ -126,16 +177,18 @@ def run_sweep(
     layers: list[str] | None = None,
     modes: tuple[str, ...] = ("closed", "open"),
     deploy_missing: bool = False,
+    say: Callable[[str], None] | None = print,
 ) -> list[dict[str, Any]]:
     """The sweep against every layer the platform hosts (all of the study's when ``layers`` is empty).
 
-    ``deploy_missing`` deploys a layer that is not running (a notebook run on its own).
+    ``deploy_missing`` deploys a layer that is not running (a notebook run on its own); ``say`` gets one line
+    per stage as it ends.
     """
     from .deploy import running_endpoints
 
     stages = []
     for endpoint in running_endpoints(study, platform, run_dir, layers, deploy_missing):
-        stages += run_layer_sweep(study, platform, endpoint, run_dir, modes)
+        stages += run_layer_sweep(study, platform, endpoint, run_dir, modes, say)
     return stages
 
 
@@ -150,6 +203,7 @@ def server_vs_client_frame(run_dir: str | os.PathLike):
             "layer": stage["layer"], "stage": stage["stage"],
             "client TTFT mean (ms)": stage["summary"].get("mean_ttft_ms"),
             "server TTFT mean (ms)": server.get("mean_ttft_ms"),
+            "server TTFT p95 (ms)": figure_text(server, "p95_ttft_ms"),
             "client E2E mean (ms)": stage["summary"].get("mean_e2el_ms"),
             "server E2E mean (ms)": server.get("mean_e2el_ms"),
             "server max running": server.get("max_running"), "server max waiting": server.get("max_waiting"),

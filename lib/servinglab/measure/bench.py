@@ -16,9 +16,13 @@ from typing import Any
 from .. import records
 from ..errors import ParamsError
 from ..platforms.base import MetricsTarget
+from ..platforms.placement import usable_cores
 from .loadgen import StageSpec, Target
+from .client import run_local, workers_for
+from .client_metrics import validity
+from .intervals import stage_intervals
 from .server_metrics import ServerWindow
-from .stage import StagePlan, run_local
+from .stage import StagePlan
 from .workload import DirectoryTokenizer, ServerTokenizer, file_requests, random_requests
 
 
@@ -57,12 +61,16 @@ def run_bench(
     labels: dict[str, Any] | None = None,
     prompts_file: str | None = None,
     duration_s: float | None = None,
+    workers: int | str = "auto",
+    say: Any = None,
 ) -> dict[str, Any]:
     """Run one stage and return its result (``vllm bench serve`` key names plus servinglab's extras).
 
     Parameters mean what ``vllm bench serve``'s flags of the same name mean: ``input_len`` counts prompt
     tokens before the chat template; ``request_rate`` inf with ``max_concurrency`` is a closed loop;
-    ``num_warmups`` come on top of ``num_prompts`` and are left out of every metric.
+    ``num_warmups`` come on top of ``num_prompts`` and are left out of every metric. ``workers``: client
+    processes (a number, or ``auto``: one per 8 concurrent streams within this machine's cores); ``say``
+    gets the rule that chose them.
     """
     root = root_url(base_url)
     tok = DirectoryTokenizer(tokenizer) if tokenizer else ServerTokenizer(root, model, api_key)
@@ -77,9 +85,12 @@ def run_bench(
     name = f"c={max_concurrency}" if math.isinf(request_rate) and max_concurrency else f"rate={request_rate:g}"
     plan = StagePlan.make(name, requests, warmups, spec)
     writer = records.Writer(records_path, records.LATENCY_REQUESTS, {"layer": "bench", "stage": name} | (labels or {}))
+    rule = workers_for(workers, spec, len(usable_cores()) or 1)
+    if say is not None:
+        say(f"client: {rule.text}")
     try:
         with ServerWindow([MetricsTarget("server", root, api_key)]) as window:
-            merged = run_local(target, plan, writer, slos)
+            merged = run_local(target, plan, writer, slos, rule.workers)
     finally:
         writer.close()
     return {
@@ -101,6 +112,11 @@ def run_bench(
         "started_at_unix": window.fields["started_at_unix"],
         "interrupted": merged.interrupted,
         **merged.summary,
+        "validity": validity(merged.summary),
+        "uncertainty": stage_intervals([[r for r in merged.records if r.get("ok") and not r.get("warmup")]], seed,
+                                       [merged.summary["request_throughput"]], closed_loop=math.isinf(request_rate)),
+        "client_workers": rule.workers,
+        "client_workers_rule": rule.text,
         "server": window.fields["server"],
     }
 
@@ -137,7 +153,11 @@ def import_vllm_bench(path: str | os.PathLike, run_dir: str | os.PathLike, layer
         "max_concurrency": data.get("max_concurrency"),
         "request_rate": None if rate in ("inf", None) else rate,
         "summary": summary,
+        "provenance": "imported",
+        # vllm bench serve records nothing of its client's health: whether it kept up is not known.
+        "validity": {"verdict": "unchecked", "reasons": [], "annotations": [
+            {"note": "imported", "text": "imported from vllm bench serve, which records no client health"}]},
         "context": {k: data.get(k) for k in ("date", "backend", "model_id", "tokenizer_id", "num_prompts", "burstiness")},
     }
-    records.append(run_dir, records.LATENCY_STAGES, [stage])
+    records.append(run_dir, records.LATENCY_STAGES, [stage], provenance="imported")
     return stage

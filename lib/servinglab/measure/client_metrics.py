@@ -25,6 +25,13 @@ PERCENTILES = (90, 95, 99, 99.9)
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
 # A client whose event loop wakes later than this at p99 was busy enough to distort what it timed.
 CLIENT_LAG_WARN_MS = 5.0
+# Requests a percentile needs before it says something: a p95 from fewer is one of the few slowest ones.
+MIN_SAMPLES_P95 = 20
+MIN_SAMPLES_P99 = 100
+# A server that packs tokens: its chunks arrive this much further apart than its tokens are generated.
+PACKING_RATIO = 1.5
+# The verdicts a stage may get, the first that applies being its verdict.
+VERDICTS = ("client-limited", "server-burst", "too-few-samples")
 
 
 def tpot_ms(record: dict[str, Any]) -> float | None:
@@ -114,15 +121,50 @@ def summarize(
         and r["prompt_tokens"] < r["expected_prompt_tokens"]
     )  # fmt: skip
     summary |= client_health(measured, requested_rate, send_window_s, schedule_lag_ms, loop_lag_ms)
+    chunk_tokens = [n for r in done for n in (r.get("chunk_tokens") or [])]
+    summary["mean_tokens_per_chunk"] = float(np.mean(chunk_tokens)) if chunk_tokens else None
+    summary["p99_tokens_per_chunk"] = float(np.percentile(chunk_tokens, 99)) if chunk_tokens else None
     bursts = sum(1 for r in done if delivered_in_one_burst(r))
     summary["burst_deliveries"] = bursts
-    if bursts and bursts >= BURST_WARN_SHARE * len(done):
-        summary["warnings"].append(
-            f"{bursts} of {len(done)} streams reached the client in one burst at the end (first token after half "
-            "the request's time): the server held its chunks back, so TTFT and ITL describe its delivery, not "
-            "its generation (seen on engines that leave the API server no free core)"
-        )
     return summary
+
+
+def validity(summary: dict[str, Any]) -> dict[str, Any]:
+    """Whether a stage measured what it claims, from its numbers alone: ``verdict`` (``valid``, or the first of
+    ``client-limited``, ``server-burst``, ``too-few-samples`` that applies), every reason with its number and
+    the limit it broke, and annotations that do not make the stage invalid (token packing, a p99 from fewer
+    than 100 requests).
+
+    The same rules read a stage of any servinglab version: they need only ``p99_loop_lag_ms``,
+    ``burst_deliveries``, ``completed`` and the TPOT/ITL means.
+    """
+    reasons, notes = [], []
+    completed = summary.get("completed") or 0
+    lag = summary.get("p99_loop_lag_ms")
+    if lag is not None and lag > CLIENT_LAG_WARN_MS:
+        reasons.append({"verdict": "client-limited", "value": round(lag, 3), "limit": CLIENT_LAG_WARN_MS, "unit": "ms",
+                        "text": f"the client's event loop woke {lag:.1f} ms late at p99 (limit {CLIENT_LAG_WARN_MS:g} ms): its "
+                        "latencies include the client's own delay"})  # fmt: skip
+    bursts = summary.get("burst_deliveries")
+    if bursts and completed and bursts >= BURST_WARN_SHARE * completed:
+        reasons.append({"verdict": "server-burst", "value": bursts, "limit": round(BURST_WARN_SHARE * completed, 2),
+                        "unit": "streams", "text": f"{bursts} of {completed} streams reached the client in one burst at the "
+                        f"end (limit {BURST_WARN_SHARE:.0%} of them): TTFT and ITL describe the server's delivery, not "
+                        "its generation"})  # fmt: skip
+    if completed < MIN_SAMPLES_P95:
+        reasons.append({"verdict": "too-few-samples", "value": completed, "limit": MIN_SAMPLES_P95, "unit": "requests",
+                        "text": f"{completed} requests, fewer than the {MIN_SAMPLES_P95} a p95 needs"})  # fmt: skip
+    elif completed < MIN_SAMPLES_P99:
+        notes.append({"note": "p99-few-samples", "value": completed, "limit": MIN_SAMPLES_P99,
+                      "text": f"its p99 comes from {completed} requests, fewer than the {MIN_SAMPLES_P99} it needs"})  # fmt: skip
+    itl, tpot = summary.get("mean_itl_ms"), summary.get("mean_tpot_ms")
+    if itl and tpot and itl > PACKING_RATIO * tpot:
+        per_chunk = summary.get("mean_tokens_per_chunk")
+        notes.append({"note": "token-packing", "value": round(itl / tpot, 2), "limit": PACKING_RATIO,
+                      "text": f"the server packed tokens: chunks came {itl:.2f} ms apart for {tpot:.2f} ms a token"
+                      + (f" ({per_chunk:.2f} tokens a chunk)" if per_chunk else "")})  # fmt: skip
+    verdict = next((v for v in VERDICTS if any(r["verdict"] == v for r in reasons)), "valid")
+    return {"verdict": verdict, "reasons": reasons, "annotations": notes}
 
 
 def delivered_in_one_burst(record: dict[str, Any]) -> bool:
@@ -138,7 +180,8 @@ def client_health(
     schedule_lag_ms: list[float] | None,
     loop_lag_ms: list[float] | None,
 ) -> dict[str, Any]:
-    """Achieved vs requested rate, schedule and event-loop lag, and a warning when the client lagged."""
+    """Achieved vs requested rate, schedule and event-loop lag, and a warning when it sent slower than asked
+    (the event-loop lag is judged by ``validity``)."""
     sent = len([r for r in measured if r.get("error_kind") != "cancelled"])
     achieved = (sent - 1) / send_window_s if send_window_s and sent > 1 else None
     out: dict[str, Any] = {
@@ -149,11 +192,6 @@ def client_health(
         "p99_loop_lag_ms": float(np.percentile(loop_lag_ms, 99)) if loop_lag_ms else None,
     }
     warnings = []
-    if out["p99_loop_lag_ms"] is not None and out["p99_loop_lag_ms"] > CLIENT_LAG_WARN_MS:
-        warnings.append(
-            f"the client was the bottleneck: its event loop woke {out['p99_loop_lag_ms']:.1f} ms late at p99 "
-            f"(over {CLIENT_LAG_WARN_MS:g} ms), so latencies include client delay"
-        )
     if out["requested_rate"] and achieved and achieved < 0.9 * out["requested_rate"]:
         warnings.append(f"achieved {achieved:.2f} req/s of the {out['requested_rate']:.2f} requested")
     out["warnings"] = warnings

@@ -85,11 +85,12 @@ class TokenClock:
     that is not a role-only delta bears the first token, and every later chunk with a delta bears one.
     """
 
-    __slots__ = ("model", "sent_ns", "token_ns", "tokens", "usage")
+    __slots__ = ("chunk_tokens", "model", "sent_ns", "token_ns", "tokens", "usage")
 
     def __init__(self, sent_ns: int) -> None:
         self.sent_ns = sent_ns
         self.token_ns: list[int] = []
+        self.chunk_tokens: list[int] = []  # tokens each token-bearing chunk carried (a server may pack several)
         self.tokens = 0  # counted on the client side
         self.usage: dict[str, Any] | None = None
         self.model: str | None = None  # the name the server answered as: which revision served the request
@@ -105,6 +106,7 @@ class TokenClock:
             return  # the usage-only chunk at the end carries no token
         if usage and usage.get("completion_tokens") is not None:
             if usage["completion_tokens"] > self.tokens:
+                self.chunk_tokens.append(usage["completion_tokens"] - self.tokens)
                 self.tokens = usage["completion_tokens"]
                 self.token_ns.append(now_ns - self.sent_ns)
             return
@@ -112,6 +114,7 @@ class TokenClock:
         role_only = "role" in delta and not delta.get("content") and not self.token_ns
         if not role_only and ("content" in delta or "reasoning_content" in delta):
             self.tokens += 1
+            self.chunk_tokens.append(1)
             self.token_ns.append(now_ns - self.sent_ns)
 
 
@@ -231,6 +234,7 @@ async def send_one(client: openai.AsyncOpenAI, target: Target, spec: RequestSpec
         "e2el_ms": token_ns[-1] / 1e6 if token_ns else None,
         # Arrival of every token-bearing chunk after the send, for ITL and timelines.
         "token_ms": [round(t / 1e6, 4) for t in token_ns],
+        "chunk_tokens": clock.chunk_tokens,
         "output_tokens": output_tokens,
         "client_tokens": clock.tokens,
         "prompt_tokens": (usage or {}).get("prompt_tokens"),

@@ -74,20 +74,27 @@ def scrape(root_url: str, api_key: str | None = None, timeout_s: float = 10.0, h
     return parse(answer.text)
 
 
-def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
-    """Prometheus' linear interpolation inside the bucket holding quantile ``q`` of cumulative counts."""
+# A bucket no wider than this share of its upper bound is narrow enough to interpolate inside: the value read
+# is then off by less than this. A wider bucket only bounds the percentile.
+NARROW_BUCKET = 0.2
+
+
+def histogram_quantile(q: float, buckets: dict[float, float]) -> tuple[str, float] | None:
+    """Quantile ``q`` of a histogram's cumulative bucket counts, as honestly as the buckets allow:
+    ``("value", x)`` interpolated inside a narrow bucket, ``("le", bound)`` when its bucket is wider than
+    ``NARROW_BUCKET`` of its upper bound (the quantile is at most that), ``("gt", bound)`` in the +Inf bucket."""
     items = sorted(buckets.items())
     if not items or items[-1][1] <= 0:
         return None
     rank = q * items[-1][1]
     previous_le, previous_count = 0.0, 0.0
     for le, count in items:
-        if count >= rank:
+        if count >= rank and count > previous_count:
             if math.isinf(le):
-                return previous_le
-            if count == previous_count:
-                return le
-            return previous_le + (le - previous_le) * (rank - previous_count) / (count - previous_count)
+                return ("gt", previous_le)
+            if le - previous_le > NARROW_BUCKET * le:
+                return ("le", le)
+            return ("value", previous_le + (le - previous_le) * (rank - previous_count) / (count - previous_count))
         previous_le, previous_count = le, count
     return None
 
@@ -127,8 +134,9 @@ def merge_deltas(deltas: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def summarize_delta(raw: dict[str, Any]) -> dict[str, Any]:
-    """A (merged) delta in the stage record's terms: token totals, and per histogram its count, mean and
-    quantiles in ms."""
+    """A (merged) delta in the stage record's terms: token totals, and per histogram its count, its mean and its
+    quantiles in ms: ``p50_ttft_ms`` where the buckets allow a value, else ``p50_ttft_ms_le`` (at most) or
+    ``p50_ttft_ms_gt`` (more than the last finite bound)."""
     out: dict[str, Any] = {}
     for key, name in COUNTERS.items():
         if name in raw:
@@ -140,12 +148,27 @@ def summarize_delta(raw: dict[str, Any]) -> dict[str, Any]:
         count = histogram["count"]
         out[f"{key}_count"] = count
         if count > 0:
-            out[f"mean_{key}_ms"] = histogram["sum"] / count * 1000
+            out[f"mean_{key}_ms"] = histogram["sum"] / count * 1000  # exact: from the sum and the count
             buckets = dict(sorted(histogram["buckets"].items()))
             for q in (0.5, 0.95, 0.99):
-                value = histogram_quantile(q, buckets)
-                out[f"p{q * 100:g}_{key}_ms"] = value * 1000 if value is not None else None
+                found = histogram_quantile(q, buckets)
+                if found is not None:
+                    how, value = found
+                    out[f"p{q * 100:g}_{key}_ms" + ("" if how == "value" else f"_{how}")] = value * 1000
     return out
+
+
+def figure_text(server: dict[str, Any] | None, key: str) -> str:
+    """A server-side figure of a stage record as recorded: a mean, a percentile read in a narrow bucket, or the
+    bound of the coarse bucket the percentile lies in (``≤ 300``, ``> 10000``); ``–`` when absent."""
+    server = server or {}
+    if server.get(key) is not None:
+        return f"{server[key]:.1f}"
+    if server.get(f"{key}_le") is not None:
+        return f"≤ {server[f'{key}_le']:g}"
+    if server.get(f"{key}_gt") is not None:
+        return f"> {server[f'{key}_gt']:g}"
+    return "–"
 
 
 def delta(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any]:
@@ -277,10 +300,12 @@ def alive(endpoint: Endpoint) -> bool:
 
 
 class ServerWindow:
-    """The server's side of one stage, seen from this machine: every pod's ``/metrics`` before and after,
-    their gauges while the stage runs, the layer's health after, and GPU telemetry over the window.
+    """The server's side of a stage, seen from this machine: every pod's ``/metrics`` before and after, their
+    gauges while the stage runs, the layer's health after, and GPU telemetry over the window.
 
-    Without targets (a server this machine cannot reach) only the time window is recorded.
+    Entered once per measured period (a stage measured several times is entered for each repeat): the
+    deltas and gauge samples of every period add up, and ``fields`` always holds the sum so far. Without
+    targets (a server this machine cannot reach) only the time window is recorded.
     """
 
     def __init__(self, targets: list[MetricsTarget], health: Endpoint | None = None,
@@ -288,6 +313,10 @@ class ServerWindow:
         self.targets, self.health, self.telemetry = list(targets), health, telemetry
         self.gauges: GaugeSampler | None = None
         self.before: dict[str, dict[str, Any] | None] = {}
+        self.deltas: dict[str, list[dict[str, Any]]] = {}  # pod → one delta per period
+        self.missing: set[str] = set()
+        self.ticks: list[dict[str, dict[str, float]]] = []
+        self.periods = 0
         self.fields: dict[str, Any] = {}
 
     def _scrape_all(self) -> dict[str, dict[str, Any] | None]:
@@ -297,30 +326,36 @@ class ServerWindow:
         if self.targets:
             self.before = self._scrape_all()
             self.gauges = GaugeSampler(self.targets).__enter__()
-        self.fields["started_at_unix"] = now_unix_s()
+        self.fields.setdefault("started_at_unix", now_unix_s())
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self.gauges is not None:
             self.gauges.__exit__(*exc)
+            self.ticks += self.gauges.ticks
         if exc[0] is not None:
             return
+        self.periods += 1
         self.fields["ended_at_unix"] = now_unix_s()
         self.fields["server_alive_after"] = alive(self.health) if self.health is not None else None
         if not self.targets:
             self.fields["server"] = {"available": False}
         else:
             after = self._scrape_all()
-            per_pod = {name: raw_delta(b, after[name]) for name, b in self.before.items()
-                       if b is not None and after.get(name) is not None}  # fmt: skip
-            missing = sorted(set(self.before) - set(per_pod))
+            for name, b in self.before.items():
+                if b is not None and after.get(name) is not None:
+                    self.deltas.setdefault(name, []).append(raw_delta(b, after[name]))
+                else:
+                    self.missing.add(name)
+            per_pod = {name: merge_deltas(d) for name, d in self.deltas.items()}
             server: dict[str, Any] = {"available": bool(per_pod), "pods": len(self.targets)}
             server |= summarize_delta(merge_deltas(list(per_pod.values())))
-            assert self.gauges is not None
-            server |= self.gauges.summary()
+            sampler = GaugeSampler(self.targets)
+            sampler.ticks = self.ticks
+            server |= sampler.summary()
             server["per_pod"] = {name: summarize_delta(d) for name, d in per_pod.items()}
-            if missing:
-                server["unavailable_pods"] = missing
+            if self.missing:
+                server["unavailable_pods"] = sorted(self.missing)
             self.fields["server"] = server
         if self.telemetry is not None and self.telemetry.prometheus_url:
             self.fields["gpu"] = prometheus_window(self.telemetry.prometheus_url, self.telemetry.queries,

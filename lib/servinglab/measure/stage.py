@@ -24,7 +24,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import ParamsError
-from .client_metrics import summarize
+from .client_metrics import summarize, validity
+from .intervals import stage_intervals
 from .loadgen import StageSpec, Target, run_stage_async
 from .schedule import arrival_offsets_s
 from .server_metrics import ServerWindow
@@ -222,6 +223,10 @@ class MergedStage:
     start_unix_s: float  # the earliest slice start
     duration_s: float
     interrupted: bool  # a slice was stopped before it sent all its requests
+    send_window_s: float = 0.0
+    schedule_lag_ms: list[float] = field(default_factory=list)
+    loop_lag_ms: list[float] = field(default_factory=list)
+    clients: list[dict[str, Any]] = field(default_factory=list)  # each slice's client: who, where, its outcome
 
 
 def merge_slices(
@@ -280,63 +285,78 @@ def merge_slices(
                 warnings.append(f"slice {p.index} started {late:.1f} s after the common start ({who}): the "
                                 "slices did not fully overlap, so the load was lower than planned for that long")  # fmt: skip
     interrupted = any((p.outcome or {}).get("interrupted") for p in slices)
-    return MergedStage(records, summary, start, duration, interrupted)
-
-
-def run_local(target: Target, plan: StagePlan, sink: Callable[[dict[str, Any]], None],
-              slos: dict[str, float] | None = None) -> MergedStage:  # fmt: skip
-    """Send the whole stage from this process (one slice) and merge it; each record goes to ``sink``."""
-    [piece] = slices_of(plan, 1)
-    result = SliceResult(0, len(piece.requests))
-
-    def keep(record: dict[str, Any]) -> None:
-        result.records.append(record)
-        sink(record)
-
-    def work(stop: threading.Event) -> dict[str, Any]:
-        return asyncio.run(run_slice(target, plan, piece, keep, stop))
-
-    result.outcome = run_in_thread(work)
-    start = result.outcome["t0_unix_s"]
-    return merge_slices([result], start, slos, plan.spec.request_rate, what="client")
+    clients = [{"slice": p.index, "pod": p.pod, "node": p.node, "planned": p.planned,
+                "records": sum(1 for r in p.records if not r.get("warmup")),
+                **{k: (p.outcome or {}).get(k) for k in ("sent", "completed", "failed", "late_s", "duration_s")},
+                "p99_schedule_lag_ms": ((p.outcome or {}).get("schedule_lag_ms") or {}).get("p99")}
+               for p in slices]  # fmt: skip
+    return MergedStage(records, summary, start, duration, interrupted, window, schedule_lag, loop_lag, clients)
 
 
 def stage_record(
-    plan: dict[str, Any], layer: str, seed: int, client: str, interrupted: bool, summary: dict[str, Any],
+    planned: dict[str, Any],
+    layer: str,
+    seed: int,
+    client: str,
+    runs: list[MergedStage],
     window: ServerWindow,
-) -> dict[str, Any]:  # fmt: skip
-    """A stage's row of ``data/latency_stages.jsonl``: the planned stage, where its client ran, what it measured.
+    slos: dict[str, float] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A stage's row of ``data/latency_stages.jsonl``: what was planned, where its client ran, what it measured
+    over every repeat, how valid that was and how sure.
 
     Parameters
     ----------
-    plan : dict
+    planned : dict
         The stage as the sweep plans it: stage, mode, max_concurrency, request_rate, num_prompts.
     layer : str
         The layer measured.
     seed : int
-        The seed of the stage's prompts and arrivals.
+        The seed of the stage's prompts and arrivals, and of its intervals' resampling.
     client : str
         Where the load generator ran (this machine's name, or the in-cluster Job and its pods).
-    interrupted : bool
-        Whether the stage was stopped before its requests were all sent.
-    summary : dict
-        The client-side metrics (:func:`servinglab.measure.client_metrics.summarize`).
+    runs : list of MergedStage
+        Each repeat of the stage, in order.
     window : ServerWindow
-        The server's side of the stage, exited.
+        The server's side of the stage, over every repeat.
+    slos : dict, optional
+        Per-request objectives for goodput.
+    extra :
+        Further fields of the record (client_cpus, client_workers, ...).
     """
+    requests = [r for run in runs for r in run.records]
+    duration = sum(run.duration_s for run in runs)
+    rate = math.inf if planned.get("request_rate") is None else planned["request_rate"]
+    summary = summarize(requests, duration, slos or None, rate, sum(run.send_window_s for run in runs),
+                        [v for run in runs for v in run.schedule_lag_ms], [v for run in runs for v in run.loop_lag_ms])  # fmt: skip
+    for run in runs:  # the merge's own warnings (late or missing clients), each once
+        summary["warnings"] += [w for w in run.summary["warnings"] if w not in summary["warnings"]]
+    done = [[r for r in run.records if r.get("ok") and not r.get("warmup")] for run in runs]
+    throughputs = [run.summary["request_throughput"] for run in runs]
     fields = window.fields
-    record = plan | {
+    record = planned | {
         "layer": layer,
         "source": "servinglab",
+        "provenance": "measured",
         "seed": seed,
         "client": client,
         "started_at_unix": fields["started_at_unix"],
         "ended_at_unix": fields["ended_at_unix"],
-        "interrupted": interrupted,
+        "interrupted": any(run.interrupted for run in runs),
         "server_alive_after": fields["server_alive_after"],
+        "repeats": len(runs),
         "summary": summary,
+        "validity": validity(summary),
+        "uncertainty": stage_intervals(done, seed, throughputs, closed_loop=math.isinf(rate)),
+        "repeat_summaries": [
+            {"repeat": i, "duration": run.duration_s, "completed": run.summary["completed"],
+             "request_throughput": run.summary["request_throughput"], "p99_loop_lag_ms": run.summary["p99_loop_lag_ms"],
+             "burst_deliveries": run.summary["burst_deliveries"], "validity": validity(run.summary)["verdict"]}
+            for i, run in enumerate(runs)
+        ],  # fmt: skip
         "server": fields["server"],
-    }
+    } | extra
     if "gpu" in fields:
         record["gpu"] = fields["gpu"]
     return record

@@ -69,6 +69,7 @@ class Deployment:
     processes: int | None = None  # processes the layer runs as, when ready (local platform)
     rss_mib: float | None = None  # their resident memory, when ready
     url: str | None = None  # the address the platform published for the layer (status.url), when it has one
+    placement: dict[str, list[int]] | None = None  # the cores of the engine, its API server, the client (local)
     serving_replicas: int | None = None  # replicas that serve a load point (the kind's cost rule)
     idle_replicas: int | None = None  # replicas kept when no request comes
 
@@ -144,6 +145,10 @@ class Platform(Protocol):
 
     def metrics_targets(self, layer_name: str) -> list[MetricsTarget]:
         """Every ready engine process of the layer, each with its own ``/metrics``."""
+        ...
+
+    def client_cpus(self, layer_name: str) -> tuple[int, ...] | None:
+        """The cores a client on this machine should measure the layer from (None: wherever it runs)."""
         ...
 
     def created_objects(self, layer_name: str) -> list[str]:

@@ -503,6 +503,9 @@ class KubernetesPlatform:
             raise PlatformError(f"layers.{layer_name}: no ready pod to forward to (selector {self.pod_selector(layer_name)})")
         return ready[0]["metadata"]["name"], self.engine_port(layer_name, ready[0])
 
+    def client_cpus(self, layer_name: str) -> tuple[int, ...] | None:
+        return None  # the engine runs on the cluster's nodes, not beside the client
+
     def metrics_targets(self, layer_name: str) -> list[MetricsTarget]:
         """Every ready pod of the layer: at its IP from inside the cluster, else through a port-forward of its own."""
         key, tls = self.study.api_key(), self.kind_of(layer_name).serves_tls

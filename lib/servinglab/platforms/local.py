@@ -33,6 +33,7 @@ from ..layers.common import Canary
 from ..layers.render import as_cluster_study, render_layer
 from ..records import utc_now
 from .base import Deployment, Endpoint, Manifests, MetricsTarget
+from . import placement
 from .processes import Registry, ServerEntry, group_members, process_alive, stop_group
 
 NEEDS_KUBERNETES = "needs platform: kubernetes"
@@ -112,6 +113,7 @@ class LocalPlatform:
         self.registry = Registry(study.cache_dir)
         self.python = self.settings.python or sys.executable
         self._last_ports: dict[str, int] = {}  # a layer stopped here restarts on its old port
+        self._packages: dict[str, str] | None = None
 
     def with_study(self, study: Study) -> LocalPlatform:
         """The same machine and registry for a changed study (a model update): its server replaces this one's."""
@@ -123,11 +125,14 @@ class LocalPlatform:
 
     def engine_packages(self) -> dict[str, str]:
         """Versions of vLLM and its stack in the interpreter that runs the engine (no import of vLLM)."""
+        if self._packages is not None:
+            return self._packages
         try:
             out = subprocess.run(
                 [self.python, "-c", _ENGINE_PROBE], capture_output=True, text=True, timeout=60, check=True
             )
-            return json.loads(out.stdout)
+            self._packages = json.loads(out.stdout)
+            return self._packages
         except (OSError, subprocess.SubprocessError, json.JSONDecodeError) as exc:
             raise PlatformError(f"platform.python: {self.python}: cannot be asked for its packages ({exc})")
 
@@ -220,6 +225,9 @@ class LocalPlatform:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        planned = self.placement_plan()
+        if planned is not None:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = planned.omp_bind  # the Worker's OpenMP threads on the engine's cores
         env.update(self.settings.env)
         # Marks every process of the server, so teardown finds one that never reached the registry.
         env[OWNER_ENV] = self.owner_mark
@@ -232,6 +240,25 @@ class LocalPlatform:
         return env
 
     # --- deploy, reach, stop -----------------------------------------------------------------------
+
+    def placement_plan(self) -> placement.Placement | None:
+        """Where the engine, the API server and the client run (``platform.cpu_placement``), or None."""
+        return placement.plan(self.settings.cpu_placement, "vllm-cpu" in self.engine_packages())
+
+    def _place(self, entry: ServerEntry) -> None:
+        """Put a ready server's processes on their cores: the API server (the group's leader) on its own,
+        every process it started (EngineCore, Worker) on the engine's."""
+        planned = self.placement_plan()
+        if planned is None:
+            return
+        for pid in group_members(entry.pid):
+            placement.pin(pid, planned.api_server if pid == entry.pid else planned.engine)
+        entry.placement = planned.to_record()
+
+    def client_cpus(self, layer_name: str) -> tuple[int, ...] | None:
+        entry = self._ready_entry(layer_name)
+        planned = placement.Placement.from_record(entry.placement) if entry else None
+        return planned.client if planned else None
 
     def _check_layer(self, layer_name: str) -> None:
         self.study.select_layers([layer_name])
@@ -383,6 +410,7 @@ class LocalPlatform:
         if proc is not None:
             entry.time_to_ready_s = round(time.monotonic() - t0, 3)
             entry.phases_s = phases
+            self._place(entry)
         entry.state = "ready"
         entry.ready_at = utc_now()
         self.registry.save(entry)
@@ -412,6 +440,7 @@ class LocalPlatform:
             command=list(entry.command),
             processes=len(members),
             rss_mib=round(rss / 2**20, 1),
+            placement=entry.placement,
         )
 
     def _ready_entry(self, layer_name: str) -> ServerEntry | None:

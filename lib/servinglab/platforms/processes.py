@@ -39,6 +39,7 @@ class ServerEntry:
     ready_at: str | None = None
     time_to_ready_s: float | None = None
     phases_s: dict[str, float] = field(default_factory=dict)
+    placement: dict[str, list[int]] | None = None  # the cores of its parts, when they were placed
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
