@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest import PARAMS
+from synthetic import closed_stage
 
 from servinglab import layers, records, report
 from servinglab.api import run_context
@@ -55,16 +56,6 @@ def check(name, passed=True, observed="ok"):
             "latency_ms": 12.5, "at": "2026-11-27T00:01:00.000Z"}  # fmt: skip
 
 
-def latency_stage(c, ttft_p50, throughput, p95_factor=1.5):
-    summary = {"completed": 10 * c, "failed": 0, "request_throughput": throughput / 128, "output_throughput": throughput,
-               "median_ttft_ms": ttft_p50, "p95_ttft_ms": ttft_p50 * p95_factor, "p99_ttft_ms": ttft_p50 * 2,
-               "median_tpot_ms": 1.0 * c, "p95_tpot_ms": 1.5 * c, "median_itl_ms": 0.9 * c, "p95_itl_ms": 1.4 * c,
-               "median_e2el_ms": 130.0 * c, "p95_e2el_ms": 150.0 * c, "p99_loop_lag_ms": 0.5, "warnings": [],
-               "request_goodput": throughput / 256}  # fmt: skip
-    return {"layer": "raw", "source": "servinglab", "stage": f"c={c}", "mode": "closed", "max_concurrency": c,
-            "request_rate": None, "summary": summary, "server": {"mean_ttft_ms": ttft_p50 * 0.8}}  # fmt: skip
-
-
 def make_run(root: Path, shape: str, overrides: list[str] | tuple[str, ...] = ()) -> Path:
     """A run directory as the suite writes it: complete, partial (preflight only) or failed."""
     study = load_study(PARAMS / "ci.yaml", overrides)
@@ -84,13 +75,10 @@ def make_run(root: Path, shape: str, overrides: list[str] | tuple[str, ...] = ()
             check("fingerprint_names_engine", observed="vllm-0.32.0-90f8a5ba"),
         ])  # fmt: skip
         records.update_context(run, engine={"system_fingerprint": "vllm-0.32.0-90f8a5ba"}, ended_at="2026-11-27T00:02:00.000Z")
-        records.append(run, records.LATENCY_STAGES, [latency_stage(1, 9.0, 1100.0), latency_stage(4, 18.0, 2900.0),
-                                                        latency_stage(16, 1600.0, 3400.0)])  # fmt: skip
-        records.append(run, records.LATENCY_REQUESTS, [
-            {"layer": "raw", "stage": "c=1", "index": i, "ok": True, "warmup": False, "ttft_ms": 9.0 + i,
-             "token_ms": [9.0 + i, 10.0 + i, 11.5 + i]}
-            for i in range(5)
-        ])  # fmt: skip
+        for c, ttft, throughput, gap in ((1, 9.0, 1100.0, 1.0), (4, 18.0, 2900.0, 4.0), (16, 1600.0, 3400.0, 30.0)):
+            stage, rows = closed_stage("raw", c, ttft, throughput, tokens=128, gap_ms=gap)
+            records.append(run, records.LATENCY_REQUESTS, rows, provenance="synthetic")
+            records.append(run, records.LATENCY_STAGES, [stage], provenance="synthetic")
     elif shape == "failed":
         failed = unsupported("raw", "raw-vllm") | {"status": "failed", "reason": "layer raw: the vLLM server exited with status 1\n  log"}
         records.append(run, records.DEPLOYMENTS, [failed, unsupported("kserve", "kserve")])
@@ -122,9 +110,9 @@ def test_complete_local_run(tmp_path):
         assert cells["model_lifecycle"][layer].status == "needs-platform"
         assert cells["model_lifecycle"][layer].text == "needs platform: kubernetes"
     ttft = cells["ttft"]["raw"]
-    assert ttft.status == "measured" and ttft.trials == 210
-    assert ttft.text == "c=1: 9.0 / 13.5 ms; c=4: 18.0 / 27.0 ms; c=16: 1600.0 / 2400.0 ms"
-    # ci.yaml's objective is TTFT p95 ≤ 2000 ms: c=16 misses it (2400 ms), c=4 is the highest that meets it.
+    assert ttft.status == "measured" and ttft.trials == 220 and ttft.badge == "measured · synthetic"
+    assert ttft.text == "c=1: 9.0 / 13.0 ms; c=4: 18.0 / 26.1 ms; c=16: 1600.0 / 2320.0 ms"
+    # ci.yaml's objective is TTFT p95 ≤ 2000 ms: c=16 misses it (2320 ms), c=4 is the highest that meets it.
     assert cells["goodput"]["raw"].text.startswith("concurrency 4: ") and "TTFT p95 ≤ 2000 ms" in cells["goodput"]["raw"].text
     assert cells["ttft"]["kserve"].status == "needs-platform"
     # Every cell says something: a value or the reason there is none.
@@ -223,7 +211,8 @@ def test_an_imported_vllm_bench_result_renders_with_the_percentiles_it_saved(tmp
     (tmp_path / "vllm.json").write_text(json.dumps(saved))
     bench.import_vllm_bench(tmp_path / "vllm.json", run, "raw")
     _, cells = cells_of(run)
-    assert cells["ttft"]["raw"].status == "measured" and cells["ttft"]["raw"].text == "c=4: 28.0 / n/a ms"
-    assert cells["tpot"]["raw"].text == "c=4: 2.3 / n/a ms"
+    assert cells["ttft"]["raw"].status == "measured" and cells["ttft"]["raw"].text == "c=4: 28.0 / n/a ms (unchecked)"
+    assert cells["ttft"]["raw"].badge == "measured · unchecked · imported"
+    assert cells["tpot"]["raw"].text == "c=4: 2.3 / n/a ms (unchecked)"
     html = report.render_html(run)
     assert "c=4: 28.0 / n/a ms" in html and report.render_html(run) == html

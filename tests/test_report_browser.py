@@ -95,8 +95,11 @@ def test_cluster_report_renders(browser, tmp_path, width, height):
     layers = [h.split("\n")[0].strip() for h in table.locator("thead tr").nth(1).locator("th").all_inner_texts()]
     assert layers == ["raw", "kserve-standard", "kserve-knative", "llm-d"]
     statuses = table.locator("tbody td .tag").all_inner_texts()
-    assert len(statuses) == 4 * len(ROWS) and {s.lower() for s in statuses} == {"measured", "observed"}
-    assert "17.7 % observed" in table.locator("#row-rollout_canary").inner_text()
+    # Every cell measured or observed, and every one says its numbers were made by a script.
+    assert len(statuses) == 4 * len(ROWS) and {s.lower().split(" · ")[0] for s in statuses} == {"measured", "observed"}
+    assert all(s.lower().endswith("· synthetic") for s in statuses)
+    assert page.locator("#provenance").is_visible() and "Synthetic data" in page.locator("#provenance").inner_text()
+    assert "21.3 % observed" in table.locator("#row-rollout_canary").inner_text()
     for anchor in ("fig-lifecycle-ready", "fig-update-timeline", "fig-cold-start", "fig-canary", "fig-cost"):
         box = page.locator(f"#{anchor} svg").bounding_box()
         assert box and box["width"] > 200 and box["height"] > 50, anchor

@@ -15,11 +15,13 @@ from servinglab import records
 from servinglab.api import run_context
 from servinglab.config import load_study
 from servinglab.errors import RunDirError
-from servinglab.measure.client_metrics import summarize
+from servinglab.measure.client_metrics import summarize, validity
+from servinglab.measure.intervals import stage_intervals
 from servinglab.platforms import Deployment
 from servinglab.report import publish, write_index
 from servinglab.report.compare import (
     LATENCY_METRICS,
+    Noise,
     change_text,
     compare,
     comparison_file_name,
@@ -41,15 +43,17 @@ def request(stage: str, i: int, ttft: float, gap: float = 5.0, tokens: int = 8, 
             "expected_prompt_tokens": 64, "status": 200 if ok else 500} | extra  # fmt: skip
 
 
-def stage(c: int, ttft: float, throughput: float, started: float = 1_795_000_000.0) -> tuple[dict, list[dict]]:
-    """A closed-loop stage of four requests whose TTFT p50 is ``ttft`` and whose rate is ``throughput``, and
-    its records; the summary is computed from the records as the load generator does."""
-    rows = [request(f"c={c}", i, ttft + d) for i, d in enumerate((-1.0, 0.0, 0.0, 1.0))]
-    summary = summarize(rows, len(rows) / throughput, slos={"ttft_ms": 2000.0})
+def stage(c: int, ttft: float, throughput: float, started: float = 1_795_000_000.0, n: int = 40) -> tuple[dict, list[dict]]:
+    """A closed-loop stage of ``n`` requests whose TTFT p50 is ``ttft`` (spread ±0.1 ms) and whose rate is
+    ``throughput``, and its records; the summary, verdict and intervals are computed from the records as the
+    load generator does."""
+    rows = [request(f"c={c}", i, round(ttft + 0.05 * ((i % 5) - 2), 4)) for i in range(n)]
+    summary = summarize(rows, len(rows) / throughput, slos={"ttft_ms": 2000.0}, loop_lag_ms=[0.5] * 10)
     record = {"layer": "raw", "source": "servinglab", "stage": f"c={c}", "mode": "closed", "max_concurrency": c,
-              "request_rate": None, "num_prompts": 4, "seed": 42 + c, "client": "this machine (test)",
-              "started_at_unix": started, "ended_at_unix": started + 2.5, "summary": summary,
-              "server": {"available": True, "mean_ttft_ms": ttft * 0.9}}  # fmt: skip
+              "request_rate": None, "num_prompts": n, "seed": 42 + c, "client": "this machine (test)",
+              "started_at_unix": started, "ended_at_unix": started + 2.5, "summary": summary, "repeats": 1,
+              "validity": validity(summary), "server": {"available": True, "mean_ttft_ms": ttft * 0.9},
+              "uncertainty": stage_intervals([rows], 42 + c, [summary["request_throughput"]], closed_loop=True)}  # fmt: skip
     return record, rows
 
 
@@ -156,25 +160,41 @@ def test_a_ten_percent_ttft_change_shows_as_plus_ten_percent(two_runs):
     rows = {(r.group, r.metric.key): r for r in comparison.latency["raw"]}
     ttft = rows[("c=1", "median_ttft_ms")]
     assert [v.text for v in ttft.values] == ["10.0 ms", "11.0 ms"]
-    assert ttft.values[1].change == "+1.0 ms (+10.0 %)" and ttft.values[1].verdict == "worse"
+    # 40 requests a stage, ±0.1 ms apart: a 1 ms change is far beyond the noise, and its interval says by how much.
+    assert ttft.values[1].change == "+1.0 ms (+10.0 %) [+0.9, +1.1]; beyond the noise" and ttft.values[1].verdict == "worse"
     throughput = rows[("c=4", "request_throughput")]
-    assert throughput.values[1].change == "−0.60 req/s (−10.0 %)" and throughput.values[1].verdict == "worse"
-    assert rows[("c=1", "median_tpot_ms")].values[1].verdict == "same"
+    assert throughput.values[1].change == "−0.60 req/s (−10.0 %); beyond the noise" and throughput.values[1].verdict == "worse"
+    tpot = rows[("c=1", "median_tpot_ms")].values[1]
+    assert tpot.verdict == "same" and tpot.change.endswith("; within the noise")
     # Load points in order of load, TTFT first.
     assert [r.group for r in comparison.latency["raw"] if r.metric.key == "median_ttft_ms"] == ["c=1", "c=4"]
 
     html = render_comparison_html(two_runs)
     cells = tables_of(html)["latency-table-raw"]
     assert cells[0][:2] == ["Load", "Metric"] and "20261126T000000Z" in cells[0][2] and "baseline" in cells[0][2].lower()
-    assert ["c=1", "TTFT p50", "10.0 ms", "11.0 ms +1.0 ms (+10.0 %)"] in cells
+    assert ["c=1", "TTFT p50", "10.0 ms", "11.0 ms +1.0 ms (+10.0 %) [+0.9, +1.1]; beyond the noise"] in cells
+
+
+def test_a_change_within_the_noise_is_not_called_better_or_worse(tmp_path):
+    first = make_run(tmp_path, "20261126T000000Z", lifecycle=False, stages=False)
+    second = make_run(tmp_path, "20261127T000000Z", lifecycle=False, stages=False)
+    for run, shift in ((first, 0.0), (second, 0.04)):  # 0.04 ms on a spread of ±0.1 ms
+        s, rows = stage(1, 10.0 + shift, 2.0)
+        records.append(run, records.LATENCY_REQUESTS, rows)
+        records.append(run, records.LATENCY_STAGES, [s])
+    ttft = next(r for r in compare([first, second]).latency["raw"] if r.metric.key == "median_ttft_ms")
+    assert ttft.values[1].verdict == "same" and ttft.values[1].change.endswith("; within the noise")
+    assert render_comparison_html([first, second]) == render_comparison_html([first, second])  # a seeded bootstrap
 
 
 def test_lifecycle_headlines_side_by_side(two_runs):
     rows = {r.metric.key: r for r in compare(two_runs).lifecycle["raw"]}
     ready = rows["time_to_ready_s"]  # median of the three starts: 40 s, then 41 s
-    assert [v.text for v in ready.values] == ["40.0 s", "41.0 s"] and ready.values[1].change == "+1.0 s (+2.5 %)"
+    assert [v.text for v in ready.values] == ["40.0 s", "41.0 s"] and ready.values[1].change == "+1.0 s (+2.5 %); intervals overlap"
     assert ready.values[0].note == "median of 3 starts"
-    assert rows["cold_start_s"].values[1].change == "+9.0 s (+25.0 %)"
+    assert ready.values[1].verdict == "same"  # three starts each: their medians' intervals overlap
+    assert rows["cold_start_s"].values[1].change == "+9.0 s (+25.0 %); noise unknown"  # one trial each
+    assert rows["cold_start_s"].values[1].verdict == ""
     assert "canary_observed_percent" not in rows  # measured in neither run: no row
 
 
@@ -230,10 +250,16 @@ def test_a_load_point_missing_in_one_run_is_named(tmp_path):
 
 
 def test_change_text_edges():
-    assert change_text(10.0, 11.0, TTFT_P50) == ("+1.0 ms (+10.0 %)", "worse")
-    assert change_text(10.0, 9.0, TTFT_P50) == ("−1.0 ms (−10.0 %)", "better")
-    assert change_text(2.0, 2.2, THROUGHPUT) == ("+0.20 req/s (+10.0 %)", "better")
-    assert change_text(0.0, 1.0, TTFT_P50) == ("+1.0 ms", "")  # no percentage of zero
+    assert change_text(10.0, 11.0, TTFT_P50) == ("+1.0 ms (+10.0 %); noise unknown", "")
+    assert change_text(10.0, 11.0, TTFT_P50, Noise(True, [0.5, 1.5])) == (
+        "+1.0 ms (+10.0 %) [+0.5, +1.5]; beyond the noise", "worse")  # fmt: skip
+    assert change_text(10.0, 9.0, TTFT_P50, Noise(True, [-1.5, -0.5]))[1] == "better"
+    assert change_text(10.0, 11.0, TTFT_P50, Noise(False, [-0.2, 2.0])) == (
+        "+1.0 ms (+10.0 %) [-0.2, +2.0]; within the noise", "same")  # fmt: skip
+    assert change_text(2.0, 2.2, THROUGHPUT, Noise(True, how="intervals")) == (
+        "+0.20 req/s (+10.0 %); beyond the noise", "better")  # fmt: skip
+    assert change_text(10.0, 11.0, TTFT_P50, Noise(True, [0.5, 1.5]), judged=False)[1] == ""  # a stage not valid
+    assert change_text(0.0, 1.0, TTFT_P50) == ("+1.0 ms; noise unknown", "")  # no percentage of zero
     assert change_text(None, 1.0, TTFT_P50) == ("", "")
 
 
@@ -304,10 +330,12 @@ def test_a_stage_warning_is_carried_into_the_comparison(tmp_path):
     second = make_run(tmp_path, "20261127T000000Z", stages=False, lifecycle=False)
     held_back = [request("c=1", i, 30.0, gap=0.0) for i in range(4)]  # every token in one burst at the end
     s, _ = stage(1, 10.0, 2.0)
-    s["summary"] = summarize(held_back, 2.0) | {"request_goodput": 2.0}
+    s["summary"] = summarize(held_back, 2.0, loop_lag_ms=[0.5]) | {"request_goodput": 2.0}
+    s["validity"] = validity(s["summary"])
     records.append(second, records.LATENCY_STAGES, [s])
     comparison = compare([first, second])
-    assert any(n.startswith("run 20261127T000000Z, layer raw at c=1: 4 of 4 streams reached the client in one burst")
-               for n in comparison.notes)  # fmt: skip
+    assert any(n.startswith("run 20261127T000000Z, layer raw at c=1: server-burst: 4 of 4 streams reached the client "
+                            "in one burst") for n in comparison.notes)  # fmt: skip
     tpot = next(r for r in comparison.latency["raw"] if r.group == "c=1" and r.metric.key == "median_tpot_ms")
-    assert tpot.values[1].note == "the stage warned: see above" and tpot.values[0].note == ""
+    assert tpot.values[1].note == "server-burst: no verdict" and tpot.values[0].note == ""
+    assert tpot.values[1].verdict == ""  # a stage that was not valid is never better or worse

@@ -17,7 +17,11 @@ from .advice import derive_advice, derive_recommendations
 from .plots import START_PHASE_LABELS, figures, latency_figures, lifecycle_figures
 from .rundata import RunData, load_run
 from .sections import cost_section, lifecycle_rows, lifecycle_warnings, manifest_section
-from .table import decision_table, table_frame
+from . import consistency
+from ..measure.server_metrics import figure_text
+from .table import (annotation_lines, decision_table, interval_text, provenance_lines, table_frame,
+                    validity_lines)
+
 
 def _warnings(run: RunData) -> list[str]:
     warnings = list(run.damaged)
@@ -33,6 +37,8 @@ def _warnings(run: RunData) -> list[str]:
             warnings.append(
                 f"layer {layer} reused a server started at {record['started_at']}: its time to ready is not from this run"
             )
+    warnings += validity_lines(run)
+    warnings += consistency.check(run)
     for stage in run.latency_stages:
         where = f"layer {stage['layer']} stage {stage['stage']}"
         for warning in stage["summary"].get("warnings", []):
@@ -105,6 +111,8 @@ def render_html(run_dir: str | os.PathLike) -> str:
     env = template_environment(jinja2.ChainableUndefined)
     # A value a stage does not hold (an imported result has no server side) reads as missing, not as an error.
     env.globals["fmt"] = lambda v: "–" if v is None or isinstance(v, jinja2.Undefined) else f"{v:.1f}"
+    env.globals["server_figure"] = figure_text
+    env.globals["interval"] = lambda stage, key: interval_text(stage, key).strip()
     data_files = sorted(str(p.relative_to(run.run_dir)) for p in (run.run_dir / "data").glob("*.jsonl"))
     return env.get_template("report.html.j2").render(
         version=__version__,
@@ -120,6 +128,8 @@ def render_html(run_dir: str | os.PathLike) -> str:
         request_shape=request_shape(run),
         stages=run.latency_stages,
         warnings=_warnings(run),
+        provenance=provenance_lines(run),
+        notes=annotation_lines(run),
         table=table,
         advice=derive_advice(run, table),
         recommendations=derive_recommendations(run, table),

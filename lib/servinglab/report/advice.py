@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import cost
+from ..measure import intervals
 from .rundata import RunData
 from . import manifests
 from .table import (
@@ -26,7 +27,9 @@ from .table import (
     experiment_outcome,
     published_urls,
     best_cost_point,
+    best_within,
     idle_cost,
+    interval_text,
     requires,
     latency_objectives,
     meets_objectives,
@@ -55,13 +58,6 @@ class Recommendation:
 def _ready_times(run: RunData, layer: str) -> list[float]:
     trials = [r["measurements"]["time_to_ready_s"] for r in experiment_outcome(run, layer, "time_to_ready").measured]
     return trials or [d["time_to_ready_s"] for d in run.fresh_starts(layer) if d.get("time_to_ready_s") is not None]
-
-
-def _best_within(run: RunData, layer: str, limits: dict[str, float]) -> dict[str, Any] | None:
-    stages = sorted((s for s in run.latency_stages if s["layer"] == layer and s.get("mode") == "closed"
-                     and s["summary"].get("completed")), key=lambda s: s.get("max_concurrency") or 0)  # fmt: skip
-    meeting = [s for s in stages if meets_objectives(s, limits)]
-    return meeting[-1] if meeting else None
 
 
 def _has_closed_stages(run: RunData, layer: str) -> bool:
@@ -142,7 +138,7 @@ def derive_advice(run: RunData, table: Table) -> list[Advice]:
                 reasons.append(text + (f", within the {allowed} allowed" if allowed is not None else ""))
 
         if limits and _has_closed_stages(run, layer):
-            best = _best_within(run, layer, limits)
+            best = best_within(run, layer, limits)
             if best is None:
                 miss(f"no tested concurrency met {objectives_text(limits)}")
             else:
@@ -292,30 +288,57 @@ def _moving_parts_need(run: RunData, layers: list[str]) -> Recommendation | None
                           "; ".join(parts) + ".", "#row-control")  # fmt: skip
 
 
+def _ties(values: dict[str, float], bounds: dict[str, list[float] | None], higher_is_better: bool,
+          unit: str) -> tuple[list[str], str]:  # fmt: skip
+    """The layers not told apart from the best (their recorded 95 % intervals overlap the best's), and a
+    sentence saying, for each other layer, by how much it trails beyond the noise. A layer without an
+    interval ties only on an equal value."""
+    if not values:
+        return [], ""
+    best = min(values, key=lambda l: (-values[l] if higher_is_better else values[l], l))
+    tied, apart = [], []
+    for layer, value in values.items():
+        same = layer == best or value == values[best] or bool(intervals.overlap(bounds.get(layer), bounds.get(best)))
+        if same:
+            tied.append(layer)
+        else:
+            gap = abs(values[best] - value)
+            known = bounds.get(layer) and bounds.get(best)
+            apart.append(f"{layer} trails {best} by {gap:.4g} {unit}" + ("" if known else " (no interval recorded)"))
+    noise = ""
+    if len(tied) > 1:
+        noise += f" {' and '.join(tied)} are within each other's 95 % intervals."
+    if apart:
+        noise += " Beyond the noise: " + "; ".join(apart) + "."
+    return tied, noise
+
+
 def _load_need(run: RunData, layers: list[str]) -> Recommendation | None:
     limits = latency_objectives(run)
     tested = [layer for layer in layers if _has_closed_stages(run, layer)]
     if not limits or not tested:
         return None
-    best = {layer: _best_within(run, layer, limits) for layer in tested}
+    best = {layer: best_within(run, layer, limits) for layer in tested}
     throughput = {layer: s["summary"]["request_throughput"] for layer, s in best.items() if s}
-    parts = [f"{layer}: {throughput[layer]:.2f} req/s at concurrency {best[layer]['max_concurrency']}" if layer in throughput
+    parts = [f"{layer}: {throughput[layer]:.2f}{interval_text(best[layer], 'request_throughput', 2)} req/s at "
+             f"concurrency {best[layer]['max_concurrency']}" if layer in throughput
              else f"{layer}: no tested load met them" for layer in tested]  # fmt: skip
-    top = max(throughput.values(), default=None)
-    # Within 5 % of the best counts as the same: load points are coarse and runs vary more than that.
-    fitting = [layer for layer, t in throughput.items() if top and t >= 0.95 * top]
-    return Recommendation(f"The most load within {objectives_text(limits)}", fitting, "; ".join(parts) + ".", "#row-goodput")
+    bounds = {layer: intervals.recorded(s, "request_throughput") for layer, s in best.items() if s}
+    fitting, noise = _ties(throughput, bounds, higher_is_better=True, unit="req/s")
+    return Recommendation(f"The most load within {objectives_text(limits)}", fitting, "; ".join(parts) + "." + noise,
+                          "#row-goodput")  # fmt: skip
 
 
 def _cost_need(run: RunData, layers: list[str]) -> Recommendation | None:
     points = {layer: p for layer in layers if (p := best_cost_point(run, layer))}
     if not points:
         return None
-    cheapest = min(p[0]["cost_per_1k_requests"] for p in points.values())
     parts = [f"{layer}: {p['cost_per_1k_requests']:.4f} {p['currency']} per 1,000 requests at {p['stage']}"
              + ("" if within else " (outside the objectives)") for layer, (p, within) in points.items()]  # fmt: skip
-    fitting = [layer for layer, (p, _) in points.items() if p["cost_per_1k_requests"] <= 1.05 * cheapest]
-    return Recommendation("The lowest cost per request", fitting, "; ".join(parts) + ".", "#row-cost")
+    values = {layer: p["cost_per_1k_requests"] for layer, (p, _) in points.items()}
+    bounds = {layer: p.get("cost_interval") for layer, (p, _) in points.items()}
+    fitting, noise = _ties(values, bounds, higher_is_better=False, unit=next(iter(points.values()))[0]["currency"])
+    return Recommendation("The lowest cost per request", fitting, "; ".join(parts) + "." + noise, "#row-cost")
 
 
 def _manifest_need(run: RunData, table: Table, layers: list[str]) -> Recommendation | None:

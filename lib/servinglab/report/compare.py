@@ -35,10 +35,14 @@ from ..errors import RunDirError
 from . import (load_pattern, request_shape, write_if_changed, reports_dir_of, template_environment,
                write_index)
 from .rundata import RunData, load_run
+from ..measure import intervals
 from .runfacts import accelerator, engine_command_args
+from .table import verdict
 
-# Changes smaller than this (in percent of the baseline) are shown as unchanged.
-SAME_PERCENT = 0.05
+# The seed of every bootstrap this page runs: the same run directories give the same page.
+COMPARE_SEED = 20261201
+# The latency figures whose difference is bootstrapped from the two stages' request records.
+BOOTSTRAPPED = {f"{stat}_{metric}_ms": (metric, stat) for metric in ("ttft", "tpot", "e2el") for stat in ("median", "p95")}
 # File names stay short enough for every file system and a readable index.
 MAX_NAME_CHARS = 120
 RUN_COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
@@ -145,37 +149,105 @@ def _format(value: float | None, metric: Metric) -> str:
     return f"{value:.{metric.digits}f} {metric.unit}"
 
 
-def change_text(base: float | None, value: float | None, metric: Metric) -> tuple[str, str]:
-    """The change from ``base`` to ``value`` as text ("+1.0 ms (+10.0 %)") and its verdict."""
+@dataclass(frozen=True)
+class Noise:
+    """What tells a change from run-to-run noise: the 95 % interval of the difference (bootstrapped from both
+    runs' request records), or whether the two runs' recorded intervals overlap."""
+
+    exceeds: bool
+    interval: list[float] | None = None  # of the difference, when bootstrapped
+    how: str = "bootstrap"  # or "intervals" (the recorded intervals of both values, compared)
+
+
+def change_text(base: float | None, value: float | None, metric: Metric, noise: Noise | None = None,
+                judged: bool = True) -> tuple[str, str]:  # fmt: skip
+    """The change from ``base`` to ``value`` as text ("+1.0 ms (+10.0 %) [+0.4, +1.6]") and its verdict:
+    ``better`` or ``worse`` only when the change exceeds the noise, ``same`` within it, "" when the noise is
+    unknown, the change has no direction, or ``judged`` is false (a stage that was not valid)."""
     if base is None or value is None:
         return "", ""
     delta = value - base
     sign = "+" if delta >= 0 else "−"
     if metric.unit == "%":  # a share: its change is in percentage points, a relative change would mislead
         text = f"{sign}{abs(delta):.{metric.digits}f} pp"
-        same = abs(delta) < 0.5 * 10 ** -metric.digits
-        return text, "same" if same else ""
-    text = f"{sign}{abs(delta):.{metric.digits}f} {metric.unit}"
-    if base == 0:
-        return text, "" if delta else "same"
-    percent = 100.0 * delta / abs(base)
-    text += f" ({'+' if percent >= 0 else '−'}{abs(percent):.1f} %)"
-    if abs(percent) < SAME_PERCENT:
-        return text, "same"
-    if metric.lower_is_better is None:
-        return text, ""
-    return text, "better" if (delta < 0) == metric.lower_is_better else "worse"
+    else:
+        text = f"{sign}{abs(delta):.{metric.digits}f} {metric.unit}"
+        if base != 0:
+            percent = 100.0 * delta / abs(base)
+            text += f" ({'+' if percent >= 0 else '−'}{abs(percent):.1f} %)"
+    if noise is None:
+        return text + "; noise unknown", ""
+    if noise.interval is not None:
+        low, high = noise.interval
+        text += f" [{low:+.{metric.digits}f}, {high:+.{metric.digits}f}]"
+    if not noise.exceeds:
+        return text + ("; within the noise" if noise.how == "bootstrap" else "; intervals overlap"), "same" if judged else ""
+    if not judged or metric.lower_is_better is None:
+        return text + "; beyond the noise", ""
+    return text + "; beyond the noise", "better" if (delta < 0) == metric.lower_is_better else "worse"
 
 
-def _values(numbers: list[float | None], metric: Metric, notes: list[str] | None = None) -> list[Value]:
-    """Each run's value with its change from the first run's (the baseline)."""
+def _values(numbers: list[float | None], metric: Metric, notes: list[str] | None = None,
+            noises: list[Noise | None] | None = None, judged: list[bool] | None = None) -> list[Value]:  # fmt: skip
+    """Each run's value with its change from the first run's (the baseline), judged against the noise."""
     out = []
-    for i, (number, note) in enumerate(zip(numbers, notes or [""] * len(numbers))):
+    count = len(numbers)
+    for i, (number, note) in enumerate(zip(numbers, notes or [""] * count)):
         if number is None:
             out.append(Value("–", note="not measured"))
             continue
-        text, verdict = change_text(numbers[0], number, metric) if i else ("", "")
+        noise = (noises or [None] * count)[i]
+        fair = (judged or [True] * count)[i] and (judged or [True] * count)[0]
+        text, verdict = change_text(numbers[0], number, metric, noise, fair) if i else ("", "")
         out.append(Value(_format(number, metric), text, verdict, note))
+    return out
+
+
+def _overlap_noise(a: list[float] | None, b: list[float] | None) -> Noise | None:
+    together = intervals.overlap(a, b)
+    return None if together is None else Noise(exceeds=not together, how="intervals")
+
+
+def _scaled(stage: dict[str, Any], key: str) -> list[float] | None:
+    """A stage's interval of a throughput: recorded, or (output tokens/s) its request throughput's, scaled."""
+    found = intervals.recorded(stage, key)
+    if found or key != "output_throughput":
+        return found
+    base, rps = intervals.recorded(stage, "request_throughput"), stage["summary"].get("request_throughput")
+    value = stage["summary"].get(key)
+    return [base[0] * value / rps, base[1] * value / rps] if base and rps and value is not None else None
+
+
+def stage_repeats(run: RunData, stage: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    """A stage's completed requests as its repeats measured them (empty when its records cannot be told)."""
+    found = next((requests for s, requests in run.stage_requests() if s is stage), None)
+    by_repeat: dict[int, list[dict[str, Any]]] = {}
+    for r in found or []:
+        if r.get("ok") and not r.get("warmup"):
+            by_repeat.setdefault(r.get("repeat") or 0, []).append(r)
+    return [by_repeat[k] for k in sorted(by_repeat)]
+
+
+def _stage_noises(runs: list[RunData], stages: list[dict[str, Any] | None]) -> dict[str, list[Noise | None]]:
+    """Per latency metric, each run's noise against the baseline's stage (None: the baseline, or unknown)."""
+    out: dict[str, list[Noise | None]] = {m.key: [None] * len(runs) for m in LATENCY_METRICS}
+    base = stages[0]
+    if base is None:
+        return out
+    base_repeats = stage_repeats(runs[0], base)
+    for i in range(1, len(runs)):
+        stage = stages[i]
+        if stage is None:
+            continue
+        repeats = stage_repeats(runs[i], stage)
+        found = (intervals.differences(base_repeats, repeats, list(BOOTSTRAPPED.values()), COMPARE_SEED)
+                 if base_repeats and repeats else {})  # fmt: skip
+        for metric in LATENCY_METRICS:
+            diff = found.get(BOOTSTRAPPED[metric.key]) if metric.key in BOOTSTRAPPED else None
+            if diff is not None:
+                out[metric.key][i] = Noise(diff["exceeds_noise"], diff["interval"])
+            else:
+                out[metric.key][i] = _overlap_noise(_scaled(base, metric.key), _scaled(stage, metric.key))
     return out
 
 
@@ -227,17 +299,25 @@ def _latency_rows(runs: list[RunData], notes: list[str]) -> dict[str, list[Metri
                 notes.append(f"layer {layer} at {key[1]} was not measured in run {', '.join(absent)}")
             if empty:
                 notes.append(f"layer {layer} at {key[1]} completed no request in run {', '.join(empty)}")
-            warned = []
+            warned, judged = [], []
             for run, s in zip(runs, stages):
-                # What the run's own report warns of (client lag, streams held back) makes its numbers suspect.
+                # A stage that was not valid feeds no verdict; what its run warned of is said above the table.
                 for warning in (s or {}).get("summary", {}).get("warnings", []) if s else []:
                     notes.append(f"run {run.run_id}, layer {layer} at {key[1]}: {warning}")
-                warned.append("the stage warned: see above" if s and s["summary"].get("warnings") else "")
+                state = verdict(s) if s else "valid"
+                if state != "valid":
+                    reasons = "; ".join(r["text"] for r in (s.get("validity") or {}).get("reasons", []))  # type: ignore[union-attr]
+                    notes.append(f"run {run.run_id}, layer {layer} at {key[1]}: {state}" + (f": {reasons}" if reasons else ""))
+                judged.append(state == "valid")
+                warned.append(f"{state}: no verdict" if state != "valid" else
+                              ("the stage warned: see above" if s and s["summary"].get("warnings") else ""))  # fmt: skip
+            noises = _stage_noises(runs, stages)
             for metric in LATENCY_METRICS:
                 numbers = [(s["summary"].get(metric.key) if s and s["summary"].get("completed") else None) for s in stages]
                 if all(n is None for n in numbers):
                     continue
-                rows.append(MetricRow(key[1], metric, _values(numbers, metric, warned), span=0))
+                rows.append(MetricRow(key[1], metric, _values(numbers, metric, warned, noises[metric.key], judged),
+                                      span=0))  # fmt: skip
             if len(rows) > first:
                 rows[first].span = len(rows) - first
         if rows:
@@ -245,40 +325,61 @@ def _latency_rows(runs: list[RunData], notes: list[str]) -> dict[str, list[Metri
     return out
 
 
-def lifecycle_headlines(run: RunData, layer: str) -> dict[str, tuple[float, str]]:
-    """A layer's lifecycle headline numbers in a run, each with a short note on where it comes from."""
+@dataclass(frozen=True)
+class Headline:
+    value: float
+    note: str = ""
+    interval: list[float] | None = None  # its 95 % interval, where the run recorded or allows one
+
+
+def _median_interval(values: list[float]) -> list[float] | None:
+    """A seeded bootstrap interval of the median of a few trials (three or more), else None."""
+    if len(values) < 3:
+        return None
+    import numpy as np
+
+    rng = np.random.default_rng(COMPARE_SEED)
+    draws = np.median(np.asarray(values)[rng.integers(0, len(values), size=(intervals.RESAMPLES, len(values)))], axis=1)
+    return [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]
+
+
+def lifecycle_headlines(run: RunData, layer: str) -> dict[str, Headline]:
+    """A layer's lifecycle headline numbers in a run, each with a note on where it comes from and its interval."""
     measured = [r for r in run.lifecycle if r["layer"] == layer and r["status"] == "measured"]
 
     def of(experiment: str) -> list[dict[str, Any]]:
         return [r["measurements"] for r in measured if r["experiment"] == experiment]
 
-    out: dict[str, tuple[float, str]] = {}
+    out: dict[str, Headline] = {}
     ready = [m["time_to_ready_s"] for m in of("time_to_ready") if m.get("time_to_ready_s") is not None]
     if ready:
-        out["time_to_ready_s"] = (statistics.median(ready), f"median of {len(ready)} starts" if len(ready) > 1 else "")
+        out["time_to_ready_s"] = Headline(statistics.median(ready), f"median of {len(ready)} starts" if len(ready) > 1
+                                          else "", _median_interval(ready))  # fmt: skip
     else:
         fresh = [d["time_to_ready_s"] for d in run.fresh_starts(layer) if d.get("time_to_ready_s") is not None]
         if fresh:
             label = f"median of {len(fresh)} deploys" if len(fresh) > 1 else "at deploy"
-            out["time_to_ready_s"] = (statistics.median(fresh), label)
+            out["time_to_ready_s"] = Headline(statistics.median(fresh), label, _median_interval(fresh))
     served = [m["change_to_served_s"] for m in of("model_update") if m.get("change_to_served_s") is not None]
     if served:
-        out["change_to_served_s"] = (served[-1], "")
+        out["change_to_served_s"] = Headline(served[-1])
     cold = [m for m in of("scale_to_zero") if m.get("cold_start_s") is not None]
     if cold:
-        out["cold_start_s"] = (cold[-1]["cold_start_s"], cold[-1].get("how") or "")
+        out["cold_start_s"] = Headline(cold[-1]["cold_start_s"], cold[-1].get("how") or "")
     canary = [m["split"] for m in of("canary") if m.get("split")]
     if canary:
         split = canary[-1]
-        out["canary_observed_percent"] = (
+        out["canary_observed_percent"] = Headline(
             split["observed_percent"],
             f"{split['requested_percent']:g} % requested, "
             f"interval {split['ci_low_percent']:.1f}–{split['ci_high_percent']:.1f}",
+            [split["ci_low_percent"], split["ci_high_percent"]],
         )
     hop = [m["overhead_ttft_ms"] for m in of("gateway_hop") if m.get("overhead_ttft_ms")]
     if hop:
         o = hop[-1]
-        out["gateway_overhead_ms"] = (o["median_difference"], f"interval {o['ci_low']:.2f}–{o['ci_high']:.2f} ms")
+        out["gateway_overhead_ms"] = Headline(o["median_difference"], f"interval {o['ci_low']:.2f}–{o['ci_high']:.2f} ms",
+                                              [o["ci_low"], o["ci_high"]])  # fmt: skip
     return out
 
 
@@ -296,8 +397,10 @@ def _lifecycle_rows(runs: list[RunData]) -> dict[str, list[MetricRow]]:
             found = [h.get(metric.key) for h in headlines]
             if all(f is None for f in found):
                 continue
-            numbers = [f[0] if f else None for f in found]
-            rows.append(MetricRow(layer, metric, _values(numbers, metric, [f[1] if f else "" for f in found])))
+            numbers = [f.value if f else None for f in found]
+            base = found[0].interval if found[0] else None
+            noises = [None] + [_overlap_noise(base, f.interval if f else None) for f in found[1:]]
+            rows.append(MetricRow(layer, metric, _values(numbers, metric, [f.note if f else "" for f in found], noises)))
         if rows:
             out[layer] = rows
     return out

@@ -113,40 +113,6 @@ def _rate(value: Any, units: str) -> dict[str, Any] | None:
 # --- matching stages and their records ----------------------------------------------------------------
 
 
-def stage_records(run: RunData) -> list[tuple[dict[str, Any], list[dict[str, Any]] | None]]:
-    """Every latency stage with its measured request records (warm-ups left out), or None when it has none.
-
-    Records carry their layer and stage name only; a stage measured twice in one run directory (a notebook
-    run again) has its records split in the order they were written, by the stage's request count.
-    """
-    by_key: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for record in run.latency_requests:
-        if not record.get("warmup"):
-            by_key.setdefault((record.get("layer"), record.get("stage")), []).append(record)
-    taken: dict[tuple[str, str], int] = {}
-    same_key = {}
-    for stage in run.latency_stages:
-        if stage.get("source") != IMPORTED_SOURCE:
-            key = (stage["layer"], stage["stage"])
-            same_key[key] = same_key.get(key, 0) + 1
-    out = []
-    for stage in run.latency_stages:
-        key = (stage["layer"], stage["stage"])
-        records = by_key.get(key, [])
-        if stage.get("source") == IMPORTED_SOURCE or not records:
-            out.append((stage, None))
-            continue
-        if same_key[key] == 1:
-            out.append((stage, records))
-            continue
-        count = (stage["summary"].get("completed") or 0) + (stage["summary"].get("failed") or 0)
-        start = taken.get(key, 0)
-        part = records[start : start + count]
-        taken[key] = start + count
-        out.append((stage, part if len(part) == count and count else None))
-    return out
-
-
 # --- the report ---------------------------------------------------------------------------------------
 
 
@@ -365,7 +331,7 @@ def benchmark_reports(run_dir: str | os.PathLike) -> list[tuple[str, dict[str, A
     out = []
     seen: dict[tuple[str, str], int] = {}
     index_in_layer: dict[str, int] = {}
-    for stage, records in stage_records(run):
+    for stage, records in run.stage_requests():
         key = (stage["layer"], stage["stage"])
         seen[key] = seen.get(key, 0) + 1
         index = index_in_layer.get(stage["layer"], 0)

@@ -61,6 +61,48 @@ class RunData:
         """The lifecycle records of one experiment on one layer, in the order they were written."""
         return [r for r in self.lifecycle if r["layer"] == layer and r["experiment"] == experiment]
 
+    def stage_requests(self) -> list[tuple[dict[str, Any], list[dict[str, Any]] | None]]:
+        """Every latency stage with the request records it was computed from (warm-ups left out), or None
+        when it has none (an import, or records that cannot be told apart).
+
+        A stage record names its measurement (``stage_id``) and so does each of its requests. A run that
+        did not record one has its records matched by layer and stage name; a stage measured twice in it (a
+        notebook run again) has its records split in the order they were written, by its request count.
+        """
+        by_id: dict[str, list[dict[str, Any]]] = {}
+        by_key: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for record in self.latency_requests:
+            if record.get("warmup"):
+                continue
+            if record.get("stage_id"):
+                by_id.setdefault(record["stage_id"], []).append(record)
+            else:
+                by_key.setdefault((record.get("layer"), record.get("stage")), []).append(record)  # type: ignore[arg-type]
+        legacy = [s for s in self.latency_stages if not s.get("stage_id") and s.get("provenance") != "imported"]
+        same_key: dict[tuple[str, str], int] = {}
+        for stage in legacy:
+            key = (stage["layer"], stage["stage"])
+            same_key[key] = same_key.get(key, 0) + 1
+        taken: dict[tuple[str, str], int] = {}
+        out: list[tuple[dict[str, Any], list[dict[str, Any]] | None]] = []
+        for stage in self.latency_stages:
+            if stage.get("provenance") == "imported":
+                out.append((stage, None))
+            elif stage.get("stage_id"):
+                out.append((stage, by_id.get(stage["stage_id"]) or None))
+            else:
+                key = (stage["layer"], stage["stage"])
+                found = by_key.get(key, [])
+                if same_key[key] == 1:
+                    out.append((stage, found or None))
+                    continue
+                count = (stage["summary"].get("completed") or 0) + (stage["summary"].get("failed") or 0)
+                start = taken.get(key, 0)
+                part = found[start : start + count]
+                taken[key] = start + count
+                out.append((stage, part if len(part) == count and count else None))
+        return out
+
     def smoke_of(self, layer: str) -> list[dict[str, Any]]:
         """The latest smoke checks of a layer (the last run of each check)."""
         latest: dict[str, dict] = {}

@@ -16,11 +16,13 @@ mode). Every cell is built from the run's data only and says what kind of statem
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .. import cost
+from ..measure import intervals
 from . import manifests
 from .rundata import RunData
 
@@ -33,10 +35,22 @@ class Cell:
     text: str
     trials: int | None = None
     evidence: str | None = None  # an anchor in the report or a data file of the run
+    validity: str | None = None  # the worst verdict of the latency stages the cell shows (None: none shown)
+    provenance: str = "measured"  # synthetic or imported when any number in the cell is
 
     @property
     def has_value(self) -> bool:
         return self.status in ("measured", "observed")
+
+    @property
+    def badge(self) -> str:
+        """The cell's status, with what qualifies its numbers: ``measured · client-limited``, ``… · synthetic``."""
+        parts = [self.status]
+        if self.validity and self.validity != "valid":
+            parts.append(self.validity)
+        if self.provenance != "measured":
+            parts.append(self.provenance)
+        return " · ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -491,6 +505,37 @@ def _finished_closed_stages(run: RunData, layer: str) -> list[dict]:
     return [s for s in _closed_stages(run, layer) if s["summary"].get("completed")]
 
 
+def verdict(stage: dict[str, Any]) -> str:
+    """A stage's validity verdict as recorded (``valid``, ``client-limited``, ``server-burst``,
+    ``too-few-samples``, ``unchecked`` for an import)."""
+    return (stage.get("validity") or {}).get("verdict", "unchecked")
+
+
+def valid_stages(stages: list[dict]) -> list[dict]:
+    """The stages whose numbers may feed a verdict: valid, measured here."""
+    return [s for s in stages if verdict(s) == "valid" and s.get("provenance", "measured") != "imported"]
+
+
+VERDICT_ORDER = ("valid", "too-few-samples", "unchecked", "server-burst", "client-limited")
+
+
+def worst_verdict(stages: list[dict]) -> str | None:
+    found = [verdict(s) for s in stages]
+    return max(found, key=VERDICT_ORDER.index) if found else None
+
+
+def provenance_of(stages: list[dict]) -> str:
+    """synthetic, imported or measured: the least direct source among the stages a cell shows."""
+    found = {s.get("provenance", "measured") for s in stages}
+    return next((p for p in ("synthetic", "imported") if p in found), "measured")
+
+
+def interval_text(stage: dict[str, Any], key: str, digits: int = 1) -> str:
+    """A stage's recorded interval of a figure (``[8.1–9.9]``), or nothing when it has none."""
+    found = intervals.recorded(stage, key)
+    return f" [{found[0]:.{digits}f}–{found[1]:.{digits}f}]" if found else ""
+
+
 def _no_latency(run: RunData, layer: str) -> Cell:
     """Why a layer has no latency figures: not running here, or the latency notebook did not run."""
     return _deployment_gate(run, layer) or Cell(
@@ -509,16 +554,18 @@ def _percentiles(metric: str) -> Callable[[RunData, str, str], Cell]:
         stages = _finished_closed_stages(run, layer)
         if not stages:
             return _no_latency(run, layer)
+        shown = [s for s in stages if s["summary"].get(f"median_{metric}_ms") is not None]
         parts = [
-            f"c={s['max_concurrency']}: {_ms_or_absent(s['summary'], f'median_{metric}_ms')} / "
-            f"{_ms_or_absent(s['summary'], f'p95_{metric}_ms')} ms"
-            for s in stages
-            if s["summary"].get(f"median_{metric}_ms") is not None
-        ]
+            f"c={s['max_concurrency']}: {_ms_or_absent(s['summary'], f'median_{metric}_ms')}"
+            f"{interval_text(s, f'median_{metric}_ms')} / {_ms_or_absent(s['summary'], f'p95_{metric}_ms')}"
+            f"{interval_text(s, f'p95_{metric}_ms')} ms" + ("" if verdict(s) == "valid" else f" ({verdict(s)})")
+            for s in shown
+        ]  # fmt: skip
         if not parts:  # an imported result that saved no such percentile
             return Cell("not-run", f"no {metric.upper()} percentiles in this run's stages", evidence="#latency")
-        trials = sum(s["summary"]["completed"] for s in stages)
-        return Cell("measured", "; ".join(parts), trials=trials, evidence="#latency")
+        trials = sum(s["summary"]["completed"] for s in shown)
+        return Cell("measured", "; ".join(parts), trials=trials, evidence="#latency", validity=worst_verdict(shown),
+                    provenance=provenance_of(shown))  # fmt: skip
 
     return measure
 
@@ -540,6 +587,19 @@ def objectives_text(limits: dict[str, float]) -> str:
     return ", ".join(f"{k.upper()} p95 ≤ {v:g} ms" for k, v in limits.items())
 
 
+def _left_out(stages: list[dict]) -> str:
+    """The stages a verdict may not lean on, and why (not valid, or not measured here)."""
+    out = [f"{s['stage']} ({verdict(s) if verdict(s) != 'valid' else s.get('provenance')})"
+           for s in stages if s not in valid_stages(stages)]  # fmt: skip
+    return f"; left out as not valid: {', '.join(out)}" if out else ""
+
+
+def best_within(run: RunData, layer: str, limits: dict[str, float]) -> dict[str, Any] | None:
+    """The highest concurrency whose stage was valid and met every p95 objective, or None."""
+    meeting = [s for s in valid_stages(_finished_closed_stages(run, layer)) if meets_objectives(s, limits)]
+    return meeting[-1] if meeting else None
+
+
 def _goodput(run: RunData, layer: str, kind: str) -> Cell:
     stages = _finished_closed_stages(run, layer)
     if not stages:
@@ -548,17 +608,24 @@ def _goodput(run: RunData, layer: str, kind: str) -> Cell:
     if not limits:
         return Cell("observed", "the study sets no p95 latency objectives (slos.*_ms_p95) to test the stages against",
                     trials=len(stages), evidence="#latency")  # fmt: skip
-    meeting = [s for s in stages if meets_objectives(s, limits)]
+    valid = valid_stages(stages)
     objectives = objectives_text(limits)
-    if not meeting:
-        return Cell("measured", f"no tested concurrency met {objectives}", trials=len(stages), evidence="#latency")
-    best = meeting[-1]
+    provenance = provenance_of(stages)
+    if not valid:
+        return Cell("not-run", f"no valid stage to judge against {objectives}{_left_out(stages)}", evidence="#latency",
+                    validity=worst_verdict(stages), provenance=provenance)  # fmt: skip
+    best = best_within(run, layer, limits)
+    if best is None:
+        return Cell("measured", f"no valid concurrency met {objectives}{_left_out(stages)}", trials=len(valid),
+                    evidence="#latency", validity="valid", provenance=provenance)  # fmt: skip
     s = best["summary"]
-    text = (f"concurrency {best['max_concurrency']}: {s['request_throughput']:.2f} req/s, "
-            f"{s['output_throughput']:.0f} output tok/s within {objectives}")  # fmt: skip
+    text = (f"concurrency {best['max_concurrency']}: {s['request_throughput']:.2f}"
+            f"{interval_text(best, 'request_throughput', 2)} req/s, {s['output_throughput']:.0f} output tok/s "
+            f"within {objectives}")  # fmt: skip
     if s.get("request_goodput") is not None:
         text += f"; goodput {s['request_goodput']:.2f} req/s"
-    return Cell("measured", text, trials=len(stages), evidence="#latency")
+    return Cell("measured", text + _left_out(stages), trials=len(valid), evidence="#latency", validity="valid",
+                provenance=provenance)  # fmt: skip
 
 
 def _gateway(run: RunData, layer: str, kind: str) -> Cell:
@@ -577,8 +644,8 @@ def _gateway(run: RunData, layer: str, kind: str) -> Cell:
 
 
 def load_point_costs(run: RunData) -> list[dict[str, Any]]:
-    """Cost per 1,000 requests at every latency stage, from the run's prices, replicas and throughput."""
-    return cost.load_point_costs(run.params, run.deployments, run.latency_stages)
+    """Cost per 1,000 requests at every valid latency stage, from the run's prices, replicas and throughput."""
+    return cost.load_point_costs(run.params, run.deployments, valid_stages(run.latency_stages))
 
 
 def best_cost_point(run: RunData, layer: str) -> tuple[dict[str, Any], bool] | None:
@@ -620,9 +687,12 @@ def _cost(run: RunData, layer: str, kind: str) -> Cell:
     elif idle:
         idle_text = "no price applies to this platform's replicas (a CPU replica needs costs.replica_hourly)"
     best = best_cost_point(run, layer)
+    stages = [s for s in run.latency_stages if s["layer"] == layer]
     if best is None:
-        cell = _no_latency(run, layer)
-        return Cell(cell.status, f"{cell.text}; {idle_text}" if idle_text else cell.text, evidence="#cost")
+        cell = (Cell("not-run", f"no valid stage to price{_left_out(stages)}", validity=worst_verdict(stages))
+                if stages else _no_latency(run, layer))  # fmt: skip
+        return Cell(cell.status, f"{cell.text}; {idle_text}" if idle_text else cell.text, evidence="#cost",
+                    validity=cell.validity)  # fmt: skip
     point, within = best
     replicas = f"{point['replicas']} replica{'s' if point['replicas'] != 1 else ''}"
     limits = latency_objectives(run)
@@ -630,10 +700,11 @@ def _cost(run: RunData, layer: str, kind: str) -> Cell:
     text = (f"{_money(point['cost_per_1k_requests'], point['currency'])} per 1,000 requests at {point['stage']}{where} "
             f"({point['request_throughput']:.2f} req/s on {replicas} "
             f"at {point['price_per_replica_hour']:g} {point['currency']}/h)")  # fmt: skip
+    text += _left_out(stages)
     if idle_text:
         text += f"; {idle_text}"
-    priced = len([s for s in run.latency_stages if s["layer"] == layer])
-    return Cell("measured", text, trials=priced, evidence="#cost")
+    priced = len(valid_stages(stages))
+    return Cell("measured", text, trials=priced, evidence="#cost", validity="valid", provenance=provenance_of(stages))
 
 
 ROWS: list[Row] = [
@@ -685,12 +756,22 @@ class Table:
         return {row.key: dict(zip(names, cells)) for row, cells in self.rows}
 
 
+def _qualified(run: RunData, layer: str, cell: Cell) -> Cell:
+    """A cell with a value whose row did not say where its numbers came from gets the least direct source
+    among the layer's deployment, smoke and lifecycle records (a synthetic run's cells all say so)."""
+    if not cell.has_value or cell.provenance != "measured":
+        return cell
+    found = [r for rows in (run.deployments, run.smoke, run.lifecycle, run.preflight) for r in rows
+             if r.get("layer", layer) == layer]  # fmt: skip
+    return dataclasses.replace(cell, provenance=provenance_of(found))
+
+
 def decision_table(run: RunData) -> Table:
     """Every row of ROWS measured (or explained) for every layer of the run's study."""
     order = list(run.context.get("layer_kinds") or {})  # the kinds in the source page's order, as recorded
     layers = [(name, spec["kind"]) for name, spec in run.layers.items()]
     layers.sort(key=lambda nk: order.index(nk[1]) if nk[1] in order else len(order))  # stable
-    rows = [(row, [row.measure(run, name, kind) for name, kind in layers]) for row in ROWS]
+    rows = [(row, [_qualified(run, name, row.measure(run, name, kind)) for name, kind in layers]) for row in ROWS]
     claims = {kind: dict(run.kind(kind).get("claims") or {}) for _, kind in layers}
     columns = {kind: run.kind(kind).get("column", kind) for _, kind in layers}
     return Table(layers, rows, claims, columns)
@@ -702,3 +783,97 @@ def table_frame(table: Table):
 
     data = {name: [cells[i].text for _, cells in table.rows] for i, (name, _) in enumerate(table.layers)}
     return pd.DataFrame(data, index=[row.title for row, _ in table.rows])
+
+
+# --- what qualifies the numbers: validity, annotations, provenance ----------------------------------
+
+
+def _stages_by_layer(stages: list[dict]) -> str:
+    """``raw (c=4, c=8), kserve (c=8)``: stages named under their layers, in the run's order."""
+    layers: dict[str, list[str]] = {}
+    for s in stages:
+        layers.setdefault(s["layer"], []).append(s["stage"])
+    return ", ".join(f"{layer} ({', '.join(names)})" for layer, names in layers.items())
+
+
+def _value_range(values: list[float], unit: str) -> str:
+    low, high = min(values), max(values)
+    number = (lambda v: f"{v:g}") if unit != "ms" else (lambda v: f"{v:.1f}")
+    return f"{number(low)} {unit}" if low == high else f"{number(low)}–{number(high)} {unit}"
+
+
+VERDICT_MEANING = {
+    "client-limited": "the client's event loop woke late at p99 by {values} (limit {limit}), so their latencies "
+                      "include the client's own delay",
+    "server-burst": "{values} of their streams reached the client in one burst at the end, so TTFT and ITL describe "
+                    "the server's delivery, not its generation",
+    "too-few-samples": "{values} completed, fewer than a p95 needs ({limit})",
+}  # fmt: skip
+
+
+def validity_lines(run: RunData) -> list[str]:
+    """One line per verdict other than valid: the stages (under their layers) that got it, the range of the
+    numbers behind it, and that they feed no verdict of this report."""
+    out = []
+    stages = run.latency_stages
+    for name in ("client-limited", "server-burst", "too-few-samples"):
+        found = [s for s in stages if verdict(s) == name]
+        if not found:
+            continue
+        reasons = [r for s in found for r in (s.get("validity") or {}).get("reasons", []) if r["verdict"] == name]
+        unit = reasons[0]["unit"] if reasons else ""
+        values = _value_range([r["value"] for r in reasons], unit) if reasons else "?"
+        limits = sorted({r["limit"] for r in reasons})
+        limit = f"{limits[0]:g} {unit}" if len(limits) == 1 else "per stage"
+        stopped = [s for s in found if s.get("stopped_sweep")]
+        line = (f"{name}: {_stages_by_layer(found)}: " + VERDICT_MEANING[name].format(values=values, limit=limit)
+                + "; their numbers feed no verdict of this report")  # fmt: skip
+        if stopped:
+            line += f"; the sweep stopped after {_stages_by_layer(stopped)}"
+        out.append(line)
+    imported = [s for s in stages if verdict(s) == "unchecked"]
+    if imported:
+        out.append(f"unchecked: {_stages_by_layer(imported)} came from another tool, which records nothing of its "
+                   "client's health; they are shown, and feed no verdict")  # fmt: skip
+    return out
+
+
+def annotation_lines(run: RunData) -> list[str]:
+    """What qualifies valid numbers without making them invalid (token packing, a p99 from few requests):
+    one line per kind of note, the stages named."""
+    out = []
+    stages = run.latency_stages
+    packed = [s for s in stages if any(n["note"] == "token-packing" for n in (s.get("validity") or {}).get("annotations", []))]
+    if packed:
+        ratios = [n["value"] for s in packed for n in s["validity"]["annotations"] if n["note"] == "token-packing"]
+        out.append(f"token packing: {_stages_by_layer(packed)}: chunks arrived {_value_range(ratios, '×')} further apart "
+                   "than tokens were generated (ITL over TPOT): the server sent several tokens a chunk, so ITL "
+                   "describes its delivery; TPOT its generation")  # fmt: skip
+    few = [s for s in stages if any(n["note"] == "p99-few-samples" for n in (s.get("validity") or {}).get("annotations", []))]
+    if few:
+        out.append(f"p99 from fewer than 100 requests: {_stages_by_layer(few)}: read their p99s as rough")
+    once = [s for s in stages if s.get("uncertainty") and (s.get("repeats") or 1) == 1]
+    if once:
+        out.append(f"measured once: {_stages_by_layer(once)}: their intervals cover the spread between requests, "
+                   "not between runs (workloads.latency.repeats)")  # fmt: skip
+    return out
+
+
+def provenance_lines(run: RunData) -> list[str]:
+    """What of the run was not measured by this run: synthetic records (made by a script) and imports (another
+    tool's results), with where they are; empty when everything was."""
+    out = []
+    tables = {"latency stages": run.latency_stages, "latency requests": run.latency_requests,
+              "deployments": run.deployments, "smoke checks": run.smoke, "preflight": run.preflight,
+              "lifecycle trials": run.lifecycle, "lifecycle requests": run.lifecycle_requests}  # fmt: skip
+    for label, meaning in (("synthetic", "made by a script, not measured"), ("imported", "imported from another tool's "
+                                                                                       "result file")):  # fmt: skip
+        found = [f"{name} ({len(hits)})" for name, rows in tables.items()
+                 if (hits := [r for r in rows if r.get("provenance") == label])]  # fmt: skip
+        if found:
+            stages = [s for s in run.latency_stages if s.get("provenance") == label]
+            where = f"; among them the latency stages of {_stages_by_layer(stages)}" if stages else ""
+            out.append(f"{label.capitalize()} data: {', '.join(found)} {'are' if len(found) > 1 else 'is'} {meaning}"
+                       f"{where}. Every cell they reach says “{label}”.")  # fmt: skip
+    return out
+
