@@ -46,6 +46,9 @@ from kubernetes.client.exceptions import ApiException
 
 from servinglab.platforms.kube import Kube, WatchEvent, object_path
 
+# How often owners held for their dependents are looked up again: each lookup lists every top kind,
+# which costs the in-process emulator enough to slow the serving it also runs.
+RESYNC_S = 5.0
 TOP_KINDS = [
     ("apps/v1", "Deployment"),
     ("serving.kserve.io/v1beta1", "InferenceService"),
@@ -891,7 +894,7 @@ class Controller:
     def _run(self) -> None:
         last_tick = last_resync = 0.0
         while not self.stop.is_set():
-            if time.monotonic() - last_resync >= 1.0:
+            if time.monotonic() - last_resync >= RESYNC_S:
                 last_resync = time.monotonic()
                 try:
                     self._release_held()

@@ -113,6 +113,7 @@ def run_smoke(
         client.close()
         for row in rows:
             row["via"] = endpoint.via  # the path the requests took (direct, port-forward, gateway, in-cluster)
+            row["provenance"] = "measured"  # returned as recorded
         records.append(run_dir, records.SMOKE, rows)
     if fingerprint:
         records.update_context(run_dir, engine={"system_fingerprint": fingerprint})
