@@ -26,6 +26,14 @@ class PlatformError(ServinglabError):
     """A platform could not deploy, reach or stop a layer."""
 
 
+class KubeconfigError(ParamsError, PlatformError):
+    """The kubeconfig named by the study or the environment cannot be read as one.
+
+    Bad input like a study file (the command refuses before starting anything), and a platform error for
+    callers that catch those.
+    """
+
+
 class UnsupportedLayerError(PlatformError):
     """The platform cannot host this kind of layer (for example KServe on ``local``)."""
 

@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import kubernetes
+import yaml
 import urllib3
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 from .. import layers
-from ..errors import PlatformError
+from ..errors import KubeconfigError, PlatformError
 
 FIELD_MANAGER = "servinglab"
 
@@ -66,6 +67,14 @@ def load_api_client(kubeconfig: str | None = None, context: str | None = None) -
     except (kubernetes.config.ConfigException, OSError) as exc:
         # The message names the file or the missing service account, never the credentials.
         raise PlatformError(f"no Kubernetes configuration usable (kubeconfig {path!r}, context {context!r}): {exc}") from None
+    except yaml.MarkedYAMLError as exc:
+        # Only where and what: the parser's own message quotes the offending line, which may hold a token.
+        where = f"line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1}" if exc.problem_mark else "?"
+        raise KubeconfigError(f"kubeconfig {path!r} is not valid YAML ({where}: {exc.problem})") from None
+    except (yaml.YAMLError, TypeError, ValueError, KeyError, AttributeError) as exc:
+        # A kubeconfig of the wrong shape (clusters: 5) fails deep in the client; its text may quote values.
+        raise KubeconfigError(f"kubeconfig {path!r} does not have a kubeconfig's shape "
+                            f"(clusters, contexts and users are lists of named entries): {type(exc).__name__}") from None
     return kubernetes.client.ApiClient(configuration)
 
 
