@@ -13,10 +13,12 @@ Layout of ``runs/<study>/<run-id>/``::
 
 Every table is declared once, with its file, its fields (type, unit, meaning) and which are required.
 Writers go through :func:`append` or :class:`Writer`, which check a record against its table before it
-reaches the disk. Readers go through :func:`read`, which returns the records *and* every line it could not
-read (a line cut short by a crash, a line that is not a record of the table), with its number: nothing is
-dropped silently. ``run.json`` is read through :func:`read_context`, which migrates a run written by an
-older servinglab to this ``SCHEMA_VERSION``; the tables are migrated as they are read.
+reaches the disk: :func:`append` syncs at once (the few records of a step that ended), a :class:`Writer`
+takes the records of requests as they end, and its caller, a measuring event loop, only queues them.
+Readers go through :func:`read`, which returns the records *and* every line it could not read (a line cut
+short by a crash, a line that is not a record of the table), with its number: nothing is dropped silently.
+``run.json`` is read through :func:`read_context`, which migrates a run written by an older servinglab to
+this ``SCHEMA_VERSION``; the tables are migrated as they are read.
 """
 
 from __future__ import annotations
@@ -470,79 +472,173 @@ def append(run_dir: str | os.PathLike, table: Table, rows: Iterable[dict[str, An
     return len(lines)
 
 
-class Writer:
-    """Appends the records of a table as they come, off the caller's thread: ``write`` only queues.
+@dataclass
+class WriterStats:
+    """What a :class:`Writer` has done so far, for whoever checks that it keeps its promises.
 
-    A thread of its own writes each record and flushes it at once, syncs the file to disk at least once a
-    second, and again when closed; a measuring event loop never waits for the disk. ``extra`` fields are
-    added to every record. The records written are kept in ``rows`` as well.
+    ``sync_threads`` holds the identity of every thread that synced the file: only the writer's own.
+    """
+
+    written: int = 0
+    syncs: int = 0
+    last_sync_monotonic_s: float | None = None
+    sync_threads: set[int] = field(default_factory=set)
+    refused: int = 0
+
+
+_STOP = object()  # queued by close(): everything queued before it is written, then the file is synced
+
+
+class Writer:
+    """Appends the records of a table as they come, off the caller's thread: :meth:`put` only queues.
+
+    A thread of its own checks each record against its table, writes it and flushes it at once, syncs the
+    file to disk at most ``SYNC_EVERY_S`` after a record was written, and again when closed; a measuring
+    event loop never waits for the disk, nor for the check. ``extra`` fields are added to every record.
+    The records written are kept in ``rows`` as well; a record that is not one of the table's is kept in
+    ``refused`` with its problems, never written, and :meth:`close` raises a RecordError naming it. Close
+    it (or use it as a context manager) when its stage ends: only then is every record on disk.
     """
 
     SYNC_EVERY_S = 1.0
 
     def __init__(self, path: Path | None, table: Table, extra: dict[str, Any] | None = None) -> None:
-        self.table, self.extra = table, dict(extra or {})
+        self.table, self.extra = table, {"provenance": "measured"} | dict(extra or {})
         self.rows: list[dict[str, Any]] = []
-        self._queue: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self.refused: list[tuple[dict[str, Any], list[str]]] = []
+        self.stats = WriterStats()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._error: BaseException | None = None
-        self._handle = None
-        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._handle: Any = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._handle = open(path, "a", encoding="utf-8")
-            self._thread = threading.Thread(target=self._run, name=f"servinglab-writer-{table.name}", daemon=True)
-            self._thread.start()
+            self._handle = self.open_file(path)
+        self._thread = threading.Thread(target=self._run, name=f"servinglab-writer-{table.name}", daemon=True)
+        self._thread.start()
 
     @classmethod
     def to_run(cls, run_dir: str | os.PathLike, table: Table, extra: dict[str, Any] | None = None) -> Writer:
         return cls(table_path(run_dir, table), table, extra)
 
+    def open_file(self, path: Path) -> Any:
+        """The file the records are appended to: a text file with ``write``, ``flush`` and ``fileno``
+        (a subclass may hand another, e.g. to see how the writer copes with a slow disk)."""
+        return open(path, "a", encoding="utf-8")
+
+    def put(self, record: dict[str, Any]) -> None:
+        """Queue a record and return at once; it is checked, written and flushed by the writer's thread.
+
+        The record is copied here (one level), so a caller that changes it afterwards changes nothing written.
+        """
+        if self._closed:
+            raise RecordError(f"a record for {self.table.file} came after its writer was closed")
+        self._queue.put(self.extra | record)
+
     def __call__(self, record: dict[str, Any]) -> None:
-        self.write(record)
+        """The writer as a sink: :meth:`put`."""
+        self.put(record)
 
     def write(self, record: dict[str, Any]) -> None:
-        record = check(self.table, {"provenance": "measured"} | self.extra | record)
-        self.rows.append(record)
-        if self._handle is not None:
-            self._queue.put(record)
+        """The same as :meth:`put`."""
+        self.put(record)
 
     def _run(self) -> None:
-        assert self._handle is not None
-        last_sync = time.monotonic()
-        while True:
-            try:
-                record = self._queue.get(timeout=self.SYNC_EVERY_S)
-            except queue.Empty:
-                record = ...  # type: ignore[assignment]
-            try:
-                if record is None:
+        unsynced_since: float | None = None  # when the oldest record not yet synced was written
+        try:
+            while True:
+                wait_s = None if unsynced_since is None else unsynced_since + self.SYNC_EVERY_S - time.monotonic()
+                try:
+                    record = self._queue.get(timeout=None if wait_s is None else max(0.0, wait_s))
+                except queue.Empty:
+                    record = None
+                if record is _STOP:
                     break
-                if record is not ...:
-                    self._handle.write(_line(record))
-                    self._handle.flush()
-                if time.monotonic() - last_sync >= self.SYNC_EVERY_S:
-                    os.fsync(self._handle.fileno())
-                    last_sync = time.monotonic()
-            except OSError as exc:  # the disk: reported at close, the records stay in memory
-                self._error = exc
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
+                if record is not None and self._take(record) and unsynced_since is None:
+                    unsynced_since = time.monotonic()
+                if unsynced_since is not None and time.monotonic() - unsynced_since >= self.SYNC_EVERY_S:
+                    self._sync()
+                    unsynced_since = None
+            self._sync()
+        except BaseException as exc:  # noqa: BLE001 - reported by close(), never lost with the thread
+            self._error = self._error or exc
+
+    def _take(self, record: dict[str, Any]) -> bool:
+        """Check and write one record; whether it reached the file."""
+        problems = self.table.problems(record)
+        if problems:
+            self.refused.append((record, problems))
+            self.stats.refused += 1
+            return False
+        self.rows.append(record)
+        if self._handle is None or self._error is not None:
+            return False
+        try:
+            self._handle.write(_line(record))
+            self._handle.flush()
+        except OSError as exc:  # the disk: reported at close, the records stay in memory (rows)
+            self._error = exc
+            return False
+        self.stats.written += 1
+        return True
+
+    def _sync(self) -> None:
+        if self._handle is None or self._error is not None:
+            return
+        try:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+        except OSError as exc:
+            self._error = exc
+            return
+        self.stats.syncs += 1
+        self.stats.last_sync_monotonic_s = time.monotonic()
+        self.stats.sync_threads.add(threading.get_ident())
 
     def close(self) -> None:
-        """Write what is queued, sync the file, and stop the thread."""
-        if self._thread is not None and self._handle is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._handle.close()
-            self._thread = None
+        """Write what is queued, sync the file, and stop the thread; then raise what went wrong, if anything:
+        a RunDirError when the disk refused (the records stay in ``rows``), a RecordError for records that
+        were not records of the table (kept in ``refused``)."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(_STOP)
+            _join_through_interrupts(self._thread)
+            if self._handle is not None:
+                with contextlib.suppress(OSError):
+                    self._handle.close()
         if self._error is not None:
-            raise RunDirError(f"{self.table.file}: could not be written: {self._error}")
+            kept = len(self.rows) - self.stats.written
+            raise RunDirError(f"{self.table.file}: could not be written ({self._error}); "
+                              f"{kept} records are kept in memory only")  # fmt: skip
+        if self.refused:
+            shown = "; ".join(self.refused[0][1][:3])
+            raise RecordError(f"{len(self.refused)} records for {self.table.file} were not written, not being "
+                              f"records of it (the first: {shown})")  # fmt: skip
 
     def __enter__(self) -> Writer:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except ServinglabError as problem:  # the error under way goes on; what the writer saw is told with it
+            exc.add_note(str(problem))
+
+
+def _join_through_interrupts(thread: threading.Thread) -> None:
+    """Wait for a writer's thread even through Ctrl-C: the records it still holds were measured, and it takes
+    no longer than the disk does to write them. The interrupt goes on once they are written."""
+    interrupted: KeyboardInterrupt | None = None
+    while thread.is_alive():
+        try:
+            thread.join()
+        except KeyboardInterrupt as exc:
+            interrupted = exc
+    if interrupted is not None:
+        raise interrupted
 
 
 @dataclass(frozen=True)

@@ -108,11 +108,9 @@ def run_layer_sweep(
                 writer = records.Writer.to_run(run_dir, records.LATENCY_REQUESTS, {
                     "layer": endpoint.layer, "stage": plan.name, "stage_id": stage_id, "repeat": repeat,
                     "provenance": "measured"})  # fmt: skip
-                try:
-                    with placement.client_on(cpus), window:
-                        runs.append(run_local(target, plan, writer, slos, rule.workers, cpus))
-                finally:
-                    writer.close()
+                # Closing the writer (also on Ctrl-C) writes and syncs every record the stage handed to it.
+                with writer, placement.client_on(cpus), window:
+                    runs.append(run_local(target, plan, writer, slos, rule.workers, cpus))
                 if runs[-1].interrupted:
                     break
             extra = {"client_workers": rule.workers, "client_workers_rule": rule.text,

@@ -88,11 +88,8 @@ def run_bench(
     rule = workers_for(workers, spec, len(usable_cores()) or 1)
     if say is not None:
         say(f"client: {rule.text}")
-    try:
-        with ServerWindow([MetricsTarget("server", root, api_key)]) as window:
-            merged = run_local(target, plan, writer, slos, rule.workers)
-    finally:
-        writer.close()
+    with writer, ServerWindow([MetricsTarget("server", root, api_key)]) as window:
+        merged = run_local(target, plan, writer, slos, rule.workers)
     return {
         "date": datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"),
         "client": "servinglab",

@@ -107,8 +107,9 @@ def run_lifecycle(
 
 def _run_one(trial: Trial, started: float, deploy_missing: bool) -> dict[str, Any]:
     try:
-        _ready(trial, deploy_missing)
-        measurements = EXPERIMENTS[trial.experiment](trial)
+        with trial.recording():  # its requests are on disk before the outcome is written, whatever happens
+            _ready(trial, deploy_missing)
+            measurements = EXPERIMENTS[trial.experiment](trial)
     except BaseException as exc:
         interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
         try:

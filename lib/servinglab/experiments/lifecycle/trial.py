@@ -3,15 +3,17 @@ of requests sent while a layer changes."""
 
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from ... import layers, records
 from ...config import LifecycleWorkload, Study
+from ...errors import ServinglabError
 from ...layers import Mechanism, Refusal
 from ...measure.workload import RequestSpec
 from ...platforms import Endpoint, Platform
@@ -22,7 +24,10 @@ NEW_REVISION_WAIT_S = 120.0  # after the change is ready, how long the steady lo
 
 @dataclass
 class Trial:
-    """One experiment on one layer: where it runs, how the layer's kind does it, where requests are recorded."""
+    """One experiment on one layer: where it runs, how the layer's kind does it, where requests are recorded.
+
+    Its requests are recorded while :meth:`recording` is open, by a writer off the measuring event loop.
+    """
 
     study: Study
     platform: Platform
@@ -30,6 +35,7 @@ class Trial:
     layer: str
     experiment: str
     trial: int = 0
+    _requests: records.Writer | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def settings(self) -> LifecycleWorkload:
@@ -53,8 +59,25 @@ class Trial:
     def request(self) -> RequestSpec:
         return RequestSpec(self.settings.prompt, 0, self.settings.max_tokens)
 
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """Record the trial's requests while the block runs. When it ends, however it ends (a failure,
+        Ctrl-C), every record handed to :meth:`sink` is written and synced to disk before it goes on."""
+        writer = records.Writer.to_run(self.run_dir, records.LIFECYCLE_REQUESTS)
+        self._requests = writer
+        try:
+            with writer:
+                yield
+        finally:
+            self._requests = None
+
     def sink(self, record: dict[str, Any]) -> None:
-        records.append(self.run_dir, records.LIFECYCLE_REQUESTS, [record])
+        """Hand one request's record to the trial's writer. Called from the measuring event loop as each
+        request ends, so it only queues: a request never waits for the disk."""
+        if self._requests is None:
+            raise ServinglabError(f"{self.experiment} on layer {self.layer} sent a request outside its trial's "
+                                  "recording")  # fmt: skip
+        self._requests.put(record)
 
     def tags(self, **extra: Any) -> dict[str, Any]:
         return {"layer": self.layer, "experiment": self.experiment, "trial": self.trial, **extra}
