@@ -37,6 +37,7 @@ from pydantic import (
 )
 
 from . import layers as layer_kinds
+from . import studyfile
 from .errors import ParamsError
 
 OVERRIDES_ENV = "SERVINGLAB_OVERRIDES"
@@ -632,37 +633,24 @@ def study_model() -> type[Study]:
 
 
 def _read_yaml(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise ParamsError(f"{path}: {what} not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ParamsError(f"{path}: invalid YAML{where}: {problem}") from exc
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ParamsError(f"{path}: the top level must be a mapping of keys, not {type(data).__name__}")
-    return data
+    # Size, encoding, duplicate keys, nesting and aliases are refused there, before anything is built.
+    return studyfile.read_mapping(path, what)
 
 
 def parse_set_items(items: list[str] | tuple[str, ...]) -> list[tuple[str, dict[str, Any]]]:
     """``["a.b=1"]`` → ``[("--set a.b=1", {"a": {"b": 1}})]``; values are YAML scalars or lists."""
     parsed = []
     for item in items:
-        label = f"--set {item}"
+        label = f"--set {studyfile.clip(item, 100)}"
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ParamsError(f"{label}: expected dotted.key=value")
         parts = key.strip().split(".")
         if any(not p for p in parts):
             raise ParamsError(f"{label}: '{key}' has an empty part between dots")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as exc:
-            raise ParamsError(f"{label}: the value is not valid YAML ({exc})") from exc
+        if len(parts) > studyfile.MAX_DEPTH:
+            raise ParamsError(f"--set {studyfile.clip(key)}: more than {studyfile.MAX_DEPTH} parts between dots")
+        value = studyfile.parse_text(raw, label) if raw.strip() else ""
         tree: dict[str, Any] = {parts[-1]: value}
         for part in reversed(parts[:-1]):
             tree = {part: tree}
