@@ -962,11 +962,11 @@ def _error_lines(exc: ValidationError, sources: list[tuple[str, dict[str, Any]]]
     by_key: dict[tuple[str, str], list[str]] = {}
     given: dict[tuple[str, str], str] = {}
     for error in exc.errors():
-        shown, message = _describe(error)
-        key = (_origin(sources, tuple(shown)), ".".join(shown) or "(top level)")
-        if message not in by_key.setdefault(key, []):
-            by_key[key].append(message)
-        given.setdefault(key, "" if tuple(shown[:1]) == _NOT_ECHOED else _given(error))
+        shown, message = _describe(dict(error))
+        place = (_origin(sources, tuple(shown)), ".".join(shown) or "(top level)")
+        if message not in by_key.setdefault(place, []):
+            by_key[place].append(message)
+        given.setdefault(place, "" if tuple(shown[:1]) == _NOT_ECHOED else _given(dict(error)))
     lines = []
     for (origin, key), messages in by_key.items():
         lines.append(f"{origin}: {key}: {'; or '.join(messages)}{given[(origin, key)]}")

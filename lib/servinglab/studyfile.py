@@ -38,6 +38,7 @@ MAX_VALUES = 20_000
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
+_CParser: Any
 try:
     # libyaml scans and parses some 30 times faster than PyYAML's Python code: a megabyte in milliseconds.
     from yaml._yaml import CParser as _CParser
@@ -45,8 +46,13 @@ except ImportError:  # PyYAML built without libyaml
     _CParser = None
 
 
-class _Bounds:
-    """The bounds above, checked while the document is composed and constructed (a loader mix-in)."""
+class _Bounds(Composer, SafeConstructor):
+    """The bounds above, checked while the document is composed and constructed; a loader puts a parser
+    and a resolver beside it."""
+
+    # From the parser the loader puts beside this class.
+    check_event: Any
+    peek_event: Any
 
     def _start_bounds(self) -> None:
         self._depth = 0
@@ -54,14 +60,7 @@ class _Bounds:
         # id(node) → (values under it, levels under it), for nodes composed so far; an alias costs its target's.
         self._measured: dict[int, tuple[int, int]] = {}
 
-    def fetch_flow_collection_start(self, TokenClass: Any) -> None:
-        # Refused as the scanner meets it: each open bracket may start a key, so the scanner would otherwise
-        # read on up to 1024 characters, rechecking every open level at each, before the composer saw one.
-        if self.flow_level >= MAX_DEPTH:
-            raise ScannerError(None, None, f"nested more than {MAX_DEPTH} levels deep", self.get_mark())
-        super().fetch_flow_collection_start(TokenClass)
-
-    def compose_node(self, parent: Node | None, index: Any) -> Node:
+    def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             return self._compose_alias()
         self._depth += 1
@@ -75,7 +74,7 @@ class _Bounds:
         self._count(1, node.start_mark)
         return node
 
-    def _compose_alias(self) -> Node:
+    def _compose_alias(self) -> Any:
         event = self.peek_event()
         node = super().compose_node(None, None)
         measured = self._measured.get(id(node))
@@ -130,8 +129,8 @@ class _Bounds:
 
 if _CParser is not None:
 
-    class _BoundedLoader(_Bounds, Composer, _CParser, SafeConstructor, Resolver):  # type: ignore[misc, valid-type]
-        """libyaml's parser, PyYAML's composer (where the bounds are checked) and safe constructor."""
+    class _BoundedLoader(_Bounds, _CParser, Resolver):
+        """libyaml's parser; PyYAML's composer (where the bounds are checked) and safe constructor."""
 
         def __init__(self, stream: str) -> None:
             _CParser.__init__(self, stream)
@@ -148,6 +147,14 @@ else:
         def __init__(self, stream: str) -> None:
             yaml.SafeLoader.__init__(self, stream)
             self._start_bounds()
+
+        def fetch_flow_collection_start(self, TokenClass: Any) -> None:
+            # Refused as the scanner meets it: each open bracket may start a key, so the scanner would
+            # otherwise read on up to 1024 characters, rechecking every open level at each, before the
+            # composer saw one (libyaml does the same in C, fast enough, and stops at 1000 levels).
+            if self.flow_level >= MAX_DEPTH:
+                raise ScannerError(None, None, f"nested more than {MAX_DEPTH} levels deep", self.get_mark())
+            super().fetch_flow_collection_start(TokenClass)
 
 
 def clip(value: Any, limit: int = 60) -> str:
