@@ -8,9 +8,14 @@ Prints, for the shrunk study (params/ci.yaml) in a private cache:
    registry, readiness polling and phase split;
 3. a second ``ensure`` (the reuse a later notebook gets);
 4. the whole batch (``servinglab run params/ci.yaml``), per notebook and in total;
-5. ``servinglab check`` on a study with a misspelt key (the time to reject bad input).
+5. ``servinglab check`` on a study with a misspelt key (the time to reject bad input);
+6. each hostile study of ``tests/hostile/study_cases.py`` (alias bombs, duplicate keys, binary, Latin-1,
+   nested brackets, a 50 MB file, .inf, negative seeds, int32 overflow, engine arguments that smuggle
+   flags): the time until the study loader refuses it (target: 0.5 s), and the one line it says; then
+   ``servinglab check`` on a few of them, interpreter start included.
 
 Run: ``.venv/bin/python benchmarks/startup.py``. It starts vLLM four times (a few minutes on 2 cores).
+``benchmarks/startup.py --hostile`` prints part 6 alone, in seconds, starting nothing.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from conftest import write_overrides  # noqa: E402  (the same private-folder override the tests use)
+
+REFUSAL_TARGET_S = 0.5
 
 
 def wait_ready(base_url: str, name: str, deadline_s: float = 900) -> float:
@@ -65,8 +72,67 @@ def by_hand(model_dir: Path, env: dict[str, str]) -> float:
         stop_group(proc.pid, 30)
 
 
+def hostile_refusals(workspace: Path) -> list[tuple[str, str]]:
+    """Each hostile study: milliseconds until ``load_study`` refuses it, and the message (or ACCEPTED)."""
+    sys.path.insert(0, str(REPO / "tests" / "hostile"))
+    from study_cases import cases
+
+    from servinglab.config import OVERRIDES_ENV, load_study
+    from servinglab.errors import ParamsError
+
+    folder = workspace / "hostile"
+    # The cases bring their own override files; the benchmark's private one would merge over every case.
+    saved = os.environ.pop(OVERRIDES_ENV, None)
+    rows = []
+    try:
+        for case in cases():
+            study, override = case.write(folder)
+            t0 = time.monotonic()
+            try:
+                load_study(study, case.sets, override_file=override)
+                said = "ACCEPTED"
+            except ParamsError as exc:
+                said = str(exc).replace(str(folder), "<tmp>")
+            elapsed_s = time.monotonic() - t0
+            over = "" if elapsed_s <= REFUSAL_TARGET_S else " OVER TARGET"
+            rows.append((case.name, f"{elapsed_s * 1000:6.0f} ms{over}  {said}"))
+            study.unlink()  # the 50 MB one need not stay
+        # The whole command is mostly the interpreter and the imports: a valid study shows that floor.
+        t0 = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "servinglab.cli", "check", str(REPO / "params" / "ci.yaml")],
+                              capture_output=True, text=True, env=dict(os.environ, **{OVERRIDES_ENV: ""}))  # fmt: skip
+        rows.append(("servinglab check, params/ci.yaml (valid; whole command)",
+                     f"{time.monotonic() - t0:6.2f} s  exit {done.returncode}"))  # fmt: skip
+        for name in ("alias bomb in a string field", "50 MB file", "engine-arg list with --host"):
+            case = next(c for c in cases() if c.name == name)
+            study, _ = case.write(folder)
+            t0 = time.monotonic()
+            done = subprocess.run(
+                [sys.executable, "-m", "servinglab.cli", "check", str(study), *(f"--set={s}" for s in case.sets)],
+                capture_output=True, text=True, env=dict(os.environ, **{OVERRIDES_ENV: ""}),
+            )  # fmt: skip
+            rows.append((f"servinglab check, {name} (whole command)",
+                         f"{time.monotonic() - t0:6.2f} s  exit {done.returncode}"))  # fmt: skip
+            study.unlink()
+    finally:
+        if saved is not None:
+            os.environ[OVERRIDES_ENV] = saved
+    return rows
+
+
+def print_rows(title: str, rows: list[tuple[str, str]]) -> None:
+    width = max(len(name) for name, _ in rows)
+    print(title)
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+
+
 def main() -> None:
     workspace = Path(tempfile.mkdtemp(prefix="servinglab-bench-"))
+    if "--hostile" in sys.argv[1:]:
+        print_rows(f"servinglab: time to refuse each hostile study on {os.cpu_count()} cores "
+                   f"(target {REFUSAL_TARGET_S} s)", hostile_refusals(workspace))  # fmt: skip
+        return
     overrides = write_overrides(workspace)
     os.environ["SERVINGLAB_OVERRIDES"] = str(overrides)
     from servinglab import api
@@ -122,10 +188,8 @@ def main() -> None:
         assert rejected.returncode == 2
     rows.append(("servinglab check, misspelt key: rejected in (median of 5)", f"{statistics.median(times):.2f} s"))
 
-    width = max(len(name) for name, _ in rows)
-    print(f"servinglab start-up and batch times on {os.cpu_count()} cores ({workspace})")
-    for name, value in rows:
-        print(f"  {name:<{width}}  {value}")
+    print_rows(f"servinglab start-up and batch times on {os.cpu_count()} cores ({workspace})", rows)
+    print_rows(f"time to refuse each hostile study (target {REFUSAL_TARGET_S} s)", hostile_refusals(workspace))
 
 
 if __name__ == "__main__":

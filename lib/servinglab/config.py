@@ -17,13 +17,14 @@ anything is built, deployed or started.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
+import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -37,6 +38,7 @@ from pydantic import (
 )
 
 from . import layers as layer_kinds
+from . import studyfile
 from .errors import ParamsError
 
 OVERRIDES_ENV = "SERVINGLAB_OVERRIDES"
@@ -44,8 +46,25 @@ OVERRIDES_ENV = "SERVINGLAB_OVERRIDES"
 # Kubernetes object names are built from these, so they follow DNS-1123 label rules.
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
-# Engine arguments the platform sets itself; a study that sets them would fight the platform.
-MANAGED_ENGINE_ARGS = {"model", "served-model-name", "host", "port", "api-key"}
+# Engine arguments the platform sets itself; a study that sets them would fight the platform. 'config' reads
+# further arguments from a file, past every check here.
+MANAGED_ENGINE_ARGS = {"model", "served-model-name", "host", "port", "api-key", "config"}
+
+# Kubernetes declares replicas, parallelism and probe thresholds as int32.
+INT32_MAX = 2**31 - 1
+# The longest any wait, deadline or grace period may be: longer than any run, and far inside what
+# asyncio, threading (OverflowError above about 9e9 s) and Kubernetes' deadlines take.
+LONGEST_WAIT_S = 7 * 24 * 3600.0
+# Concurrent streams of one stage: the client already lags from about 64 per process (DESIGN.md).
+MAX_CONCURRENCY = 100_000
+# Requests one stage may send: its schedule and its records are held in memory.
+MAX_STAGE_REQUESTS = 1_000_000
+# Tokens of one prompt or answer: longer than any model's context.
+MAX_TOKENS = 10_000_000
+# Requests per second of a rate stage or of the steady load beside a change.
+MAX_RATE_PER_S = 10_000.0
+# Seeds go to numpy, and offsets (stage index, trial) are added to them: non-negative int32 leaves room.
+MAX_SEED = INT32_MAX
 
 
 def engine_argv(engine_args: dict[str, Any]) -> list[str]:
@@ -64,9 +83,10 @@ def engine_argv(engine_args: dict[str, Any]) -> list[str]:
 
 
 class StrictModel(BaseModel):
-    """A schema node that rejects keys it does not define."""
+    """A schema node that rejects keys it does not define, and numbers that are not finite."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # .inf and .nan pass every gt/le bound, so they are refused wherever a float is read.
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------------------------------------- platform
@@ -80,9 +100,11 @@ class LocalPlatform(StrictModel):
     python: str | None = Field(
         None, description="interpreter that runs the engine; empty means the one running servinglab"
     )
-    ready_timeout_s: float = Field(900.0, gt=0, description="deadline for /health and /v1/models")
-    stop_grace_s: float = Field(30.0, gt=0, description="SIGTERM to SIGKILL grace period")
-    kv_cache_space_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE (whole GiB) for the CPU build")
+    ready_timeout_s: float = Field(900.0, gt=0, le=LONGEST_WAIT_S, description="deadline for /health and /v1/models")
+    stop_grace_s: float = Field(30.0, gt=0, le=3600, description="SIGTERM to SIGKILL grace period")
+    kv_cache_space_gib: int = Field(
+        1, ge=1, le=INT32_MAX, description="VLLM_CPU_KVCACHE_SPACE (whole GiB) for the CPU build"
+    )
     env: dict[str, str] = Field(
         default_factory=dict, description="extra environment for the engine; recorded in run.json, so no secrets"
     )
@@ -93,6 +115,7 @@ class LocalPlatform(StrictModel):
     )
 
 
+ENV_NAME_PATTERN = r"[A-Za-z_][A-Za-z0-9_]{0,127}"
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$"
 
 
@@ -105,19 +128,23 @@ class KubernetesPlatform(StrictModel):
     namespace: str = Field("servinglab", pattern=NAME_PATTERN)
     create_namespace: bool = False
     kubernetes_version: str = Field("1.33", pattern=r"^1\.\d+$")
-    ready_timeout_s: float = Field(1800.0, gt=0)
+    ready_timeout_s: float = Field(1800.0, gt=0, le=LONGEST_WAIT_S)
     image: str = Field(
         "vllm/vllm-openai:v0.32.0",
         description="vLLM OpenAI server image, pinned by tag or digest (a moving tag would change the engine between runs)",
     )
     image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
-    gpus: int = Field(1, ge=0, description="GPUs per replica; 0 renders a CPU-only variant (give a CPU image)")
+    gpus: int = Field(
+        1, ge=0, le=INT32_MAX, description="GPUs per replica; 0 renders a CPU-only variant (give a CPU image)"
+    )
     gpu_resource: str = Field("nvidia.com/gpu", description="extended resource name of the GPU")
     cpu: str = Field("4", pattern=QUANTITY_PATTERN, description="CPU request and limit per replica")
     memory: str = Field("16Gi", pattern=QUANTITY_PATTERN, description="memory request and limit per replica")
     shm_size: str = Field("2Gi", pattern=QUANTITY_PATTERN, description="memory-backed /dev/shm size")
-    run_as_user: int = Field(1000, ge=1, description="non-root user the engine runs as")
-    startup_budget_s: int = Field(1800, ge=30, description="time the start-up probe allows before restarting")
+    run_as_user: int = Field(1000, ge=1, le=INT32_MAX, description="non-root user the engine runs as")
+    startup_budget_s: int = Field(
+        1800, ge=30, le=int(LONGEST_WAIT_S), description="time the start-up probe allows before restarting"
+    )
     weights_claim_size: str = Field("20Gi", pattern=QUANTITY_PATTERN, description="PVC size when servinglab creates it")
     storage_class: str | None = Field(None, description="storage class of a PVC servinglab creates")
     staging_image: str | None = Field(
@@ -134,7 +161,8 @@ class KubernetesPlatform(StrictModel):
         "the layer's gateway URL (status.url), or the in-cluster Service name (client running in the cluster)",
     )
     unschedulable_grace_s: float = Field(
-        0.0, ge=0, description="how long a pod may stay unschedulable (a node autoscaler adding a GPU node) before it fails"
+        0.0, ge=0, le=LONGEST_WAIT_S,
+        description="how long a pod may stay unschedulable (a node autoscaler adding a GPU node) before it fails",
     )
     gateway_address: str | None = Field(
         None, description="host[:port] of the gateway when status.url's name does not resolve; sent with its Host header"
@@ -162,7 +190,7 @@ class BuiltSource(StrictModel):
 
     kind: Literal["built"]
     shape: Literal["tiny"] = "tiny"
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
 class DummySource(StrictModel):
@@ -171,7 +199,7 @@ class DummySource(StrictModel):
     kind: Literal["dummy"]
     shape: Literal["tiny", "qwen2.5-0.5b"] | None = None
     path: str | None = None
-    seed: int = Field(0, ge=0, description="seed of the tokenizer's corpus when a shape is built")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the tokenizer's corpus when a shape is built")
 
     @model_validator(mode="after")
     def _one_of_shape_or_path(self) -> DummySource:
@@ -198,7 +226,31 @@ ModelSource = Annotated[
     Union[BuiltSource, DummySource, LocalDirSource, UriSource], Field(discriminator="kind")
 ]
 
-EngineArgValue = Union[bool, int, float, str, list[Union[int, float, str]]]
+# One value per flag: a list would put several words after the flag, and a word starting with '--' is a flag
+# of its own (how '--host 0.0.0.0' got past the managed-flag check).
+EngineArgValue = Union[bool, int, float, str]
+
+
+def _engine_arg_values(args: Any) -> Any:
+    """Refuse an engine argument value that is not one scalar word, before its type is tried."""
+    if not isinstance(args, dict):
+        return args
+    for key, value in args.items():
+        name = studyfile.clip(key)
+        if value is None:
+            raise ValueError(f"'{name}' has no value; give one, or true for a flag without one")
+        if not isinstance(value, (bool, int, float, str)):
+            raise ValueError(f"'{name}' must be one value (text, a number or true/false), not a {type(value).__name__}")
+        if isinstance(value, str) and value.lstrip().startswith("--"):
+            raise ValueError(f"'{name}': a value may not start with '--' (each flag is a key of its own)")
+        if isinstance(value, str) and any(ord(ch) < 32 for ch in value):
+            raise ValueError(f"'{name}': the value holds a control character (a newline or NUL)")
+    return args
+
+
+def _managed_flag(flag: str) -> str | None:
+    """The platform-owned flag ``flag`` names: itself, or one it abbreviates (argparse takes any unique prefix)."""
+    return next((m for m in sorted(MANAGED_ENGINE_ARGS) if m.startswith(flag)), None)
 
 
 class Model(StrictModel):
@@ -220,6 +272,11 @@ class Model(StrictModel):
         "responses tell two revisions apart",
     )
 
+    @field_validator("engine_args", mode="before")
+    @classmethod
+    def _one_word_values(cls, args: Any) -> Any:
+        return _engine_arg_values(args)
+
     @field_validator("engine_args")
     @classmethod
     def _normalise_engine_args(cls, args: dict[str, EngineArgValue]) -> dict[str, EngineArgValue]:
@@ -227,9 +284,12 @@ class Model(StrictModel):
         for key, value in args.items():
             flag = key.lstrip("-").replace("_", "-")
             if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", flag):
-                raise ValueError(f"'{key}' is not a vLLM argument name")
-            if flag in MANAGED_ENGINE_ARGS:
+                raise ValueError(f"'{studyfile.clip(key)}' is not a vLLM argument name")
+            managed = _managed_flag(flag)
+            if managed == flag:
                 raise ValueError(f"'{key}' is set by the platform from the model spec; remove it")
+            if managed:
+                raise ValueError(f"'{key}' would be read as --{managed}, which the platform sets; remove it")
             if flag in normalised:
                 raise ValueError(f"'{key}' is given twice (as {flag})")
             normalised[flag] = value
@@ -272,23 +332,26 @@ class SmokeWorkload(StrictModel):
     """The requests of the smoke test (the source page's "Confirmed behavior")."""
 
     prompt: str = Field("Say hello in one short sentence.", min_length=1)
-    max_tokens: int = Field(16, ge=1)
-    timeout_s: float = Field(120.0, gt=0)
+    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS)
+    timeout_s: float = Field(120.0, gt=0, le=LONGEST_WAIT_S)
 
 
 class RateSweep(StrictModel):
     """Open-loop stages: requests arrive at a rate (Poisson, or gamma with a burstiness)."""
 
     rates: list[float] = Field(default_factory=list, description="requests/s per stage; empty: no rate sweep")
-    burstiness: float = Field(1.0, gt=0)
-    num_prompts: int = Field(60, ge=1)
-    max_concurrency: int | None = Field(None, ge=1)
+    # Gamma gaps of shape burstiness and mean 1/rate: far outside this range they underflow to 0 or overflow.
+    burstiness: float = Field(1.0, ge=0.01, le=100)
+    num_prompts: int = Field(60, ge=1, le=MAX_STAGE_REQUESTS)
+    max_concurrency: int | None = Field(None, ge=1, le=MAX_CONCURRENCY)
 
     @field_validator("rates")
     @classmethod
     def _positive(cls, rates: list[float]) -> list[float]:
         if any(r <= 0 for r in rates):
             raise ValueError("every rate must be positive")
+        if any(r > MAX_RATE_PER_S for r in rates):
+            raise ValueError(f"every rate must be at most {MAX_RATE_PER_S:g} requests/s")
         return rates
 
 
@@ -298,14 +361,17 @@ class InClusterClient(StrictModel):
     image: str | None = Field(
         None, description="the load generator's image (docker/loadgen), pinned; required with client: in-cluster"
     )
-    pods: int = Field(2, ge=1, description="pods of the Job; each sends its share of a stage's requests")
+    # An indexed Job takes up to 10^5 completions (and Kubernetes' int32 for parallelism).
+    pods: int = Field(2, ge=1, le=100_000, description="pods of the Job; each sends its share of a stage's requests")
     start_delay_s: float = Field(
-        60.0, ge=0, description="every pod starts its slice at the Job's creation + this (time to schedule and pull)"
+        60.0, ge=0, le=LONGEST_WAIT_S,
+        description="every pod starts its slice at the Job's creation + this (time to schedule and pull)",
     )
     cpu: str = Field("2", pattern=QUANTITY_PATTERN, description="CPU request and limit per pod")
     memory: str = Field("2Gi", pattern=QUANTITY_PATTERN, description="memory request and limit per pod")
     timeout_s: float = Field(
-        3600.0, gt=0, description="bound on one stage's Job from its creation (its activeDeadlineSeconds)"
+        3600.0, gt=0, le=LONGEST_WAIT_S,
+        description="bound on one stage's Job from its creation (its activeDeadlineSeconds)",
     )
 
     @field_validator("image")
@@ -324,19 +390,25 @@ class InClusterClient(StrictModel):
 class LatencyWorkload(StrictModel):
     """The reference experiment by default: chat, 256 tokens in / 128 out, ignore_eos, seed 42."""
 
-    input_len: int = Field(256, ge=1, description="prompt tokens before the chat template")
-    output_len: int = Field(128, ge=1)
+    input_len: int = Field(256, ge=1, le=MAX_TOKENS, description="prompt tokens before the chat template")
+    output_len: int = Field(128, ge=1, le=MAX_TOKENS)
     ignore_eos: bool = True
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=MAX_SEED)
     concurrency: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32], description="closed-loop stages")
-    prompts_per_concurrency: int = Field(10, ge=1, description="a stage sends this many × its concurrency ...")
-    min_prompts: int = Field(60, ge=1, description="... and at least this many")
-    num_warmups: int = Field(0, ge=0, description="requests sent before each stage, left out of its metrics")
+    prompts_per_concurrency: int = Field(
+        10, ge=1, le=MAX_STAGE_REQUESTS, description="a stage sends this many × its concurrency ..."
+    )
+    min_prompts: int = Field(60, ge=1, le=MAX_STAGE_REQUESTS, description="... and at least this many")
+    num_warmups: int = Field(
+        0, ge=0, le=MAX_STAGE_REQUESTS, description="requests sent before each stage, left out of its metrics"
+    )
     prompts_file: str | None = Field(
         None, description="JSONL of {prompt, max_tokens?} to send instead of random prompts (cycled to length)"
     )
-    stage_duration_s: float | None = Field(None, gt=0, description="stop sending after this long in a stage")
-    request_timeout_s: float = Field(600.0, gt=0)
+    stage_duration_s: float | None = Field(
+        None, gt=0, le=LONGEST_WAIT_S, description="stop sending after this long in a stage"
+    )
+    request_timeout_s: float = Field(600.0, gt=0, le=LONGEST_WAIT_S)
     rate_sweep: RateSweep = Field(default_factory=RateSweep)
     on_server_death: Literal["stop", "continue"] = Field(
         "stop", description="a stage whose server died ends the sweep (stop) or the next stage is tried"
@@ -345,7 +417,7 @@ class LatencyWorkload(StrictModel):
         3, ge=1, le=100, description="times each stage is measured; its intervals resample the repeats, then the "
         "requests within each (one repeat: the intervals cover request-to-request variation only)"
     )
-    workers: int | Literal["auto"] = Field(
+    workers: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(
         "auto", description="client processes per stage on this machine; auto: one per 8 concurrent streams, "
         "within the cores the engine leaves"
     )
@@ -363,7 +435,17 @@ class LatencyWorkload(StrictModel):
     def _levels(cls, levels: list[int]) -> list[int]:
         if any(c < 1 for c in levels):
             raise ValueError("every concurrency must be at least 1")
+        if any(c > MAX_CONCURRENCY for c in levels):
+            raise ValueError(f"every concurrency must be at most {MAX_CONCURRENCY}")
         return levels
+
+    @model_validator(mode="after")
+    def _stage_sizes(self) -> LatencyWorkload:
+        largest = max(self.concurrency, default=1) * self.prompts_per_concurrency
+        if largest > MAX_STAGE_REQUESTS:
+            raise ValueError(f"a stage would send {largest} requests (concurrency × prompts_per_concurrency); "
+                             f"at most {MAX_STAGE_REQUESTS}")  # fmt: skip
+        return self
 
 
 LIFECYCLE_EXPERIMENTS = ("time_to_ready", "model_update", "canary", "scale_to_zero", "gateway_hop")
@@ -375,28 +457,48 @@ class LifecycleWorkload(StrictModel):
     experiments: list[Literal["time_to_ready", "model_update", "canary", "scale_to_zero", "gateway_hop"]] = Field(
         default_factory=lambda: list(LIFECYCLE_EXPERIMENTS), description="the experiments to run, in this order"
     )
-    repeats: int = Field(3, ge=1, description="time-to-ready cycles per layer, each a teardown and a fresh start")
+    repeats: int = Field(
+        3, ge=1, le=100, description="time-to-ready cycles per layer, each a teardown and a fresh start"
+    )
     update_engine_args: dict[str, EngineArgValue] = Field(
         default_factory=lambda: {"max-num-seqs": 128},
         description="the change a model update and a canary make to the engine arguments",
     )
     prompt: str = Field("Count from one to twenty.", min_length=1, description="the prompt of every request here")
-    max_tokens: int = Field(16, ge=1, description="output tokens per request (ignore_eos)")
-    request_timeout_s: float = Field(120.0, gt=0)
-    steady_rate: float = Field(2.0, gt=0, description="requests/s sent while a layer changes (Poisson, seeded)")
-    baseline_s: float = Field(10.0, gt=0, description="steady load measured before a change, for comparison")
+    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS, description="output tokens per request (ignore_eos)")
+    request_timeout_s: float = Field(120.0, gt=0, le=LONGEST_WAIT_S)
+    # The sender yields to its requests only between arrivals: a steady load, not a stress test.
+    steady_rate: float = Field(
+        2.0, gt=0, le=1000, description="requests/s sent while a layer changes (Poisson, seeded)"
+    )
+    baseline_s: float = Field(
+        10.0, gt=0, le=LONGEST_WAIT_S, description="steady load measured before a change, for comparison"
+    )
     canary_percent: int = Field(20, ge=1, le=99, description="share of the requests the new revision should get")
-    canary_requests: int = Field(200, ge=10, description="requests whose answering revision is counted")
-    hop_requests: int = Field(40, ge=4, description="requests per path in the gateway-vs-direct comparison")
-    warm_requests: int = Field(5, ge=1, description="requests on a warm layer, the cold start's comparison")
-    scale_to_zero_timeout_s: float = Field(900.0, gt=0, description="longest wait for a layer to reach zero pods")
+    canary_requests: int = Field(
+        200, ge=10, le=MAX_STAGE_REQUESTS, description="requests whose answering revision is counted"
+    )
+    hop_requests: int = Field(
+        40, ge=4, le=MAX_STAGE_REQUESTS, description="requests per path in the gateway-vs-direct comparison"
+    )
+    warm_requests: int = Field(
+        5, ge=1, le=MAX_STAGE_REQUESTS, description="requests on a warm layer, the cold start's comparison"
+    )
+    scale_to_zero_timeout_s: float = Field(
+        900.0, gt=0, le=LONGEST_WAIT_S, description="longest wait for a layer to reach zero pods"
+    )
     confidence: float = Field(0.95, gt=0.5, lt=1, description="level of every confidence interval")
-    seed: int = 7
+    seed: int = Field(7, ge=0, le=MAX_SEED)
     on_interrupt: Literal["restore", "teardown"] = Field(
         "restore",
         description="after an interrupted or failed experiment: put the layer back as the study specifies it, "
         "or delete it",
     )
+
+    @field_validator("update_engine_args", mode="before")
+    @classmethod
+    def _one_word_values(cls, args: Any) -> Any:
+        return _engine_arg_values(args)
 
     @field_validator("update_engine_args")
     @classmethod
@@ -457,15 +559,25 @@ class Slos(StrictModel):
     time_to_ready_s: float | None = Field(None, gt=0)
     cold_start_s: float | None = Field(None, gt=0)
     update_failed_requests: int | None = Field(
-        None, ge=0, description="most requests a model update may fail under the steady load (0: no downtime)"
+        None, ge=0, le=MAX_STAGE_REQUESTS,
+        description="most requests a model update may fail under the steady load (0: no downtime)",
     )
 
 
 class Auth(StrictModel):
     """Where the API key comes from. Only the source is ever recorded, never the key."""
 
-    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    api_key_env: str | None = Field(None, description="name of the environment variable that holds the key")
     api_key_file: str | None = None
+
+    @field_validator("api_key_env", mode="before")
+    @classmethod
+    def _a_variable_name(cls, name: Any) -> Any:
+        # A key pasted here instead of a name is the likeliest mistake: say what is wrong, never what was given.
+        if name is not None and not (isinstance(name, str) and re.fullmatch(ENV_NAME_PATTERN, name)):
+            raise ValueError("must name an environment variable (letters, digits and '_'), not hold the key; "
+                             "the value is not shown in case it is one")  # fmt: skip
+        return name
 
     @model_validator(mode="after")
     def _at_most_one(self) -> Auth:
@@ -632,37 +744,26 @@ def study_model() -> type[Study]:
 
 
 def _read_yaml(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise ParamsError(f"{path}: {what} not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ParamsError(f"{path}: invalid YAML{where}: {problem}") from exc
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ParamsError(f"{path}: the top level must be a mapping of keys, not {type(data).__name__}")
-    return data
+    # Size, encoding, duplicate keys, nesting and aliases are refused there, before anything is built.
+    return studyfile.read_mapping(path, what)
 
 
 def parse_set_items(items: list[str] | tuple[str, ...]) -> list[tuple[str, dict[str, Any]]]:
     """``["a.b=1"]`` → ``[("--set a.b=1", {"a": {"b": 1}})]``; values are YAML scalars or lists."""
     parsed = []
     for item in items:
-        label = f"--set {item}"
+        label = f"--set {studyfile.clip(item, 100)}"
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ParamsError(f"{label}: expected dotted.key=value")
         parts = key.strip().split(".")
         if any(not p for p in parts):
             raise ParamsError(f"{label}: '{key}' has an empty part between dots")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as exc:
-            raise ParamsError(f"{label}: the value is not valid YAML ({exc})") from exc
+        if len(parts) > studyfile.MAX_DEPTH:
+            raise ParamsError(f"--set {studyfile.clip(key)}: more than {studyfile.MAX_DEPTH} parts between dots")
+        # A value that is not YAML is quoted in the error, unless it belongs where a key may have been pasted.
+        where = _without_value(label) if tuple(parts[:1]) == _NOT_ECHOED else label
+        value = studyfile.parse_text(raw, where) if raw.strip() else ""
         tree: dict[str, Any] = {parts[-1]: value}
         for part in reversed(parts[:-1]):
             tree = {part: tree}
@@ -724,6 +825,11 @@ def _walk(loc: tuple[Any, ...]) -> tuple[list[str], Any]:
         if variants and part in variants:
             tp = variants[part]  # pydantic puts the union's tag into the location; the file does not
             continue
+        tp = _optional_member(tp)
+        if _is_plain_union(tp) or (tp is None and _PYDANTIC_MEMBER.fullmatch(str(part))):
+            # ... and for a plain union, the member it tried ('bool', 'int', "literal['auto']"): not a key either.
+            tp = _member_named(tp, str(part))
+            continue
         shown.append(str(part))
         if isinstance(tp, type) and issubclass(tp, BaseModel):
             field = tp.model_fields.get(str(part))
@@ -732,12 +838,39 @@ def _walk(loc: tuple[Any, ...]) -> tuple[list[str], Any]:
             tp = typing.get_args(tp)[1]
         elif typing.get_origin(tp) is list:
             tp = typing.get_args(tp)[0]
-        elif typing.get_origin(tp) is Union:
-            members = [a for a in typing.get_args(tp) if a is not type(None)]
-            tp = members[0] if len(members) == 1 else None
         else:
             tp = None
-    return shown, _unwrap(tp)
+    return shown, _optional_member(_unwrap(tp))
+
+
+# The names pydantic gives union members and wrapped validators in an error's location.
+_PYDANTIC_MEMBER = re.compile(r"[a-z]+(-[a-z]+)*\[.*\]")
+
+
+def _union_members(tp: Any) -> list[Any]:
+    if typing.get_origin(tp) not in (Union, types.UnionType):
+        return []
+    return [a for a in typing.get_args(tp) if a is not type(None)]
+
+
+def _optional_member(tp: Any) -> Any:
+    """``X | None`` → ``X``: pydantic names no member for it."""
+    members = _union_members(tp)
+    return _unwrap(members[0]) if len(members) == 1 else tp
+
+
+def _is_plain_union(tp: Any) -> bool:
+    return len(_union_members(tp)) > 1
+
+
+def _member_named(tp: Any, tag: str) -> Any:
+    """The member of a plain union that pydantic's location ``tag`` names, when it can be told; else None."""
+    for member in _union_members(tp):
+        plain = _unwrap(member)
+        name = getattr(typing.get_origin(plain) or plain, "__name__", "").lower()
+        if name and (tag == name or tag.startswith(f"{name}[")):
+            return plain
+    return None
 
 
 def _describe(error: dict[str, Any]) -> tuple[list[str], str]:
@@ -765,9 +898,14 @@ def _describe(error: dict[str, Any]) -> tuple[list[str], str]:
         message = "required key is missing"
     elif kind == "value_error":
         message = message.removeprefix("Value error, ")
-    if "input" in error and kind not in ("missing", "value_error") and not isinstance(error["input"], dict):
-        message += f" (got {error['input']!r})"
-    return shown, message
+    return shown, studyfile.clip(message, 300)
+
+
+def _given(error: dict[str, Any]) -> str:
+    """`` (got 'many')`` for a wrong scalar; nothing for a mapping or list, or where the message says it."""
+    if "input" not in error or error["type"] in ("missing", "value_error") or isinstance(error["input"], (dict, list)):
+        return ""
+    return f" (got {studyfile.clip(repr(error['input']))})"
 
 
 def load_study(
@@ -804,17 +942,13 @@ def load_study(
     merged: dict[str, Any] = {}
     for _, data in sources:
         merged = deep_merge(merged, data)
+    _check_finite(sources)
 
     try:
         study = Study.model_validate(merged)
     except ValidationError as exc:
-        lines = []
-        for error in exc.errors():
-            shown, message = _describe(error)
-            origin = _origin(sources, tuple(shown))
-            key = ".".join(shown) or "(top level)"
-            lines.append(f"{origin}: {key}: {message}")
-        raise ParamsError("invalid study\n  " + "\n  ".join(lines)) from None
+        lines = _error_lines(exc, sources)
+        raise ParamsError(lines[0] if len(lines) == 1 else "invalid study\n  " + "\n  ".join(lines)) from None
 
     study._source_file = study_path
     study._sources = [label for label, _ in sources]
@@ -823,13 +957,60 @@ def load_study(
     return study
 
 
+def _error_lines(exc: ValidationError, sources: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """One ``origin: key: problem`` line per key; a union's members' complaints about one key share a line."""
+    by_key: dict[tuple[str, str], list[str]] = {}
+    given: dict[tuple[str, str], str] = {}
+    for error in exc.errors():
+        shown, message = _describe(dict(error))
+        place = (_origin(sources, tuple(shown)), ".".join(shown) or "(top level)")
+        if message not in by_key.setdefault(place, []):
+            by_key[place].append(message)
+        given.setdefault(place, "" if tuple(shown[:1]) == _NOT_ECHOED else _given(dict(error)))
+    lines = []
+    for (origin, key), messages in by_key.items():
+        lines.append(f"{origin}: {key}: {'; or '.join(messages)}{given[(origin, key)]}")
+    return lines
+
+
+def _non_finite(data: Any, path: tuple[str, ...] = ()) -> tuple[tuple[str, ...], float] | None:
+    """The first .inf or .nan in ``data`` and where it is."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return path, data
+    children = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in children:
+        found = _non_finite(value, (*path, str(key)))
+        if found:
+            return found
+    return None
+
+
+def _check_finite(sources: list[tuple[str, dict[str, Any]]]) -> None:
+    """.inf and .nan pass every range check, and keys typed Any take them too: no study number may be either."""
+    for label, data in sources:
+        found = _non_finite(data)
+        if found:
+            path, value = found
+            raise ParamsError(f"{label}: {'.'.join(path)}: {value} is not a finite number")
+
+
+# Keys whose values are not repeated in an error: a key pasted into them must not reach a terminal or a log.
+_NOT_ECHOED = ("auth",)
+
+
 def _origin(sources: list[tuple[str, dict[str, Any]]], path: tuple[str, ...]) -> str:
     """The last source in merge order that sets ``path`` (or, for a missing key, its nearest parent)."""
     for length in range(len(path), 0, -1):
         for label, data in reversed(sources):
             if _defines(data, path[:length]):
-                return label
+                return _without_value(label) if path[:1] == _NOT_ECHOED else label
     return sources[0][0]
+
+
+def _without_value(label: str) -> str:
+    """``--set auth.api_key_env=sk-…`` → ``--set auth.api_key_env=(not shown)``; file paths stay as they are."""
+    key, sep, _ = label.partition("=")
+    return f"{key}=(not shown)" if label.startswith("--set ") and sep else label
 
 
 def _check_client(study: Study, sources: list[tuple[str, dict[str, Any]]]) -> None:
@@ -866,7 +1047,8 @@ def _check_files(study: Study, sources: list[tuple[str, dict[str, Any]]]) -> Non
     if study.auth.api_key_file and not study.resolve_path(study.auth.api_key_file).is_file():
         origin = _origin(sources, ("auth", "api_key_file"))
         raise ParamsError(
-            f"{origin}: auth.api_key_file: {study.resolve_path(study.auth.api_key_file)}: file not found"
+            f"{origin}: auth.api_key_file: no such file (relative paths start at {study.project_dir}; "
+            "the value is not shown in case a key was pasted instead of a path)"
         )
     if study.auth.api_key_env and not os.environ.get(study.auth.api_key_env):
         origin = _origin(sources, ("auth", "api_key_env"))

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from ..config import LayerConfig, Study
+from ..config import INT32_MAX, LayerConfig, Study
 from . import NEEDS_CLUSTER, NEEDS_GATEWAY, LayerKind, Mechanism, ObjectRef, Refusal, ResourceType, register
 from . import common as c
 
@@ -20,8 +20,8 @@ class KServeLayer(LayerConfig):
     predictor: Literal["custom", "runtime"] = Field(
         "custom", description="custom: kserve-container runs the args verbatim; runtime: model + ServingRuntime"
     )
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
+    min_replicas: int = Field(1, ge=0, le=INT32_MAX)
+    max_replicas: int = Field(1, ge=1, le=INT32_MAX)
 
     @model_validator(mode="after")
     def _replica_bounds(self) -> KServeLayer:

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from ..config import LayerConfig, Study
+from ..config import INT32_MAX, LayerConfig, Study
 from ..errors import UnsupportedLayerError
 from . import NEEDS_CLUSTER, LayerKind, Mechanism, ObjectRef, Refusal, ResourceType, register
 from . import common as c
@@ -19,7 +19,7 @@ class LlmdLayer(LayerConfig):
     kind: Literal["llm-d"]
     api_version: Literal["v1alpha1", "v1alpha2"] = "v1alpha2"
     scheduler: bool = Field(True, description="route through the inference scheduler")
-    replicas: int = Field(1, ge=1)
+    replicas: int = Field(1, ge=1, le=INT32_MAX)
 
 
 def render(study: Study, layer_name: str, canary: c.Canary | None = None) -> list[dict[str, Any]]:

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from ..config import LayerConfig, Study
+from ..config import INT32_MAX, LayerConfig, Study
 from ..errors import ParamsError, UnsupportedLayerError
 from . import LayerKind, Mechanism, ObjectRef, Refusal, register
 from . import common as c
@@ -17,7 +17,7 @@ class RawVllmLayer(LayerConfig):
     """vLLM's OpenAI server with nothing in front: a process locally, a Deployment on a cluster."""
 
     kind: Literal["raw-vllm"]
-    replicas: int = Field(1, ge=1)
+    replicas: int = Field(1, ge=1, le=INT32_MAX)
 
 MODELS = "/models"
 
