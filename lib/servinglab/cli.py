@@ -115,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
         "run_dirs", nargs="+", metavar="RUN_DIR",
         help="runs/<study>/<run-id>; with two or more, the first is the baseline the others are compared with",
     )  # fmt: skip
-    report.add_argument("--out", help="reports folder (default: the (first) study's paths.reports_dir)")
+    report.add_argument("--out", help="reports folder (default: reports/ of the current folder; never one the run names)")
 
     export = sub.add_parser("export", help="write a run's results in another tool's format")
     export.add_argument(
@@ -123,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
         help="llmd-benchmark: one llm-d-benchmark Benchmark Report v0.2 (YAML) per layer and load point",
     )  # fmt: skip
     export.add_argument("run_dir", help="runs/<study>/<run-id>")
-    export.add_argument("--out", metavar="DIR", help="folder (default: <reports_dir>/llmd-benchmark/<study>-<run-id>)")
+    export.add_argument("--out", metavar="DIR", help="folder (default: reports/llmd-benchmark/<study>-<run-id> of the current folder)")
     return parser
 
 
