@@ -272,7 +272,7 @@ def test_a_cluster_layer_names_its_gpu_and_controller(tmp_path):
                                      "deployment_mode": "Knative"}  # fmt: skip
 
 
-def test_cli_writes_yaml_files_the_same_each_time(tmp_path):
+def test_cli_writes_yaml_files_the_same_each_time(tmp_path, monkeypatch):
     run = make_run(tmp_path, "20261126T000000Z")
     out = tmp_path / "export"
     done = run_cli("export", "llmd-benchmark", str(run), "--out", str(out), timeout=300)
@@ -283,9 +283,10 @@ def test_cli_writes_yaml_files_the_same_each_time(tmp_path):
     for p in paths:
         validate(yaml.safe_load(p.read_text()))
     assert export_llmd_benchmark(run, out) == paths and [p.read_bytes() for p in paths] == first
-    # Without --out: beside the study's reports.
+    # Without --out: in the reports folder of the current project, whatever run.json says.
+    monkeypatch.chdir(tmp_path / "runs")
     default = export_llmd_benchmark(run)
-    assert default[0].parent == tmp_path / "reports" / "llmd-benchmark" / "ci-20261126T000000Z"
+    assert default[0].parent == tmp_path / "runs" / "reports" / "llmd-benchmark" / "ci-20261126T000000Z"
 
 
 def test_errors_name_the_run_directory(tmp_path):
@@ -293,4 +294,4 @@ def test_errors_name_the_run_directory(tmp_path):
     with pytest.raises(RunDirError, match=f"{empty}: no latency stage in this run; nothing to export"):
         benchmark_reports(empty)
     refused = run_cli("export", "llmd-benchmark", str(tmp_path), timeout=300)
-    assert refused.returncode == 1 and f"{tmp_path}: no run.json; this is not a servinglab run directory" in refused.stderr
+    assert refused.returncode == 2 and f"{tmp_path}: no run.json; this is not a servinglab run directory" in refused.stderr

@@ -303,7 +303,7 @@ def test_cli_report_with_several_run_directories(two_runs, tmp_path):
     single = run_cli("report", str(two_runs[0]), "--out", str(out), timeout=300)
     assert single.returncode == 0 and Path(single.stdout.strip()) == out / "ci-20261126T000000Z.html"
     bad = run_cli("report", str(two_runs[0]), str(tmp_path / "nope"), "--out", str(out), timeout=300)
-    assert bad.returncode == 1 and f"{tmp_path / 'nope'}: no such directory" in bad.stderr
+    assert bad.returncode == 2 and f"{tmp_path / 'nope'}: no such directory" in bad.stderr
 
 
 def test_imported_results_keep_their_own_rows(two_runs, tmp_path):

@@ -174,7 +174,7 @@ def test_only_reruns_one_stage_into_an_existing_run(private_overrides, monkeypat
 
     nowhere = run_cli("run", str(PARAMS / "ci.yaml"), "--only", "00_preflight", "--run-dir", "nowhere",
                       env_overrides=overrides, timeout=120)  # fmt: skip
-    assert nowhere.returncode == 1 and "nowhere" in nowhere.stderr
+    assert nowhere.returncode == 2 and "nowhere" in nowhere.stderr
     missing = run_cli("run", str(PARAMS / "ci.yaml"), "--only", "00_preflight", env_overrides=overrides, timeout=120)
     assert missing.returncode == 2 and "give --run-dir" in missing.stderr
     unknown = run_cli("run", str(PARAMS / "ci.yaml"), "--only", "30_nothing", env_overrides=overrides, timeout=120)

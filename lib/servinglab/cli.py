@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import yaml
 
-from .errors import ParamsError, ServinglabError
+from .errors import ParamsError, RunDirError, ServinglabError
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -114,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
         "run_dirs", nargs="+", metavar="RUN_DIR",
         help="runs/<study>/<run-id>; with two or more, the first is the baseline the others are compared with",
     )  # fmt: skip
-    report.add_argument("--out", help="reports folder (default: the (first) study's paths.reports_dir)")
+    report.add_argument("--out", help="reports folder (default: reports/ of the current folder; never one the run names)")
 
     export = sub.add_parser("export", help="write a run's results in another tool's format")
     export.add_argument(
@@ -122,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
         help="llmd-benchmark: one llm-d-benchmark Benchmark Report v0.2 (YAML) per layer and load point",
     )  # fmt: skip
     export.add_argument("run_dir", help="runs/<study>/<run-id>")
-    export.add_argument("--out", metavar="DIR", help="folder (default: <reports_dir>/llmd-benchmark/<study>-<run-id>)")
+    export.add_argument("--out", metavar="DIR", help="folder (default: reports/llmd-benchmark/<study>-<run-id> of the current folder)")
     return parser
 
 
@@ -208,17 +209,34 @@ def _build_model(args) -> int:
     return 0
 
 
+# What reading a run's recorded values raises when one is not of the shape the report reads (a hand-edited
+# or damaged file): said as the run directory's problem, not as a traceback.
+_UNREADABLE_VALUE = (KeyError, TypeError, AttributeError, IndexError, ValueError)
+
+
+def _reading(run_dirs: list[str], read: Callable[[], Any]) -> Any:
+    """``read()``, with a value of the run directories that it cannot read reported as a RunDirError, and a
+    file it cannot read or write as a ServinglabError naming it."""
+    where = ", ".join(run_dirs)
+    try:
+        return read()
+    except _UNREADABLE_VALUE as exc:
+        raise RunDirError(f"{where}: holds a value the report cannot read ({type(exc).__name__}: {exc})") from None
+    except OSError as exc:
+        raise ServinglabError(f"{exc.filename or where}: {exc.strerror or exc}") from None
+
+
 def _report(args) -> int:
     from .records import read_context
 
     if len(args.run_dirs) == 1:
         from .report import publish
 
-        print(publish(Path(args.run_dirs[0]), args.out))
+        print(_reading(args.run_dirs, lambda: publish(Path(args.run_dirs[0]), args.out)))
         return 0
     from .report.compare import publish_comparison
 
-    path = publish_comparison([Path(d) for d in args.run_dirs], args.out)
+    path = _reading(args.run_dirs, lambda: publish_comparison([Path(d) for d in args.run_dirs], args.out))
     studies = sorted({read_context(d)["study"] for d in args.run_dirs})
     if len(studies) > 1:
         print(f"note: the runs come from different studies ({', '.join(studies)}); the page says so", file=sys.stderr)
@@ -229,7 +247,10 @@ def _report(args) -> int:
 def _export(args) -> int:
     from .report.export import export_llmd_benchmark
 
-    for path in export_llmd_benchmark(Path(args.run_dir), args.out):
+    def warn(line: str) -> None:
+        print(f"warning: {Path(args.run_dir) / line}", file=sys.stderr)  # the line names the file in the run
+
+    for path in _reading([args.run_dir], lambda: export_llmd_benchmark(Path(args.run_dir), args.out, warn=warn)):
         print(path)
     return 0
 
@@ -271,6 +292,11 @@ def _loadgen_worker(args) -> int:
 
 def _import(args) -> int:
     from .measure.bench import import_vllm_bench
+    from .report.rundata import is_name
+
+    # The layer's name is recorded in the run and becomes part of file names (exports).
+    if not is_name(args.layer):
+        raise ParamsError(f"--layer {args.layer[:60]!r}: not a layer name (lowercase letters, digits and '-', at most 40)")
 
     stage = import_vllm_bench(args.file, args.run_dir, args.layer)
     print(f"imported {stage['stage']} of layer {stage['layer']} into {args.run_dir}")
@@ -287,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except ParamsError as exc:
+    except (ParamsError, RunDirError) as exc:  # a run directory given to read is input too
         print(f"servinglab: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except ServinglabError as exc:

@@ -39,9 +39,12 @@ from typing import Any, Callable, Iterable, Iterator
 
 import yaml
 
+from .config import NAME_PATTERN
 from .errors import RunDirError, ServinglabError
 
 SCHEMA_VERSION = 3
+# A layer name as a study allows it (config's rule, at most 40 characters).
+LAYER_NAME_PATTERN = rf"(?={NAME_PATTERN.strip('^$')}$).{{1,40}}"
 PROVENANCES = ("measured", "imported", "synthetic")
 RUN_FILE = "run.json"
 DATA_DIR = "data"
@@ -61,6 +64,8 @@ class Field:
     unit: str | None = None
     required: bool = True
     nullable: bool = False
+    # A name that paths and object names are built from (a layer's) must match this (None: any string).
+    pattern: str | None = None
 
     def problem(self, value: Any) -> str | None:
         if value is None:
@@ -69,6 +74,8 @@ class Field:
             return f"is a boolean, expected {self.type_names}"
         if not isinstance(value, self.types):
             return f"is {_JSON_NAMES.get(type(value), type(value).__name__)}, expected {self.type_names}"
+        if self.pattern and isinstance(value, str) and not re.fullmatch(self.pattern, value):
+            return f"{value[:60]!r} is not a valid name (lowercase letters, digits and '-', at most 40)"
         return None
 
     @property
@@ -130,7 +137,8 @@ class Table:
         return found
 
 
-LAYER = f("layer", str, "the layer of the study")
+# A layer's name becomes part of file names (exports) and object names: it must be one a study allows.
+LAYER = Field("layer", (str,), "the layer of the study", pattern=LAYER_NAME_PATTERN)
 # Where a record's numbers come from: measured in this run, imported from another tool's file, or made by a
 # script (test fixtures). Written by append() and Writer when the writer says nothing else.
 PROVENANCE = opt("provenance", str, "measured (this run), imported (another tool's file) or synthetic (a script)")

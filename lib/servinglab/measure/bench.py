@@ -129,8 +129,10 @@ def import_vllm_bench(path: str | os.PathLike, run_dir: str | os.PathLike, layer
         raise ParamsError(f"{source}: file not found")
     try:
         data = json.loads(source.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ParamsError(f"{source}: not valid JSON ({exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ParamsError(f"{source}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{source}: not a vllm bench serve result (a JSON {type(data).__name__}, not an object)")
     missing = [k for k in ("completed", "duration", "mean_ttft_ms") if k not in data]
     if missing:
         raise ParamsError(f"{source}: not a vllm bench serve result (no {', '.join(missing)})")

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import shutil
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import jinja2
 
 from .. import __version__
-from ..config import engine_argv
-from ..errors import RunDirError
+from ..config import Paths, engine_argv
+from ..errors import ParamsError, RunDirError
 from .advice import derive_advice, derive_recommendations
 from .plots import START_PHASE_LABELS, figures, latency_figures, lifecycle_figures
 from .rundata import RunData, load_run
@@ -27,7 +29,7 @@ def _warnings(run: RunData) -> list[str]:
     warnings = list(run.damaged)
     for d in run.deployments:
         if d["status"] == "failed":
-            warnings.append(f"layer {d['layer']} failed to deploy: {(d['reason'] or '').splitlines()[0]}")
+            warnings.append(f"layer {d['layer']} failed to deploy: {((d.get('reason') or '').splitlines() or [''])[0]}")
     for layer in run.layers:
         for check in run.smoke_of(layer):
             if not check["passed"]:
@@ -35,7 +37,7 @@ def _warnings(run: RunData) -> list[str]:
         record = run.last_deployment(layer)
         if record and record["status"] == "ready" and record["reused"] and not run.fresh_starts(layer):
             warnings.append(
-                f"layer {layer} reused a server started at {record['started_at']}: its time to ready is not from this run"
+                f"layer {layer} reused a server started at {record.get('started_at')}: its time to ready is not from this run"
             )
     warnings += validity_lines(run)
     warnings += consistency.check(run)
@@ -156,17 +158,21 @@ def write_if_changed(path: Path, text: str) -> None:
 COMPARISON_NAME = re.compile(r"^compare-.*\d{8}T\d{6}Z(?:-\d+)?-vs-.*\.html$")
 
 
+def _index_item(name: str) -> str:
+    # Any file in the folder is listed, whoever put it there: its name is text and a link, never markup.
+    href = html.escape(urllib.parse.quote(name, safe=""))
+    return f'<li><a href="{href}">{html.escape(name.removesuffix(".html"))}</a></li>'
+
+
 def write_index(reports_dir: Path) -> Path:
     """``reports/index.html``: every published report, newest first per study, then the comparisons."""
     names = sorted((p.name for p in reports_dir.glob("*.html") if p.name != "index.html"), reverse=True)
     entries = [n for n in names if not COMPARISON_NAME.match(n)]
     comparisons = [n for n in names if COMPARISON_NAME.match(n)]
-    items = "\n".join(f'<li><a href="{name}">{name.removesuffix(".html")}</a></li>' for name in entries)
+    items = "\n".join(_index_item(name) for name in entries)
     if comparisons:
-        items += "\n</ul><h2>Comparisons</h2><ul>\n" + "\n".join(
-            f'<li><a href="{name}">{name.removesuffix(".html")}</a></li>' for name in comparisons
-        )
-    html = (
+        items += "\n</ul><h2>Comparisons</h2><ul>\n" + "\n".join(_index_item(name) for name in comparisons)
+    page = (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
         "<title>servinglab reports</title><style>body{font:15px/1.5 system-ui,sans-serif;max-width:760px;"
@@ -176,19 +182,30 @@ def write_index(reports_dir: Path) -> Path:
         f"<ul>\n{items}\n</ul></body></html>\n"
     )
     path = reports_dir / "index.html"
-    write_if_changed(path, html)
+    write_if_changed(path, page)
     return path
 
 
-def reports_dir_of(run: RunData, reports_dir: str | os.PathLike | None = None) -> Path:
-    """``reports_dir`` when given, else the run's study's ``paths.reports_dir`` resolved from its project."""
-    if reports_dir is not None:
-        return Path(reports_dir)
-    project = run.context.get("project_dir")
-    configured = run.params.get("paths", {}).get("reports_dir", "reports")
-    if not project and not Path(configured).is_absolute():
-        raise RunDirError(f"{run.run_dir}: run.json has no project_dir; pass reports_dir")
-    return Path(project or "/") / os.path.expanduser(configured)
+def reports_folder(reports_dir: str | os.PathLike | None = None) -> Path:
+    """Where reports are written: ``reports_dir`` when given, else the current project's reports folder (the
+    study schema's default ``paths.reports_dir`` under the working directory).
+
+    A run's run.json never chooses it (its ``project_dir`` and ``paths.reports_dir`` are data, and a copied
+    or edited run directory may name any folder). Raises ParamsError when it exists and is not a folder.
+    """
+    folder = Path(reports_dir) if reports_dir is not None else Path.cwd() / Paths().reports_dir
+    if folder.exists() and not folder.is_dir():
+        raise ParamsError(f"{folder}: not a folder; reports are written into a folder")
+    return folder
+
+
+def file_in(folder: Path, name: str) -> Path:
+    """``folder / name`` for a file name made from a run's names; RunDirError when that would be anywhere but
+    directly inside ``folder`` (a separator, a dot name, a link leading out)."""
+    path = folder / name
+    if Path(name).name != name or name.startswith(".") or path.resolve().parent != folder.resolve():
+        raise RunDirError(f"{folder}: refusing to write {name[:80]!r}, which is not a file directly inside it")
+    return path
 
 
 def publish(run_dir: str | os.PathLike, reports_dir: str | os.PathLike | None = None) -> Path:
@@ -199,20 +216,20 @@ def publish(run_dir: str | os.PathLike, reports_dir: str | os.PathLike | None = 
     run_dir : path
         A run directory (``runs/<study>/<run-id>``).
     reports_dir : path, optional
-        Where reports go; defaults to the study's ``paths.reports_dir`` resolved from the run's project.
+        Where reports go; defaults to ``reports/`` of the current project (the working directory), never to
+        a folder the run directory names.
 
     Returns the path of the run's report.
     """
     run = load_run(run_dir)
-    reports_dir = reports_dir_of(run, reports_dir)
+    reports_dir = reports_folder(reports_dir)
     reports_dir.mkdir(parents=True, exist_ok=True)
-    html = render_html(run_dir)
-    path = reports_dir / f"{run.study}-{run.run_id}.html"
-    write_if_changed(path, html)
+    path = file_in(reports_dir, f"{run.study}-{run.run_id}.html")
+    write_if_changed(path, render_html(run_dir))
     own = re.compile(rf"^{re.escape(run.study)}-(\d{{8}}T\d{{6}}Z)(?:-(\d+))?\.html$")
     runs = [(m.group(1), int(m.group(2) or 1), p) for p in reports_dir.iterdir() if (m := own.match(p.name))]
     newest = max(runs)[2]
-    shutil.copyfile(newest, reports_dir / f"{run.study}.html")
+    shutil.copyfile(newest, file_in(reports_dir, f"{run.study}.html"))
     write_index(reports_dir)
     return path
 

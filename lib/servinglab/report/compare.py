@@ -32,7 +32,7 @@ import jinja2
 
 from .. import __version__
 from ..errors import RunDirError
-from . import (load_pattern, request_shape, write_if_changed, reports_dir_of, template_environment,
+from . import (load_pattern, request_shape, write_if_changed, reports_folder, file_in, template_environment,
                write_index)
 from .rundata import RunData, load_run
 from ..measure import intervals
@@ -602,14 +602,14 @@ def publish_comparison(
     run_dirs : sequence of paths
         Two or more run directories; the first is the baseline the others are compared with.
     reports_dir : path, optional
-        Where reports go; defaults to the first run's study's ``paths.reports_dir``.
+        Where reports go; defaults to ``reports/`` of the current project (the working directory).
 
     Returns the path of the comparison page.
     """
     runs = load_runs(run_dirs)
-    folder = reports_dir_of(runs[0], reports_dir)
+    folder = reports_folder(reports_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / comparison_file_name(runs)
+    path = file_in(folder, comparison_file_name(runs))
     write_if_changed(path, _render(runs))
     write_index(folder)
     return path

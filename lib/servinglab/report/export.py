@@ -43,14 +43,14 @@ import re
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import yaml
 
 from ..errors import RunDirError
 from ..measure.client_metrics import itl_ms, tpot_ms
-from . import reports_dir_of
+from . import file_in, reports_folder
 from .table import requires
 from .rundata import RunData, load_run
 from .runfacts import accelerator, args_dict, engine_command_args
@@ -325,7 +325,10 @@ def _run_section(run: RunData, stage: dict[str, Any], occurrence: int) -> dict[s
 
 def benchmark_reports(run_dir: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
     """Every latency stage of a run as a Benchmark Report v0.2: (file name, report), in the run's order."""
-    run = load_run(run_dir)
+    return _reports_of(load_run(run_dir), run_dir)
+
+
+def _reports_of(run: RunData, run_dir: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
     if not run.latency_stages:
         raise RunDirError(f"{run_dir}: no latency stage in this run; nothing to export")
     out = []
@@ -348,7 +351,8 @@ def benchmark_reports(run_dir: str | os.PathLike) -> list[tuple[str, dict[str, A
     return out
 
 
-def export_llmd_benchmark(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
+def export_llmd_benchmark(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
+                          warn: Callable[[str], None] | None = None) -> list[Path]:  # fmt: skip
     """Write each latency stage of a run as an llm-d-benchmark Benchmark Report v0.2 (YAML).
 
     Parameters
@@ -356,19 +360,25 @@ def export_llmd_benchmark(run_dir: str | os.PathLike, out_dir: str | os.PathLike
     run_dir : path
         A run directory (``runs/<study>/<run-id>``).
     out_dir : path, optional
-        The folder to write into; defaults to ``<reports_dir>/llmd-benchmark/<study>-<run-id>/``.
+        The folder to write into; defaults to ``reports/llmd-benchmark/<study>-<run-id>/`` of the current
+        project (the working directory), never to a folder the run directory names.
+    warn : callable, optional
+        Called with one sentence per data file holding lines that could not be read (and are not exported).
 
     Returns the files written, one per layer and load point.
     """
-    reports = benchmark_reports(run_dir)
+    run = load_run(run_dir)
+    if warn is not None:
+        for warning in run.damaged:
+            warn(warning)
+    reports = _reports_of(run, run_dir)
     if out_dir is None:
-        run = load_run(run_dir)
-        out_dir = reports_dir_of(run) / "llmd-benchmark" / f"{run.study}-{run.run_id}"
-    folder = Path(out_dir)
+        out_dir = file_in(reports_folder() / "llmd-benchmark", f"{run.study}-{run.run_id}")
+    folder = reports_folder(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, report in reports:
-        path = folder / name
+        path = file_in(folder, name)
         path.write_text(yaml.safe_dump(report, sort_keys=False, allow_unicode=True), encoding="utf-8")
         paths.append(path)
     return paths

@@ -4,11 +4,22 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import records
+from ..errors import RunDirError
+
+# A run id as records.new_run_id makes it (a second run in the same second gets -2, -3, ...): it becomes
+# part of file names, so nothing else is accepted from run.json.
+RUN_ID_PATTERN = r"\d{8}T\d{6}Z(?:-\d+)?"
+# The parts of the recorded study the report reads as mappings (each only when present: an older run may
+# lack some); the values inside them are shown as they were recorded.
+PARAMS_MAPPINGS = ("platform", "model", "model.source", "model.engine_args", "layers", "compare_models",
+                   "workloads", "workloads.smoke", "workloads.latency", "workloads.lifecycle", "slos",
+                   "slos.goodput", "costs", "telemetry", "auth", "run", "paths")  # fmt: skip
 
 
 @dataclass
@@ -112,11 +123,74 @@ class RunData:
         return list(latest.values())
 
 
+def is_name(text: Any) -> bool:
+    """Whether ``text`` is a name a study allows for itself, a layer or a compared model."""
+    return isinstance(text, str) and re.fullmatch(records.LAYER_NAME_PATTERN, text) is not None
+
+
+def _mapping_problem(params: dict[str, Any], dotted: str) -> str | None:
+    value: Any = params
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None  # absent, or under a part already named as not a mapping
+        value = value[part]
+    problem = records.f(dotted, dict, "").problem(value)
+    return f"params.{dotted}: {problem}" if problem and value is not None else None
+
+
+def _names_problems(context: dict[str, Any]) -> list[str]:
+    found = []
+    if not is_name(context["study"]):
+        found.append(f"study: {context['study'][:60]!r} is not a study name (lowercase letters, digits and '-', "
+                     "at most 40)")  # fmt: skip
+    if not re.fullmatch(RUN_ID_PATTERN, context["run_id"]):
+        found.append(f"run_id: {context['run_id'][:60]!r} is not a run id (YYYYMMDDTHHMMSSZ, as servinglab makes them)")
+    params = context["params"]
+    for what in ("layers", "compare_models"):
+        entries = params.get(what)
+        for name in entries if isinstance(entries, dict) else ():
+            if not is_name(name):
+                found.append(f"params.{what}: {name[:60]!r} is not a valid name (lowercase letters, digits and '-', "
+                             "at most 40)")  # fmt: skip
+    return found
+
+
+def context_problems(context: dict[str, Any]) -> list[str]:
+    """What makes a run's context (run.json, already checked against records.RUN_CONTEXT) unfit for a report:
+    names that are not the names a study allows (they become file names), and recorded study parts that are
+    not mappings. Empty: it is fit."""
+    found = _names_problems(context)
+    params = context["params"]
+    found += [p for dotted in PARAMS_MAPPINGS if (p := _mapping_problem(params, dotted))]
+    layers = params.get("layers")
+    for name, spec in layers.items() if isinstance(layers, dict) else ():
+        if not isinstance(spec, dict) or not isinstance(spec.get("kind"), str):
+            found.append(f"params.layers.{name}: not a layer with a kind")
+    kinds = context.get("layer_kinds") or {}
+    found += [f"layer_kinds.{name}: not an object with a title and a column" for name, kind in kinds.items()
+              if not (isinstance(kind, dict) and isinstance(kind.get("title"), str) and isinstance(kind.get("column"), str))]
+    notebooks = context.get("notebooks") or []
+    found += [f"notebooks[{i}]: not an object" for i, nb in enumerate(notebooks) if not isinstance(nb, dict)]
+    return found
+
+
 def load_run(run_dir: str | os.PathLike) -> RunData:
-    """Read everything the report may show from ``run_dir``; every line that could not be read is named."""
+    """Read everything the report may show from ``run_dir``; every line that could not be read is named.
+
+    Raises RunDirError naming run.json and each field that makes it unfit (see :func:`context_problems`).
+    """
     run_dir = Path(run_dir).resolve()
     context = records.read_context(run_dir)
+    problems = context_problems(context)
+    if problems:
+        raise RunDirError(f"{run_dir / records.RUN_FILE}: " + "; ".join(problems))
     tables = {name: records.read(run_dir, table) for name, table in records.TABLES.items()}
     damaged = [w for t in tables.values() if (w := t.warning())]
     return RunData(run_dir=run_dir, context=context, damaged=damaged,
-                   **{name: read.rows for name, read in tables.items()})  # fmt: skip
+                   **{name: _with_absent(read) for name, read in tables.items()})  # fmt: skip
+
+
+def _with_absent(read: records.TableRead) -> list[dict[str, Any]]:
+    # A field a record may lack reads as null, as the table declares: the report never meets a missing key.
+    absent = {fl.name: None for fl in read.table.fields if not fl.required}
+    return [absent | row for row in read.rows]
