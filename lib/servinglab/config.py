@@ -114,8 +114,21 @@ class LocalPlatform(StrictModel):
         "measuring client on the first (servinglab.platforms.placement says why); none: the kernel decides",
     )
 
+    @field_validator("env")
+    @classmethod
+    def _env_holds_no_secret(cls, env: dict[str, str]) -> dict[str, str]:
+        # platform.env is recorded in run.json: a key set here would be written beside the results.
+        for name in env:
+            if not re.fullmatch(ENV_NAME_PATTERN, name):
+                raise ValueError(f"{name[:40]!r} is not an environment variable name")
+            if SECRET_ENV_NAME.search(name):
+                raise ValueError(f"{name} looks like a secret, and platform.env is recorded in run.json "
+                                 "(the value is not shown); give the layers' key with auth.api_key_env or auth.api_key_file")  # fmt: skip
+        return env
+
 
 ENV_NAME_PATTERN = r"[A-Za-z_][A-Za-z0-9_]{0,127}"
+SECRET_ENV_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL", re.IGNORECASE)
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$"
 
 
@@ -762,7 +775,7 @@ def parse_set_items(items: list[str] | tuple[str, ...]) -> list[tuple[str, dict[
         if len(parts) > studyfile.MAX_DEPTH:
             raise ParamsError(f"--set {studyfile.clip(key)}: more than {studyfile.MAX_DEPTH} parts between dots")
         # A value that is not YAML is quoted in the error, unless it belongs where a key may have been pasted.
-        where = _without_value(label) if tuple(parts[:1]) == _NOT_ECHOED else label
+        where = _without_value(label) if _not_echoed(parts) else label
         value = studyfile.parse_text(raw, where) if raw.strip() else ""
         tree: dict[str, Any] = {parts[-1]: value}
         for part in reversed(parts[:-1]):
@@ -966,7 +979,7 @@ def _error_lines(exc: ValidationError, sources: list[tuple[str, dict[str, Any]]]
         place = (_origin(sources, tuple(shown)), ".".join(shown) or "(top level)")
         if message not in by_key.setdefault(place, []):
             by_key[place].append(message)
-        given.setdefault(place, "" if tuple(shown[:1]) == _NOT_ECHOED else _given(dict(error)))
+        given.setdefault(place, "" if _not_echoed(shown) else _given(dict(error)))
     lines = []
     for (origin, key), messages in by_key.items():
         lines.append(f"{origin}: {key}: {'; or '.join(messages)}{given[(origin, key)]}")
@@ -995,7 +1008,11 @@ def _check_finite(sources: list[tuple[str, dict[str, Any]]]) -> None:
 
 
 # Keys whose values are not repeated in an error: a key pasted into them must not reach a terminal or a log.
-_NOT_ECHOED = ("auth",)
+_NOT_ECHOED = (("auth",), ("platform", "env"))
+
+
+def _not_echoed(path: tuple[str, ...] | list[str]) -> bool:
+    return any(tuple(path[: len(prefix)]) == prefix for prefix in _NOT_ECHOED)
 
 
 def _origin(sources: list[tuple[str, dict[str, Any]]], path: tuple[str, ...]) -> str:
@@ -1003,7 +1020,7 @@ def _origin(sources: list[tuple[str, dict[str, Any]]], path: tuple[str, ...]) ->
     for length in range(len(path), 0, -1):
         for label, data in reversed(sources):
             if _defines(data, path[:length]):
-                return _without_value(label) if path[:1] == _NOT_ECHOED else label
+                return _without_value(label) if _not_echoed(path) else label
     return sources[0][0]
 
 
