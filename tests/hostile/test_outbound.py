@@ -446,3 +446,22 @@ def test_the_spec_hash_does_not_depend_on_the_key(tmp_path, monkeypatch):
     keyless = LocalPlatform(load_study(write_study(tmp_path)))
     assert keyless.spec_hash("raw") != hashes[0]
 
+
+# --- the report says how the clients connected ----------------------------------------------------------
+
+
+def test_the_report_says_which_proxy_and_certificate_check_the_clients_used(tmp_path, monkeypatch):
+    from servinglab import records
+    from servinglab.report import client_connections
+    from servinglab.report.rundata import load_run
+
+    monkeypatch.delenv("SERVINGLAB_OVERRIDES", raising=False)
+    study = load_study(write_study(tmp_path, client={"proxy": "http://proxy.example:3128",
+                                                     "tls_verify": {"raw": False}}))  # fmt: skip
+    run_dir = records.create_run(tmp_path / "runs", "outbound", {"params": study.resolved()})
+    line = client_connections(load_run(run_dir))
+    assert "through proxy http://proxy.example:3128" in line and "not checked for raw (client.tls_verify)" in line
+    default = load_study(write_study(tmp_path))
+    line = client_connections(load_run(records.create_run(tmp_path / "runs", "outbound",
+                                                          {"params": default.resolved()})))  # fmt: skip
+    assert line.startswith("no proxy") and "checked against the system's CAs" in line and "not checked" not in line
