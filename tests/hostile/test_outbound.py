@@ -312,6 +312,18 @@ def test_a_local_server_on_another_address_with_a_key_is_refused_at_load(tmp_pat
     load_study(path, ["client.allow_plain_http_key=[raw]"])
 
 
+
+def test_bench_refuses_a_key_over_plain_http_to_another_machine(monkeypatch, capsys):
+    from servinglab import cli
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    argv = ["bench", "--base-url", "http://192.0.2.7:8000", "--model", "m", "--input-len", "4", "--output-len", "4",
+            "--num-prompts", "1", "--seed", "0", "--out", "unused.json"]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "refusing to send the API key over plain http:// to 192.0.2.7:8000" in err and "--allow-plain-http-key" in err
+    assert KEY not in err
+
 # --- TLS: checked unless the study names the layer -------------------------------------------------------
 
 

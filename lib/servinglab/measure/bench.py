@@ -80,7 +80,8 @@ def run_bench(
     ``allow_plain_http_key``; no proxy from the environment is used.
     """
     root = root_url(base_url)
-    refuse_plain_http_key(f"--base-url {base_url}", root, api_key, allow_plain_http_key, ParamsError)
+    refuse_plain_http_key(f"--base-url {base_url}", root, api_key, allow_plain_http_key, ParamsError,
+                          "pass --allow-plain-http-key")  # fmt: skip
     tok = DirectoryTokenizer(tokenizer) if tokenizer else ServerTokenizer(root, model, api_key)
     if prompts_file:
         specs = file_requests(prompts_file, output_len, tok, num_prompts + num_warmups)

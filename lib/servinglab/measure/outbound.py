@@ -53,14 +53,16 @@ def is_loopback(url: str) -> bool:
 
 
 def refuse_plain_http_key(name: str, url: str, api_key: str | None, allowed: bool,
-                          error: type[ServinglabError] = PlatformError) -> None:  # fmt: skip
+                          error: type[ServinglabError] = PlatformError,
+                          how_to_allow: str = "name the layer in client.allow_plain_http_key") -> None:  # fmt: skip
     """Raise ``error`` when a bearer key would go over plain http:// to another machine.
 
     Anyone on the path could read it; a study allows it for a layer by naming it in
-    ``client.allow_plain_http_key``. Loopback (the local platform, a port-forward) is always allowed.
+    ``client.allow_plain_http_key`` (``how_to_allow`` says so in the message). Loopback (the local platform,
+    a port-forward) is always allowed.
     """
     if api_key and not allowed and urlsplit(url).scheme == "http" and not is_loopback(url):
         raise error(
             f"{name}: refusing to send the API key over plain http:// to {urlsplit(url).netloc}; use https, "
-            f"a port-forward, or name the layer in client.allow_plain_http_key"
+            f"a port-forward, or {how_to_allow}"
         )
