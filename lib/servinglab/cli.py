@@ -90,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--goodput", nargs="*", default=[], metavar="KEY:MS", help="per-request objectives, e.g. ttft:200 tpot:20 e2el:2000")
     bench.add_argument("--api-key-env", help="variable holding the API key (default OPENAI_API_KEY)")
     bench.add_argument("--api-key-file", help="file holding the API key")
+    bench.add_argument("--allow-plain-http-key", action="store_true",
+                       help="send the API key over http:// to another machine (anyone on the path can read it)")
     bench.add_argument("--workers", default="auto", type=_workers,
                        help="client processes (default auto: one per 8 concurrent streams, within this machine's cores)")
     bench.add_argument("--out", required=True, help="result JSON (vllm bench serve --save-result key names)")
@@ -273,6 +275,7 @@ def _bench(args) -> int:
         range_ratio=args.range_ratio, api_key=read_api_key(args.api_key_env, args.api_key_file),
         slos=slos or None, records_path=Path(args.records) if args.records else None,
         prompts_file=args.prompts_file, duration_s=args.duration_s, workers=args.workers, say=print,
+        allow_plain_http_key=args.allow_plain_http_key,
     )  # fmt: skip
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"completed {result['completed']}, failed {result['failed']} in {result['duration']:.2f} s; "

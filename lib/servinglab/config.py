@@ -40,6 +40,7 @@ from pydantic import (
 from . import layers as layer_kinds
 from . import studyfile
 from .errors import ParamsError
+from .measure.outbound import refuse_plain_http_key
 
 OVERRIDES_ENV = "SERVINGLAB_OVERRIDES"
 
@@ -80,6 +81,34 @@ def engine_argv(engine_args: dict[str, Any]) -> list[str]:
         else:
             argv += [f"--{flag}", str(value)]
     return argv
+
+
+def checked_api_key(value: str, source: str) -> str:
+    """The key without surrounding whitespace, when it is one line of printable characters.
+
+    A key with a line break or a control character would be refused by the HTTP client with the key in its
+    message, so it is refused here, naming only ``source`` (a file or a variable), never the value.
+    """
+    key = value.strip()
+    if not key:
+        raise ParamsError(f"{source}: the API key is empty")
+    lines = len(key.splitlines())
+    if lines > 1:
+        raise ParamsError(f"{source}: the API key must be one line; found {lines} lines")
+    if not key.isprintable():
+        raise ParamsError(f"{source}: the API key holds a character that is not printable")
+    return key
+
+
+def read_api_key_file(path: Path) -> str:
+    """The key a file holds (see :func:`checked_api_key`); a file that is not UTF-8 is refused too."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ParamsError(f"{path}: the API key file is not UTF-8 text") from None
+    except OSError as exc:
+        raise ParamsError(f"{path}: the API key file cannot be read ({exc.strerror})") from None
+    return checked_api_key(text, str(path))
 
 
 class StrictModel(BaseModel):
@@ -599,6 +628,30 @@ class Auth(StrictModel):
         return self
 
 
+class ClientSettings(StrictModel):
+    """How the measuring clients (smoke, load, lifecycle traffic) reach the servers under test.
+
+    Nothing here comes from the environment: ``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY``, ``NO_PROXY`` and
+    ``SSL_CERT_FILE`` are ignored, since a proxy would see the bearer key and add its hop to every latency.
+    """
+
+    proxy: str | None = Field(
+        None, pattern=r"^https?://[^\s]+$", description="http(s):// proxy the clients go through; empty: none"
+    )
+    ca_file: str | None = Field(None, description="PEM file of the CAs that sign the servers' certificates; "
+                                "empty: the system's CAs")  # fmt: skip
+    tls_verify: dict[str, bool] = Field(
+        default_factory=dict,
+        description="layer name → false to send requests without checking its server's certificate (llm-d's "
+        "workload serves a certificate of its own); every layer not named is checked",
+    )
+    allow_plain_http_key: list[str] = Field(
+        default_factory=list,
+        description="layers whose API key may go over plain http:// to an address other than this machine's "
+        "loopback (anyone on the path can read it); every layer not named is refused",
+    )
+
+
 class RunSettings(StrictModel):
     """How ``servinglab run`` executes the notebooks."""
 
@@ -642,6 +695,7 @@ class Study(StrictModel):
     costs: Costs = Field(default_factory=Costs)
     telemetry: Telemetry = Field(default_factory=Telemetry)
     auth: Auth = Field(default_factory=Auth)
+    client: ClientSettings = Field(default_factory=ClientSettings)
     run: RunSettings = Field(default_factory=RunSettings)
     paths: Paths = Field(default_factory=Paths)
 
@@ -657,6 +711,16 @@ class Study(StrictModel):
             if not re.fullmatch(NAME_PATTERN, name) or len(name) > 40:
                 raise ValueError(f"{what} name '{name}' must be lowercase letters, digits and '-', at most 40")
         return entries
+
+    @model_validator(mode="after")
+    def _client_names_layers(self) -> Study:
+        for key, names in (("tls_verify", list(self.client.tls_verify)),
+                           ("allow_plain_http_key", self.client.allow_plain_http_key)):  # fmt: skip
+            unknown = [n for n in names if n not in self.layers]
+            if unknown:
+                raise ValueError(f"client.{key}: unknown layer {', '.join(repr(n) for n in unknown)}; "
+                                 f"the study defines {', '.join(self.layers)}")  # fmt: skip
+        return self
 
     @field_validator("model")
     @classmethod
@@ -717,10 +781,18 @@ class Study(StrictModel):
     def api_key(self) -> str | None:
         """The API key, read now from its source. Never store or print the value."""
         if self.auth.api_key_env:
-            return os.environ.get(self.auth.api_key_env)
+            value = os.environ.get(self.auth.api_key_env)
+            return checked_api_key(value, f"environment variable {self.auth.api_key_env}") if value else None
         if self.auth.api_key_file:
-            return self.resolve_path(self.auth.api_key_file).read_text(encoding="utf-8").strip()
+            return read_api_key_file(self.resolve_path(self.auth.api_key_file))
         return None
+
+    def tls_verify(self, layer_name: str) -> bool | str:
+        """How a client checks the layer's certificate: False (not at all, as ``client.tls_verify`` names
+        the layer), the CA file ``client.ca_file`` names, or True (the system's CAs)."""
+        if not self.client.tls_verify.get(layer_name, True):
+            return False
+        return str(self.resolve_path(self.client.ca_file)) if self.client.ca_file else True
 
     def revised(self, engine_args: dict[str, Any], revision: str | None) -> Study:
         """The same study with the model's engine arguments changed and its revision tagged (a model update)."""
@@ -967,6 +1039,7 @@ def load_study(
     study._sources = [label for label, _ in sources]
     _check_files(study, sources)
     _check_client(study, sources)
+    _check_local_key_transport(study, sources)
     return study
 
 
@@ -1013,6 +1086,17 @@ _NOT_ECHOED = (("auth",), ("platform", "env"))
 
 def _not_echoed(path: tuple[str, ...] | list[str]) -> bool:
     return any(tuple(path[: len(prefix)]) == prefix for prefix in _NOT_ECHOED)
+
+
+def _check_local_key_transport(study: Study, sources: list[tuple[str, dict[str, Any]]]) -> None:
+    """A local server's address is known now: a key bound for another machine over http:// is refused here."""
+    if study.platform.kind != "local" or not (study.auth.api_key_env or study.auth.api_key_file):
+        return
+    for layer in study.layers:
+        origin = _origin(sources, ("platform", "host"))
+        host = f"[{study.platform.host}]" if ":" in study.platform.host else study.platform.host
+        refuse_plain_http_key(f"{origin}: platform.host (layer {layer})", f"http://{host}",
+                              "set", layer in study.client.allow_plain_http_key, ParamsError)  # fmt: skip
 
 
 def _origin(sources: list[tuple[str, dict[str, Any]]], path: tuple[str, ...]) -> str:
@@ -1067,6 +1151,19 @@ def _check_files(study: Study, sources: list[tuple[str, dict[str, Any]]]) -> Non
             f"{origin}: auth.api_key_file: no such file (relative paths start at {study.project_dir}; "
             "the value is not shown in case a key was pasted instead of a path)"
         )
+    if study.auth.api_key_file:
+        try:
+            read_api_key_file(study.resolve_path(study.auth.api_key_file))
+        except ParamsError as exc:
+            raise ParamsError(f"{_origin(sources, ('auth', 'api_key_file'))}: auth.api_key_file: {exc}") from None
+    if study.auth.api_key_env and os.environ.get(study.auth.api_key_env):
+        try:
+            study.api_key()
+        except ParamsError as exc:
+            raise ParamsError(f"{_origin(sources, ('auth', 'api_key_env'))}: auth.api_key_env: {exc}") from None
+    if study.client.ca_file and not study.resolve_path(study.client.ca_file).is_file():
+        origin = _origin(sources, ("client", "ca_file"))
+        raise ParamsError(f"{origin}: client.ca_file: {study.resolve_path(study.client.ca_file)}: file not found")
     if study.auth.api_key_env and not os.environ.get(study.auth.api_key_env):
         origin = _origin(sources, ("auth", "api_key_env"))
         raise ParamsError(

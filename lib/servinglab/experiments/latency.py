@@ -66,9 +66,10 @@ def run_layer_sweep(
         tokenizer = DirectoryTokenizer(platform.model_dir()[0])
     else:
         tokenizer = ServerTokenizer(endpoint.root_url, endpoint.served_name, endpoint.api_key, endpoint.headers,
-                                    endpoint.verify_tls)  # fmt: skip
+                                    endpoint.verify_tls, endpoint.proxy)  # fmt: skip
     target = Target(endpoint.base_url, endpoint.served_name, endpoint.api_key, w.request_timeout_s, w.ignore_eos,
-                    headers=tuple(endpoint.headers.items()), verify_tls=endpoint.verify_tls)  # fmt: skip
+                    headers=tuple(endpoint.headers.items()), verify_tls=endpoint.verify_tls,
+                    proxy=endpoint.proxy)  # fmt: skip
     slos = study.slos.goodput.limits() or None
     cpus = platform.client_cpus(endpoint.layer)
     cores = len(cpus) if cpus else len(placement.usable_cores())

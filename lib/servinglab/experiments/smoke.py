@@ -18,6 +18,7 @@ import openai
 from .. import records
 from ..config import Study
 from ..errors import SmokeCheckError
+from ..measure.outbound import client_options
 from ..platforms import Endpoint
 
 
@@ -58,7 +59,7 @@ def run_smoke(
         max_retries=0,
         timeout=workload.timeout_s,
         default_headers=endpoint.headers or None,
-        http_client=openai.DefaultHttpxClient(verify=endpoint.verify_tls),
+        http_client=openai.DefaultHttpxClient(**client_options(endpoint.verify_tls, endpoint.proxy)),
     )
     layer = endpoint.layer
     try:
@@ -102,9 +103,12 @@ def run_smoke(
 
         if endpoint.api_key:
             t = time.perf_counter()
-            with httpx.Client(timeout=workload.timeout_s, trust_env=False, headers=endpoint.headers,
-                              verify=endpoint.verify_tls) as http:  # fmt: skip
-                refused = http.get(f"{endpoint.base_url}/models").status_code
+            with httpx.Client(timeout=workload.timeout_s, headers=endpoint.headers,
+                              **client_options(endpoint.verify_tls, endpoint.proxy)) as http:  # fmt: skip
+                try:
+                    refused = http.get(f"{endpoint.base_url}/models").status_code
+                except httpx.HTTPError as exc:  # recorded as observed, like the checks above
+                    refused = f"error: {type(exc).__name__}"
             rows.append(
                 _check(layer, "api_key_enforced", refused == 401, "GET /v1/models without the key returns 401",
                        {"status": refused}, (time.perf_counter() - t) * 1000)

@@ -15,9 +15,11 @@ from typing import Any
 
 from .. import records
 from ..errors import ParamsError
+from ..config import checked_api_key, read_api_key_file
 from ..platforms.base import MetricsTarget
 from ..platforms.placement import usable_cores
 from .loadgen import StageSpec, Target
+from .outbound import refuse_plain_http_key
 from .client import run_local, workers_for
 from .client_metrics import validity
 from .intervals import stage_intervals
@@ -32,13 +34,16 @@ def root_url(base_url: str) -> str:
 
 
 def read_api_key(env_name: str | None = None, file: str | None = None) -> str | None:
-    """The key from a file or an environment variable (``OPENAI_API_KEY`` by default); never printed."""
+    """The key from a file or an environment variable (``OPENAI_API_KEY`` by default), one printable line;
+    never printed."""
     if file:
         path = Path(file)
         if not path.is_file():
             raise ParamsError(f"--api-key-file {file}: file not found")
-        return path.read_text(encoding="utf-8").strip()
-    return os.environ.get(env_name or "OPENAI_API_KEY") or None
+        return read_api_key_file(path)
+    name = env_name or "OPENAI_API_KEY"
+    value = os.environ.get(name)
+    return checked_api_key(value, f"environment variable {name}") if value else None
 
 
 def run_bench(
@@ -63,6 +68,7 @@ def run_bench(
     duration_s: float | None = None,
     workers: int | str = "auto",
     say: Any = None,
+    allow_plain_http_key: bool = False,
 ) -> dict[str, Any]:
     """Run one stage and return its result (``vllm bench serve`` key names plus servinglab's extras).
 
@@ -70,9 +76,12 @@ def run_bench(
     tokens before the chat template; ``request_rate`` inf with ``max_concurrency`` is a closed loop;
     ``num_warmups`` come on top of ``num_prompts`` and are left out of every metric. ``workers``: client
     processes (a number, or ``auto``: one per 8 concurrent streams within this machine's cores); ``say``
-    gets the rule that chose them.
+    gets the rule that chose them. The key goes over plain http:// to another machine only with
+    ``allow_plain_http_key``; no proxy from the environment is used.
     """
     root = root_url(base_url)
+    refuse_plain_http_key(f"--base-url {base_url}", root, api_key, allow_plain_http_key, ParamsError,
+                          "pass --allow-plain-http-key")  # fmt: skip
     tok = DirectoryTokenizer(tokenizer) if tokenizer else ServerTokenizer(root, model, api_key)
     if prompts_file:
         specs = file_requests(prompts_file, output_len, tok, num_prompts + num_warmups)
@@ -88,7 +97,8 @@ def run_bench(
     rule = workers_for(workers, spec, len(usable_cores()) or 1)
     if say is not None:
         say(f"client: {rule.text}")
-    with writer, ServerWindow([MetricsTarget("server", root, api_key)]) as window:
+    server = MetricsTarget("server", root, api_key, plain_http_key_allowed=allow_plain_http_key)
+    with writer, ServerWindow([server]) as window:
         merged = run_local(target, plan, writer, slos, rule.workers)
     return {
         "date": datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"),

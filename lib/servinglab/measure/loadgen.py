@@ -29,6 +29,7 @@ import httpx2
 import openai
 import orjson
 
+from .outbound import client_options
 from .schedule import arrival_offsets_s
 from .workload import RequestSpec
 
@@ -46,7 +47,8 @@ class Target:
     ignore_eos: bool = True
     continuous_usage: bool = True  # ask for usage in every chunk (vLLM's continuous_usage_stats)
     headers: tuple[tuple[str, str], ...] = ()  # sent with every request (a gateway's Host header)
-    verify_tls: bool = True
+    verify_tls: bool | str = True  # True: the system's CAs; a path: that CA file; False: not checked
+    proxy: str | None = None  # only the study's; the environment's proxy settings are ignored
 
 
 @dataclass(frozen=True)
@@ -61,9 +63,10 @@ class StageSpec:
 
 
 def make_client(target: Target, pool_size: int) -> openai.AsyncOpenAI:
-    """One client per stage: no retries, an explicit timeout, a connection pool larger than needed."""
+    """One client per stage: no retries, an explicit timeout, a connection pool larger than needed, and
+    no proxy or CA taken from the environment (:mod:`servinglab.measure.outbound`)."""
     http_client = openai.DefaultAioHttpClient(
-        verify=target.verify_tls,
+        **client_options(target.verify_tls, target.proxy),
         limits=httpx2.Limits(max_connections=pool_size, max_keepalive_connections=pool_size),
         timeout=httpx2.Timeout(target.request_timeout_s, connect=min(30.0, target.request_timeout_s)),
     )

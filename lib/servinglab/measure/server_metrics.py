@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from .outbound import client_options, verify_option
+
 if TYPE_CHECKING:
     from ..config import Telemetry
     from ..platforms.base import Endpoint, MetricsTarget
@@ -63,11 +65,11 @@ def _headers(api_key: str | None, extra: dict[str, str] | None = None) -> dict[s
 
 
 def scrape(root_url: str, api_key: str | None = None, timeout_s: float = 10.0, headers: dict[str, str] | None = None,
-           verify_tls: bool = True) -> dict[str, Any] | None:  # fmt: skip
+           verify_tls: bool | str = True) -> dict[str, Any] | None:  # fmt: skip
     """One ``GET /metrics``; None when the server does not answer (the stage records that)."""
     try:
         answer = httpx.get(f"{root_url}/metrics", headers=_headers(api_key, headers), timeout=timeout_s,
-                           trust_env=False, verify=verify_tls)  # fmt: skip
+                           trust_env=False, verify=verify_option(verify_tls))  # fmt: skip
         answer.raise_for_status()
     except httpx.HTTPError:
         return None
@@ -214,7 +216,7 @@ class GaugeSampler:
 
     def _run(self) -> None:
         clients = {t.name: httpx.Client(headers=_headers(t.api_key, t.headers), timeout=2.0, trust_env=False,
-                                        verify=t.verify_tls) for t in self.targets}  # fmt: skip
+                                        verify=verify_option(t.verify_tls)) for t in self.targets}  # fmt: skip
         try:
             while not self._stop.wait(self.period_s):
                 tick = {}
@@ -292,8 +294,8 @@ def now_unix_s() -> float:
 def alive(endpoint: Endpoint) -> bool:
     """Whether the layer answers ``/health`` through the path the client used."""
     try:
-        answer = httpx.get(f"{endpoint.root_url}/health", timeout=5, trust_env=False, headers=endpoint.headers,
-                           verify=endpoint.verify_tls)  # fmt: skip
+        answer = httpx.get(f"{endpoint.root_url}/health", timeout=5, headers=endpoint.headers,
+                           **client_options(endpoint.verify_tls, endpoint.proxy))  # fmt: skip
         return answer.status_code == 200
     except httpx.HTTPError:
         return False

@@ -390,10 +390,11 @@ def target_to_dict(target: Target) -> dict[str, Any]:
     """A target without its API key (a worker reads the key from its own environment)."""
     return {"base_url": target.base_url, "model": target.model, "request_timeout_s": target.request_timeout_s,
             "ignore_eos": target.ignore_eos, "continuous_usage": target.continuous_usage,
-            "headers": [list(h) for h in target.headers], "verify_tls": target.verify_tls}  # fmt: skip
+            "headers": [list(h) for h in target.headers], "verify_tls": target.verify_tls} \
+        | ({"proxy": target.proxy} if target.proxy else {})  # fmt: skip
 
 
 def target_from_dict(data: dict[str, Any], api_key: str | None) -> Target:
     return Target(data["base_url"], data["model"], api_key, data["request_timeout_s"], data["ignore_eos"],
                   data["continuous_usage"], headers=tuple(tuple(h) for h in data["headers"]),  # type: ignore[misc]
-                  verify_tls=data["verify_tls"])  # fmt: skip
+                  verify_tls=data["verify_tls"], proxy=data.get("proxy"))  # fmt: skip

@@ -63,11 +63,13 @@ class ServerTokenizer:
     """The served model's tokenizer, through vLLM's ``/tokenize`` and ``/detokenize``."""
 
     def __init__(self, root_url: str, model: str, api_key: str | None = None, headers: dict[str, str] | None = None,
-                 verify_tls: bool = True) -> None:  # fmt: skip
+                 verify_tls: bool | str = True, proxy: str | None = None) -> None:  # fmt: skip
         import httpx
 
+        from .outbound import client_options
+
         headers = dict(headers or {}) | ({"Authorization": f"Bearer {api_key}"} if api_key else {})
-        self._http = httpx.Client(base_url=root_url, headers=headers, timeout=30, trust_env=False, verify=verify_tls)
+        self._http = httpx.Client(base_url=root_url, headers=headers, timeout=30, **client_options(verify_tls, proxy))
         self._model = model
 
     def encode(self, text: str) -> list[int]:

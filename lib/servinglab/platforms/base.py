@@ -7,6 +7,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ContextManager, Protocol
+from urllib.parse import urlsplit
+
+from ..measure.outbound import refuse_plain_http_key
 
 if TYPE_CHECKING:
     from ..config import Study
@@ -14,9 +17,33 @@ if TYPE_CHECKING:
     from ..layers.common import Canary
 
 
+def endpoint_options(study: Study, layer_name: str) -> dict[str, Any]:
+    """The study's client settings for one layer (``client:``), as :class:`Endpoint` takes them: how its
+    certificate is checked, the proxy, and whether its key may go over plain http:// to another machine."""
+    return {
+        "verify_tls": study.tls_verify(layer_name),
+        "proxy": study.client.proxy,
+        "plain_http_key_allowed": layer_name in study.client.allow_plain_http_key,
+    }
+
+
+def tls_text(verify_tls: bool | str) -> str:
+    """How a TLS certificate is checked, as the records and the report say it."""
+    if verify_tls is False:
+        return "certificate not checked (client.tls_verify)"
+    if verify_tls is True:
+        return "certificate checked against the system's CAs"
+    return f"certificate checked against {verify_tls}"
+
+
 @dataclass(frozen=True)
 class Endpoint:
-    """Where a deployed layer answers the OpenAI API."""
+    """Where a deployed layer answers the OpenAI API, and how the clients reach it.
+
+    Refuses, on creation, a key that would go over plain http:// to another machine (see
+    :func:`refuse_plain_http_key`). ``via`` ends with how the certificate is checked (https) and the proxy
+    taken (when the study names one), so every record that carries ``via`` says both.
+    """
 
     layer: str
     base_url: str  # ends in /v1
@@ -24,10 +51,18 @@ class Endpoint:
     # The key is read when needed and kept out of repr, so printing an endpoint never shows it.
     api_key: str | None = field(default=None, repr=False, compare=False)
     headers: dict[str, str] = field(default_factory=dict, compare=False)  # e.g. Host, through a gateway by IP
-    # False only for a TLS endpoint reached through an authenticated tunnel whose certificate is the
-    # server's own (llm-d's workload over a port-forward).
-    verify_tls: bool = field(default=True, compare=False)
+    # True: the system's CAs; a path: that CA file; False: not checked (the study names the layer).
+    verify_tls: bool | str = field(default=True, compare=False)
     via: str = "direct"  # the path the requests take: direct, port-forward, gateway or in-cluster
+    proxy: str | None = field(default=None, compare=False)  # only from the study, never from the environment
+    plain_http_key_allowed: bool = field(default=False, compare=False)
+
+    def __post_init__(self) -> None:
+        refuse_plain_http_key(f"layers.{self.layer}", self.base_url, self.api_key, self.plain_http_key_allowed)
+        notes = [f"TLS, {tls_text(self.verify_tls)}"] if urlsplit(self.base_url).scheme == "https" else []
+        notes += [f"through proxy {urlsplit(self.proxy).netloc}"] if self.proxy else []
+        if notes:
+            object.__setattr__(self, "via", f"{self.via} [{'; '.join(notes)}]")
 
     @property
     def root_url(self) -> str:
@@ -42,7 +77,11 @@ class MetricsTarget:
     root_url: str  # http(s)://host:port, without /v1
     api_key: str | None = field(default=None, repr=False, compare=False)
     headers: dict[str, str] = field(default_factory=dict, compare=False)
-    verify_tls: bool = field(default=True, compare=False)
+    verify_tls: bool | str = field(default=True, compare=False)  # as Endpoint's
+    plain_http_key_allowed: bool = field(default=False, compare=False)
+
+    def __post_init__(self) -> None:
+        refuse_plain_http_key(f"metrics of {self.name}", self.root_url, self.api_key, self.plain_http_key_allowed)
 
 
 @dataclass

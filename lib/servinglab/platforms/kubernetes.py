@@ -32,7 +32,7 @@ from ..layers import NEEDS_GATEWAY, LayerKind, Refusal
 from ..layers.common import ENGINE_PORT, HASH_LABEL, LAYER_LABEL, MANAGED_BY, STUDY_LABEL, Canary, selector_labels
 from ..layers.render import render_layer
 from ..layers.validate import schemas_from_crds, validate_objects
-from .base import Deployment, Endpoint, Manifests, MetricsTarget
+from .base import Deployment, Endpoint, Manifests, MetricsTarget, endpoint_options
 from .kube import (API_VERSIONS, Kube, WatchEvent, conditions, iter_containers, load_api_client, object_path,
                    parse_quantity)  # fmt: skip
 from .portforward import Connector, PortForward, kubernetes_connector
@@ -522,8 +522,10 @@ class KubernetesPlatform:
                     forward = PortForward(self.pod_connector(name, port), f"pod {name}:{port}")
                     self._pod_forwards[(name, port)] = forward
                 root = forward.url.replace("http://", f"{scheme}://", 1)
-            # A pod's own certificate is checked by nobody who reaches it at its IP or through the tunnel.
-            targets.append(MetricsTarget(name, root, key, verify_tls=not tls))
+            # A pod's own certificate names no IP or tunnel: checked as the study says for the layer.
+            options = endpoint_options(self.study, layer_name)
+            targets.append(MetricsTarget(name, root, key, verify_tls=options["verify_tls"] if tls else True,
+                                         plain_http_key_allowed=options["plain_http_key_allowed"]))  # fmt: skip
         return targets
 
     def pod_connector(self, pod: str, port: int) -> Connector:
@@ -558,12 +560,12 @@ class KubernetesPlatform:
         if not current or not self._ready(current):
             raise PlatformError(f"layers.{layer_name} is not deployed and ready in namespace {self.namespace}")
         served, key = self.study.model.served_name, self.study.api_key()
-        mode = via or self.settings.endpoint
+        mode, options = via or self.settings.endpoint, endpoint_options(self.study, layer_name)
         if mode == "in-cluster":
-            return Endpoint(layer_name, self.in_cluster_url(layer_name), served, key, via="in-cluster")
+            return Endpoint(layer_name, self.in_cluster_url(layer_name), served, key, via="in-cluster", **options)
         if mode == "gateway" and kind.has_gateway:
             url, headers = self.gateway_endpoint(layer_name)
-            return Endpoint(layer_name, url, served, key, headers=headers, via=f"gateway {url}")
+            return Endpoint(layer_name, url, served, key, headers=headers, via=f"gateway {url}", **options)
         forward = self._forwards.get(layer_name)
         if forward is None:
             try:
@@ -582,12 +584,13 @@ class KubernetesPlatform:
             forward = PortForward(connect, f"a ready pod of {top_kind}/{name} ({first})")
             self._forwards[layer_name] = forward
         if kind.serves_tls:
-            # The workload serves TLS with a certificate of its own; the tunnel itself is authenticated by the
-            # API server, so the certificate is not checked on this path.
+            # The workload serves TLS with a certificate of its own, which names no 127.0.0.1: a study that
+            # reaches it through the tunnel turns the check off for the layer (client.tls_verify).
             url = forward.url.replace("http://", "https://", 1)
-            return Endpoint(layer_name, f"{url}/v1", served, key, verify_tls=False,
+            return Endpoint(layer_name, f"{url}/v1", served, key, **options,
                             via=f"port-forward to {forward.description} (TLS, the workload's own certificate)")  # fmt: skip
-        return Endpoint(layer_name, f"{forward.url}/v1", served, key, via=f"port-forward to {forward.description}")
+        return Endpoint(layer_name, f"{forward.url}/v1", served, key, via=f"port-forward to {forward.description}",
+                        **options)  # fmt: skip
 
     def paths(self, layer_name: str) -> dict[str, Endpoint]:
         """The ways to reach a ready layer side by side: through its gateway (when it has one) and directly

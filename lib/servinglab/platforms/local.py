@@ -32,7 +32,7 @@ from ..layers import Refusal
 from ..layers.common import Canary
 from ..layers.render import as_cluster_study, render_layer
 from ..records import utc_now
-from .base import Deployment, Endpoint, Manifests, MetricsTarget
+from .base import Deployment, Endpoint, Manifests, MetricsTarget, endpoint_options
 from . import placement
 from .processes import Registry, ServerEntry, group_members, process_alive, stop_group
 
@@ -186,7 +186,13 @@ class LocalPlatform:
         raise UnsupportedLayerError(f"model.source kind {source.kind}: {NEEDS_KUBERNETES}")
 
     def spec_hash(self, layer_name: str) -> str:
-        """What makes two servers interchangeable: layer, model, engine args, platform, key."""
+        """What makes two servers interchangeable: layer, model, engine args, platform, whether a key is set.
+
+        Only whether a key is set, never a digest of it: the hash is recorded in ``deployments.jsonl`` beside
+        every other input of it (``run.json``), so any digest of the key would let a guess be tested offline.
+        A server started with another key is found out on reuse instead (its ``/v1/models`` refuses the
+        current key) and restarted; rotating the key is a teardown and a deploy, done there.
+        """
         key = self.study.api_key()
         directory, _ = self.model_dir()
         spec = {
@@ -195,8 +201,7 @@ class LocalPlatform:
             "model_dir": str(directory),  # a new build recipe means a new directory, so a new server
             "platform": self.settings.model_dump(mode="json", exclude={"ready_timeout_s", "stop_grace_s"}),
             "python": self.python,
-            # Only a digest of the key: a new key needs a new server, and the key itself is never stored.
-            "api_key_sha256": hashlib.sha256(key.encode()).hexdigest() if key else None,
+            "api_key_set": bool(key),
         }
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
@@ -272,9 +277,11 @@ class LocalPlatform:
         return httpx.Client(headers=headers, timeout=5.0, trust_env=False)
 
     def _answers(self, entry: ServerEntry) -> bool:
+        """Whether the server is healthy and takes this study's key (one started with another key refuses it)."""
         try:
             with self._http() as http:
-                return http.get(f"{entry.base_url.removesuffix('/v1')}/health").status_code == 200
+                return (http.get(f"{entry.base_url.removesuffix('/v1')}/health").status_code == 200
+                        and http.get(f"{entry.base_url}/models").status_code == 200)  # fmt: skip
         except httpx.HTTPError:
             return False
 
@@ -458,7 +465,8 @@ class LocalPlatform:
                 f"layer {layer_name} is not running with this study's spec; deploy it first "
                 f"(notebook 10_deploy, or `servinglab run {self.study.source_file}`)"
             )
-        return Endpoint(layer_name, entry.base_url, entry.served_name, self.study.api_key())
+        return Endpoint(layer_name, entry.base_url, entry.served_name, self.study.api_key(),
+                        **endpoint_options(self.study, layer_name))  # fmt: skip
 
     def paths(self, layer_name: str) -> dict[str, Endpoint]:
         return {"direct": self.endpoint(layer_name)}

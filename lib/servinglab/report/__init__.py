@@ -73,6 +73,23 @@ def _server_args(run: RunData) -> str:
     return " ".join(args) + " (the study's; the layer adds the model and its address)" if args else ""
 
 
+def client_connections(run: RunData) -> str:
+    """How the clients reached the layers, from the study recorded in ``run.json``: the proxy, how each layer's
+    TLS certificate was checked, and where the key was allowed over plain http://."""
+    client = run.params.get("client")
+    if client is None:
+        return "not recorded (the clients of this run may have taken a proxy from the environment)"
+    proxy = f"through proxy {client['proxy']}" if client.get("proxy") else "no proxy (the environment's ignored)"
+    trusted = f"the CAs of {client['ca_file']}" if client.get("ca_file") else "the system's CAs"
+    unchecked = [name for name, on in (client.get("tls_verify") or {}).items() if not on]
+    tls = f"TLS certificates checked against {trusted}"
+    tls += f", not checked for {', '.join(unchecked)} (client.tls_verify)" if unchecked else ""
+    plain = client.get("allow_plain_http_key") or []
+    key = (f"API key allowed over plain http:// to another machine for {', '.join(plain)}" if plain
+           else "API key never sent over plain http:// to another machine")  # fmt: skip
+    return f"{proxy} · {tls} · {key}"
+
+
 def load_pattern(run: RunData) -> str:
     if not run.latency_stages:
         return "smoke requests only (no latency stage in this run)"
@@ -127,6 +144,7 @@ def render_html(run_dir: str | os.PathLike) -> str:
         git=run.context.get("git", {}),
         server_args=_server_args(run),
         load_pattern=load_pattern(run),
+        client_connections=client_connections(run),
         request_shape=request_shape(run),
         stages=run.latency_stages,
         warnings=_warnings(run),

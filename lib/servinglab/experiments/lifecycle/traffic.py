@@ -25,7 +25,8 @@ KEPT = ("ok", "status", "error_kind", "error", "ttft_ms", "e2el_ms", "output_tok
 
 def target_for(endpoint: Endpoint, timeout_s: float) -> Target:
     return Target(endpoint.base_url, endpoint.served_name, endpoint.api_key, timeout_s, ignore_eos=True,
-                  headers=tuple(endpoint.headers.items()), verify_tls=endpoint.verify_tls)  # fmt: skip
+                  headers=tuple(endpoint.headers.items()), verify_tls=endpoint.verify_tls,
+                  proxy=endpoint.proxy)  # fmt: skip
 
 
 def _slim(record: dict[str, Any], t0_unix: float, ended_unix: float, extra: dict[str, Any]) -> dict[str, Any]:
