@@ -97,9 +97,10 @@ def run_bench(
     rule = workers_for(workers, spec, len(usable_cores()) or 1)
     if say is not None:
         say(f"client: {rule.text}")
-    server = MetricsTarget("server", root, api_key, plain_http_key_allowed=allow_plain_http_key)
-    with writer, ServerWindow([server]) as window:
-        merged = run_local(target, plan, writer, slos, rule.workers)
+    with writer:
+        server = MetricsTarget("server", root, api_key, plain_http_key_allowed=allow_plain_http_key)
+        with ServerWindow([server]) as window:
+            merged = run_local(target, plan, writer, slos, rule.workers)
     return {
         "date": datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"),
         "client": "servinglab",
