@@ -10,6 +10,8 @@ Layout of ``runs/<study>/<run-id>/``::
                            manifests/index.json what was assumed to render them
     logs/                  engine logs
     notebooks/             executed copies of the notebooks (written by the batch runner)
+    params/<n>.json        the study as each invocation that wrote into the run resolved it, frozen (1: the
+                           run's start; a later ``--only``/``--set`` adds the next); its notebooks read it
 
 Every table is declared once, with its file, its fields (type, unit, meaning) and which are required.
 Writers go through :func:`append` or :class:`Writer`, which check a record against its table before it
@@ -45,6 +47,7 @@ RUN_FILE = "run.json"
 DATA_DIR = "data"
 MANIFESTS_DIR = "manifests"
 MANIFESTS_INDEX = "index.json"
+PARAMS_DIR = "params"
 
 # --------------------------------------------------------------------------------------------- declaring
 
@@ -301,7 +304,10 @@ RUN_CONTEXT = Table("run", "run.json: the run's context.", (
     opt("git", dict, "the commit the code was at, and whether the tree had changes"),
     opt("servinglab_version", str, "servinglab's version"),
     opt("layer_kinds", dict, "every layer kind of the study as the run knew it: title, column, claims, ..."),
-    opt("notebooks", list, "each executed notebook: name, status, seconds, error"),
+    opt("notebooks", list, "each executed notebook: name, status, seconds, error, params_segment (the params/<n>.json "
+        "it read)"),
+    opt("runner", dict, "the batch process writing the run: pid, create_time, host (a run marked running whose "
+        "runner has gone is dead)"),
     opt("platform", dict, "the platform's name and accelerator"),
     opt("hardware", dict, "the machine or the cluster"),
     opt("engine", dict, "the engine: name, version, image, system_fingerprint"),
@@ -435,6 +441,52 @@ def update_context(run_dir: str | os.PathLike, **fields: Any) -> dict[str, Any]:
             else:
                 data[key] = value
         _write_json_atomic(Path(run_dir) / RUN_FILE, data)
+    return data
+
+
+# ----------------------------------------------------------------------------------------- params segments
+
+
+def params_segment_path(run_dir: str | os.PathLike, number: int) -> Path:
+    """``params/<number>.json`` of a run."""
+    return Path(run_dir) / PARAMS_DIR / f"{number}.json"
+
+
+def freeze_params(run_dir: str | os.PathLike, frozen: dict[str, Any]) -> tuple[int, Path]:
+    """Write the next params segment of a run: ``frozen`` (study_file, sources, params, ...) with its number.
+
+    Each invocation that writes into a run freezes the study as it resolved it, so its notebooks read this copy
+    and an edit of the study file during the run changes nothing the run does or records.
+    """
+    folder = Path(run_dir) / PARAMS_DIR
+    with _locked(Path(run_dir)):
+        folder.mkdir(exist_ok=True)
+        taken = [int(p.stem) for p in folder.glob("*.json") if p.stem.isdigit()]
+        number = max(taken, default=0) + 1
+        path = params_segment_path(run_dir, number)
+        _write_json_atomic(path, {"segment": number, "frozen_at": utc_now()} | frozen)
+    return number, path
+
+
+def is_params_segment(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a run's ``params/<n>.json`` (what the batch runner hands its notebooks)."""
+    path = Path(path)
+    return (path.suffix == ".json" and path.stem.isdigit() and path.parent.name == PARAMS_DIR
+            and (path.parent.parent / RUN_FILE).is_file())  # fmt: skip
+
+
+def read_params_segment(path: str | os.PathLike) -> dict[str, Any]:
+    """A params segment; a RunDirError names the file and the field when it is not one."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunDirError(f"{path}: not a params segment ({exc})") from None
+    if not isinstance(data, dict):
+        raise RunDirError(f"{path}: not a JSON object but {type(data).__name__}")
+    for key, kind in (("segment", int), ("study_file", str), ("sources", list), ("params", dict)):
+        if not isinstance(data.get(key), kind) or isinstance(data.get(key), bool):
+            raise RunDirError(f"{path}: {key}: missing or not {_JSON_NAMES[kind]}")
     return data
 
 
