@@ -169,8 +169,11 @@ def test_only_reruns_one_stage_into_an_existing_run(private_overrides, monkeypat
     assert (run_dir / "data" / "preflight.jsonl").read_text().strip()
     context = json.loads((run_dir / "run.json").read_text())
     assert [(n["name"], n["status"]) for n in context["notebooks"]] == [("00_preflight", "ok")]
-    # The stage went into that run; no new run was made.
-    assert [p for p in (overrides.parent / "runs" / "ci").iterdir() if not p.is_symlink()] == [run_dir]
+    # The stage went into that run; no new run was made (beside the runs sits the study's lock, released).
+    study_dir = overrides.parent / "runs" / "ci"
+    assert [p for p in study_dir.iterdir() if p.is_dir() and not p.is_symlink()] == [run_dir]
+    assert (study_dir / ".lock").read_text() == ""
+    assert [(n["name"], n["params_segment"]) for n in context["notebooks"]] == [("00_preflight", 1)]
 
     nowhere = run_cli("run", str(PARAMS / "ci.yaml"), "--only", "00_preflight", "--run-dir", "nowhere",
                       env_overrides=overrides, timeout=120)  # fmt: skip
