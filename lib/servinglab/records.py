@@ -136,9 +136,12 @@ LAYER = f("layer", str, "the layer of the study")
 # script (test fixtures). Written by append() and Writer when the writer says nothing else.
 PROVENANCE = opt("provenance", str, "measured (this run), imported (another tool's file) or synthetic (a script)")
 AT_UNIX = "unix s"
+# The run's params/<n>.json the record was written under (a notebook of a batch); absent outside a batch.
+PARAMS_SEGMENT = opt("params_segment", int, "the params segment (params/<n>.json) it was recorded under")
 
 PREFLIGHT = Table("preflight", "What the platform offered before anything was deployed (00_preflight).", (
     PROVENANCE,
+    PARAMS_SEGMENT,
     f("at", str, "when it was recorded (ISO 8601, UTC)"),
     f("facts", dict, "the platform's facts: hardware, engine, packages, and on a cluster its inventory (cluster)"),
     f("layers", list, "one row per layer: layer, kind, hostable, reason, requires (crds, control-plane namespaces)"),
@@ -147,6 +150,7 @@ PREFLIGHT = Table("preflight", "What the platform offered before anything was de
 
 DEPLOYMENTS = Table("deployments", "One record per layer each time it was ensured (10_deploy, and later starts).", (
     PROVENANCE,
+    PARAMS_SEGMENT,
     LAYER,
     f("kind", str, "the layer's kind"),
     f("platform", str, "local or kubernetes"),
@@ -175,6 +179,7 @@ DEPLOYMENTS = Table("deployments", "One record per layer each time it was ensure
 
 SMOKE = Table("smoke", "The source page's confirmed behaviour, one record per check and layer (20_smoke).", (
     PROVENANCE,
+    PARAMS_SEGMENT,
     LAYER,
     f("check", str, "models_lists_served_name, chat_completion_200, fingerprint_names_engine or api_key_enforced"),
     f("passed", bool, "whether the layer showed the expected behaviour"),
@@ -188,6 +193,7 @@ SMOKE = Table("smoke", "The source page's confirmed behaviour, one record per ch
 LATENCY_STAGES = Table("latency_stages", "One record per latency stage: what was planned, where the client ran, "
                        "what it measured and what the server saw (30_latency, servinglab import).", (
     PROVENANCE,
+    PARAMS_SEGMENT,
     LAYER,
     f("stage", str, "c=<concurrency> (closed loop) or rate=<req/s> (open loop)"),
     opt("stage_id", str, "this measurement of the stage, named by each of its request records"),
@@ -222,6 +228,7 @@ LATENCY_STAGES = Table("latency_stages", "One record per latency stage: what was
 
 LATENCY_REQUESTS = Table("latency_requests", "One record per request of a latency stage, written as it ends.", (
     PROVENANCE,
+    PARAMS_SEGMENT,
     LAYER,
     f("stage", str, "the stage it belongs to"),
     opt("stage_id", str, "the measurement of the stage it belongs to (its stage record's stage_id)"),
@@ -252,6 +259,7 @@ LATENCY_REQUESTS = Table("latency_requests", "One record per request of a latenc
 
 LIFECYCLE = Table("lifecycle", "One record per lifecycle experiment trial, written when it ends (40_lifecycle).", (
     PROVENANCE,
+    PARAMS_SEGMENT,
     LAYER,
     f("kind", str, "the layer's kind"),
     f("platform", str, "local or kubernetes"),
@@ -268,6 +276,7 @@ LIFECYCLE = Table("lifecycle", "One record per lifecycle experiment trial, writt
 
 LIFECYCLE_REQUESTS = Table("lifecycle_requests", "One record per request a lifecycle experiment sent, as it ends.", (
     PROVENANCE,
+    PARAMS_SEGMENT,
     LAYER,
     f("experiment", str, "the experiment that sent it"),
     f("trial", int, "its trial"),
@@ -509,10 +518,24 @@ def _line(record: dict[str, Any]) -> str:
     return json.dumps(record, sort_keys=True, default=str) + "\n"
 
 
+_SEGMENT: dict[str, int] = {}  # "number": the params segment this process writes under, once it is known
+
+
+def write_under_segment(number: int) -> None:
+    """Stamp ``params_segment`` on every record this process writes from now on: a notebook executing in a
+    batch, which read the study from that segment of its run."""
+    _SEGMENT["number"] = number
+
+
+def _stamps(provenance: str) -> dict[str, Any]:
+    """What a record says of itself unless it says otherwise: its provenance and params segment."""
+    return {"provenance": provenance} | ({"params_segment": _SEGMENT["number"]} if _SEGMENT else {})
+
+
 def append(run_dir: str | os.PathLike, table: Table, rows: Iterable[dict[str, Any]], provenance: str = "measured") -> int:
     """Check and append records to a table, flushed and synced to disk; returns how many. A record that does
     not say where its numbers come from gets ``provenance``."""
-    lines = [_line(check(table, {"provenance": provenance} | r)) for r in rows]
+    lines = [_line(check(table, _stamps(provenance) | r)) for r in rows]
     path = table_path(run_dir, table)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as handle:
@@ -553,7 +576,7 @@ class Writer:
         self.write(record)
 
     def write(self, record: dict[str, Any]) -> None:
-        record = check(self.table, {"provenance": "measured"} | self.extra | record)
+        record = check(self.table, _stamps("measured") | self.extra | record)
         self.rows.append(record)
         if self._handle is not None:
             self._queue.put(record)

@@ -16,7 +16,7 @@ from batch_project import (
     wait_until,
 )  # fmt: skip
 
-from servinglab import records
+from servinglab import api, records
 from servinglab.errors import RunBusyError
 from servinglab.runlock import Holder, RunLock, lock_path
 
@@ -74,12 +74,14 @@ def test_a_second_run_is_refused_naming_the_running_one_and_reads_no_edit(tmp_pa
     again = run_cli("run", str(study_file), "--only", "30_after", "--run-dir", str(run_dir), "--no-progress",
                     "--set", "description=added later")  # fmt: skip
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
-    assert [r["observed"] for r in smoke_checks(run_dir) if r["check"] == "after"] == ["as started", "added later"]
+    after = [(r["observed"], r["params_segment"]) for r in smoke_checks(run_dir) if r["check"] == "after"]
+    assert after == [("as started", 1), ("added later", 2)]
+    assert {r["params_segment"] for r in smoke_checks(run_dir) if r["check"] != "after"} == {1}
     assert json.loads((run_dir / "params" / "2.json").read_text())["params"]["description"] == "added later"
     assert [(n["name"], n["params_segment"]) for n in context(study_file)["notebooks"]][-1] == ("30_after", 2)
 
 
-def test_a_live_lock_refuses_before_anything_starts(tmp_path):
+def test_a_live_lock_refuses_before_anything_starts(tmp_path, monkeypatch):
     study_file = make_project(tmp_path / "project")
     runs_dir = study_file.parent.parent / "runs"
     me = Holder.this_process()
@@ -91,6 +93,10 @@ def test_a_live_lock_refuses_before_anything_starts(tmp_path):
     # check and status read only; they run beside the batch.
     assert run_cli("check", str(study_file)).returncode == 0
     assert run_cli("status", str(study_file)).returncode == 0
+    # A notebook run on its own (its study file, not a batch's frozen segment) would use the batch's servers.
+    monkeypatch.delenv("SERVINGLAB_OVERRIDES", raising=False)
+    with pytest.raises(RunBusyError, match="20990101T000000Z"):
+        api.open_study(study_file)
 
 
 def test_a_stale_lock_is_taken_over(tmp_path):
