@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -319,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"servinglab: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
+        # Teardown is over: one more Ctrl-C, pressed while this process exits, has nothing left to stop.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         print("servinglab: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 

@@ -260,12 +260,12 @@ def run_study(
                 with contextlib.suppress(RunDirError):
                     records.update_context(run_path, status=status, ended_at=records.utc_now())
 
-    report = study.reports_dir / f"{study.study}-{run_path.name}.html"
-    if report.is_file():
-        # Once more now that the run has ended, so the published page carries its end and status.
-        from .report import publish
+        report = study.reports_dir / f"{study.study}-{run_path.name}.html"
+        if report.is_file():
+            # Once more now that the run has ended, so the published page carries its end and status.
+            from .report import publish
 
-        publish(run_path, study.reports_dir)
+            publish(run_path, study.reports_dir)
     result = BatchResult(run_path, status, report if report.is_file() else None, stopped)
     if status == "interrupted":
         raise KeyboardInterrupt

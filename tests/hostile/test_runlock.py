@@ -4,7 +4,10 @@ runner was killed shows as dead, not running."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -12,7 +15,7 @@ import psutil
 import pytest
 import yaml
 from batch_project import (
-    STUDY, context, kill_group, latest_run, make_project, notebook_started, run_cli, smoke_checks, start_batch,
+    STUDY, context, descendants, kill_group, latest_run, make_project, notebook_started, run_cli, smoke_checks, start_batch,
     wait_until,
 )  # fmt: skip
 
@@ -137,3 +140,27 @@ def test_status_shows_a_run_whose_runner_was_killed_as_dead(tmp_path):
     assert any(line.startswith(f"run {dead.name}\tdead\t") for line in lines), status.stdout
     assert any(line.startswith(f"run {live.name}\trunning\t") for line in lines), status.stdout
     assert not any(done.name in line for line in lines)
+
+
+def test_a_batch_killed_with_sigkill_shows_dead_and_its_lock_is_taken_over(tmp_path):
+    study_file = make_project(tmp_path / "project")
+    batch = start_batch(study_file, "--no-progress")
+    try:
+        wait_until(lambda: notebook_started(study_file, "20_wait"), batch, what="20_wait to start")
+        run_dir = latest_run(study_file)
+        kernels = descendants(batch.pid)
+        os.killpg(batch.pid, signal.SIGKILL)  # no handler runs: run.json keeps saying running
+        batch.communicate(timeout=30)
+    finally:
+        if batch.poll() is None:
+            kill_group(batch)
+    for kernel in kernels:  # the kernel notices its parent has gone by itself; do not wait for it here
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            os.killpg(kernel.pid, signal.SIGKILL)
+    assert context(study_file)["status"] == "running"
+    status = run_cli("status", str(study_file))
+    assert f"run {run_dir.name}\tdead\t" in status.stdout, status.stdout + status.stderr
+
+    again = run_cli("run", str(study_file), "--no-progress", "--set", "run.notebooks=[10_first]")
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert latest_run(study_file) != run_dir and context(study_file)["status"] == "ok"
