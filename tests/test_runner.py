@@ -143,6 +143,10 @@ def test_ctrl_c_during_the_batch_leaves_no_engine_process(private_overrides):
             time.sleep(0.5)
         time.sleep(3)
         os.killpg(batch.pid, signal.SIGINT)
+        # Impatient, a second Ctrl-C while the kernel stops and teardown runs: teardown still goes to its end.
+        time.sleep(2)
+        if batch.poll() is None:
+            os.killpg(batch.pid, signal.SIGINT)
         output, _ = batch.communicate(timeout=300)
     finally:
         if batch.poll() is None:
@@ -153,7 +157,9 @@ def test_ctrl_c_during_the_batch_leaves_no_engine_process(private_overrides):
     run_dir = (overrides.parent / "runs" / "ci" / "latest").resolve()
     context = json.loads((run_dir / "run.json").read_text())
     assert context["status"] == "interrupted"
+    assert [(n["name"], n["status"]) for n in context["notebooks"]][-1] == ("10_deploy", "interrupted")
     assert (run_dir / "data" / "preflight.jsonl").read_text().strip()  # measured before the interrupt
+    assert not list((cache / "servers").glob("*.json"))
 
 
 def test_only_reruns_one_stage_into_an_existing_run(private_overrides, monkeypatch):
@@ -169,8 +175,11 @@ def test_only_reruns_one_stage_into_an_existing_run(private_overrides, monkeypat
     assert (run_dir / "data" / "preflight.jsonl").read_text().strip()
     context = json.loads((run_dir / "run.json").read_text())
     assert [(n["name"], n["status"]) for n in context["notebooks"]] == [("00_preflight", "ok")]
-    # The stage went into that run; no new run was made.
-    assert [p for p in (overrides.parent / "runs" / "ci").iterdir() if not p.is_symlink()] == [run_dir]
+    # The stage went into that run; no new run was made (beside the runs sits the study's lock, released).
+    study_dir = overrides.parent / "runs" / "ci"
+    assert [p for p in study_dir.iterdir() if p.is_dir() and not p.is_symlink()] == [run_dir]
+    assert (study_dir / ".lock").read_text() == ""
+    assert [(n["name"], n["params_segment"]) for n in context["notebooks"]] == [("00_preflight", 1)]
 
     nowhere = run_cli("run", str(PARAMS / "ci.yaml"), "--only", "00_preflight", "--run-dir", "nowhere",
                       env_overrides=overrides, timeout=120)  # fmt: skip

@@ -6,9 +6,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__, layers, records
-from .config import Study, load_study
-from .errors import RunDirError
+from . import __version__, layers, records, runlock
+from .config import Study, load_resolved, load_study
+from .errors import RunBusyError, RunDirError
 from .platforms import Platform, get_platform
 
 
@@ -39,6 +39,22 @@ def run_context(study: Study) -> dict:
     }
 
 
+def load_frozen(segment_file: str | os.PathLike) -> Study:
+    """The study a run's params segment froze: no override file or ``--set`` applies again."""
+    segment = records.read_params_segment(segment_file)
+    return load_resolved(segment["params"], segment["study_file"], segment["sources"], str(segment_file))
+
+
+def _refuse_beside_a_batch(study: Study) -> None:
+    """A notebook run on its own would deploy, measure and tear down the servers a batch of the study is using."""
+    holder = runlock.current_holder(study.runs_dir, study.study)
+    if holder is not None:
+        raise RunBusyError(
+            f"{runlock.lock_path(study.runs_dir, study.study)}: study {study.study} is executing in "
+            f"{holder.describe()}; run this notebook when it has ended"
+        )
+
+
 def open_study(
     params_file: str | os.PathLike,
     run_dir: str | os.PathLike | None = None,
@@ -49,14 +65,25 @@ def open_study(
     Parameters
     ----------
     params_file : path
-        The study file.
+        The study file, or a run's frozen params segment (``<run_dir>/params/<n>.json``, what the batch runner
+        passes): the study exactly as that invocation resolved it, whatever the study file says now.
     run_dir : path, optional
         The run directory, as the batch runner injects it. Empty (a notebook run on its own): the study's
         newest run when it was made with the same parameters, otherwise a new run.
     overrides : list of str
-        ``dotted.key=value`` items, as ``--set`` gives them.
+        ``dotted.key=value`` items, as ``--set`` gives them (already part of a frozen segment).
+
+    Raises
+    ------
+    RunBusyError
+        A study file (not a batch's segment) whose study a batch is executing now.
     """
-    study = load_study(params_file, overrides)
+    if records.is_params_segment(params_file):
+        study = load_frozen(params_file)
+        records.write_under_segment(int(Path(params_file).stem))
+    else:
+        study = load_study(params_file, overrides)
+        _refuse_beside_a_batch(study)
     platform = get_platform(study)
     if run_dir:
         path = Path(run_dir)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
-from .errors import ParamsError, RunDirError, ServinglabError
+from .errors import ParamsError, RunBusyError, RunDirError, ServinglabError
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -62,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     _study_args(teardown)
     teardown.add_argument("--layer", action="append", default=[], help="only this layer (repeatable)")
 
-    status = sub.add_parser("status", help="list the study's running servers")
+    status = sub.add_parser("status", help="list the study's running servers, and its runs marked running")
     _study_args(status)
 
     build = sub.add_parser("build-model", help="build (or find in the cache) the study's local model")
@@ -196,9 +197,34 @@ def _status(args) -> int:
     rows = get_platform(study).status()
     for r in rows:
         print(f"{r['layer']}\t{r['state']}\t{r['where']}\t{r['detail']}")
-    if not rows:
+    runs = _runs_marked_running(study)
+    for run_dir, state, runner in runs:
+        detail = f"runner pid {runner.get('pid')}" + ("" if state == "running" else " has gone; the run never ended")
+        print(f"run {run_dir.name}\t{state}\t{run_dir}\t{detail}")
+    if not rows and not runs:
         print(f"nothing of study {study.study} is running")
     return 0
+
+
+def _runs_marked_running(study) -> list[tuple[Path, str, dict]]:
+    """The study's runs whose run.json says running: (run dir, running or dead, runner). Reads only."""
+    from .errors import RunDirError
+    from .records import read_context
+    from .runlock import run_state
+
+    folder = study.runs_dir / study.study
+    found = []
+    for run_dir in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if run_dir.is_symlink() or not run_dir.is_dir():
+            continue
+        try:
+            context = read_context(run_dir)
+        except RunDirError:
+            continue  # not a run, or a damaged one: `servinglab report` names its problem
+        if context.get("status") == "running":
+            runner = context.get("runner") if isinstance(context.get("runner"), dict) else {}
+            found.append((run_dir, run_state(context), runner))
+    return found
 
 
 def _build_model(args) -> int:
@@ -316,13 +342,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ParamsError, RunDirError) as exc:  # a run directory given to read is input too
+    except (ParamsError, RunDirError, RunBusyError) as exc:  # a run directory given to read is input too
         print(f"servinglab: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except ServinglabError as exc:
         print(f"servinglab: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
+        # Teardown is over: one more Ctrl-C, pressed while this process exits, has nothing left to stop.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         print("servinglab: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 

@@ -1099,6 +1099,32 @@ def _check_local_key_transport(study: Study, sources: list[tuple[str, dict[str, 
                               "set", layer in study.client.allow_plain_http_key, ParamsError)  # fmt: skip
 
 
+
+def load_resolved(params: dict[str, Any], study_file: str | os.PathLike, sources: list[str], label: str) -> Study:
+    """A study from what :meth:`Study.resolved` gave when it was loaded (a run's frozen params segment).
+
+    Parameters
+    ----------
+    params : dict
+        The resolved study: every source already merged, so no override file or ``--set`` is applied again.
+    study_file : path
+        The study file it was loaded from: relative paths resolve against its project folder as they did then.
+    sources : list of str
+        Where its values came from, in merge order, as recorded then.
+    label : str
+        The file the values are read from now (the segment), named in errors.
+    """
+    try:
+        study = Study.model_validate(params)
+    except ValidationError as exc:
+        lines = [f"{label}: {'.'.join(_describe(e)[0]) or '(top level)'}: {_describe(e)[1]}" for e in exc.errors()]
+        raise ParamsError("invalid study\n  " + "\n  ".join(lines)) from None
+    study._source_file = Path(study_file)
+    study._sources = list(sources)
+    _check_files(study, [(label, params)])
+    _check_client(study, [(label, params)])
+    return study
+
 def _origin(sources: list[tuple[str, dict[str, Any]]], path: tuple[str, ...]) -> str:
     """The last source in merge order that sets ``path`` (or, for a missing key, its nearest parent)."""
     for length in range(len(path), 0, -1):

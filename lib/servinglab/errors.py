@@ -52,3 +52,7 @@ class SmokeCheckError(ServinglabError):
 
 class RunnerError(ServinglabError):
     """A notebook of the batch failed; the message names its executed copy."""
+
+
+class RunBusyError(ServinglabError):
+    """Another batch of the same study is executing; refused before anything starts (the message names it)."""

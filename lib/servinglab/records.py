@@ -10,6 +10,8 @@ Layout of ``runs/<study>/<run-id>/``::
                            manifests/index.json what was assumed to render them
     logs/                  engine logs
     notebooks/             executed copies of the notebooks (written by the batch runner)
+    params/<n>.json        the study as each invocation that wrote into the run resolved it, frozen (1: the
+                           run's start; a later ``--only``/``--set`` adds the next); its notebooks read it
 
 Every table is declared once, with its file, its fields (type, unit, meaning) and which are required.
 Writers go through :func:`append` or :class:`Writer`, which check a record against its table before it
@@ -50,6 +52,7 @@ RUN_FILE = "run.json"
 DATA_DIR = "data"
 MANIFESTS_DIR = "manifests"
 MANIFESTS_INDEX = "index.json"
+PARAMS_DIR = "params"
 
 # --------------------------------------------------------------------------------------------- declaring
 
@@ -143,9 +146,12 @@ LAYER = Field("layer", (str,), "the layer of the study", pattern=LAYER_NAME_PATT
 # script (test fixtures). Written by append() and Writer when the writer says nothing else.
 PROVENANCE = opt("provenance", str, "measured (this run), imported (another tool's file) or synthetic (a script)")
 AT_UNIX = "unix s"
+# The run's params/<n>.json the record was written under (a notebook of a batch); absent outside a batch.
+PARAMS_SEGMENT = opt("params_segment", int, "the params segment (params/<n>.json) it was recorded under")
 
 PREFLIGHT = Table("preflight", "What the platform offered before anything was deployed (00_preflight).", (
     PROVENANCE,
+    PARAMS_SEGMENT,
     f("at", str, "when it was recorded (ISO 8601, UTC)"),
     f("facts", dict, "the platform's facts: hardware, engine, packages, and on a cluster its inventory (cluster)"),
     f("layers", list, "one row per layer: layer, kind, hostable, reason, requires (crds, control-plane namespaces)"),
@@ -154,6 +160,7 @@ PREFLIGHT = Table("preflight", "What the platform offered before anything was de
 
 DEPLOYMENTS = Table("deployments", "One record per layer each time it was ensured (10_deploy, and later starts).", (
     PROVENANCE,
+    PARAMS_SEGMENT,
     LAYER,
     f("kind", str, "the layer's kind"),
     f("platform", str, "local or kubernetes"),
@@ -182,6 +189,7 @@ DEPLOYMENTS = Table("deployments", "One record per layer each time it was ensure
 
 SMOKE = Table("smoke", "The source page's confirmed behaviour, one record per check and layer (20_smoke).", (
     PROVENANCE,
+    PARAMS_SEGMENT,
     LAYER,
     f("check", str, "models_lists_served_name, chat_completion_200, fingerprint_names_engine or api_key_enforced"),
     f("passed", bool, "whether the layer showed the expected behaviour"),
@@ -195,6 +203,7 @@ SMOKE = Table("smoke", "The source page's confirmed behaviour, one record per ch
 LATENCY_STAGES = Table("latency_stages", "One record per latency stage: what was planned, where the client ran, "
                        "what it measured and what the server saw (30_latency, servinglab import).", (
     PROVENANCE,
+    PARAMS_SEGMENT,
     LAYER,
     f("stage", str, "c=<concurrency> (closed loop) or rate=<req/s> (open loop)"),
     opt("stage_id", str, "this measurement of the stage, named by each of its request records"),
@@ -229,6 +238,7 @@ LATENCY_STAGES = Table("latency_stages", "One record per latency stage: what was
 
 LATENCY_REQUESTS = Table("latency_requests", "One record per request of a latency stage, written as it ends.", (
     PROVENANCE,
+    PARAMS_SEGMENT,
     LAYER,
     f("stage", str, "the stage it belongs to"),
     opt("stage_id", str, "the measurement of the stage it belongs to (its stage record's stage_id)"),
@@ -259,6 +269,7 @@ LATENCY_REQUESTS = Table("latency_requests", "One record per request of a latenc
 
 LIFECYCLE = Table("lifecycle", "One record per lifecycle experiment trial, written when it ends (40_lifecycle).", (
     PROVENANCE,
+    PARAMS_SEGMENT,
     LAYER,
     f("kind", str, "the layer's kind"),
     f("platform", str, "local or kubernetes"),
@@ -275,6 +286,7 @@ LIFECYCLE = Table("lifecycle", "One record per lifecycle experiment trial, writt
 
 LIFECYCLE_REQUESTS = Table("lifecycle_requests", "One record per request a lifecycle experiment sent, as it ends.", (
     PROVENANCE,
+    PARAMS_SEGMENT,
     LAYER,
     f("experiment", str, "the experiment that sent it"),
     f("trial", int, "its trial"),
@@ -311,7 +323,10 @@ RUN_CONTEXT = Table("run", "run.json: the run's context.", (
     opt("git", dict, "the commit the code was at, and whether the tree had changes"),
     opt("servinglab_version", str, "servinglab's version"),
     opt("layer_kinds", dict, "every layer kind of the study as the run knew it: title, column, claims, ..."),
-    opt("notebooks", list, "each executed notebook: name, status, seconds, error"),
+    opt("notebooks", list, "each executed notebook: name, status, seconds, error, params_segment (the params/<n>.json "
+        "it read)"),
+    opt("runner", dict, "the batch process writing the run: pid, create_time, host (a run marked running whose "
+        "runner has gone is dead)"),
     opt("platform", dict, "the platform's name and accelerator"),
     opt("hardware", dict, "the machine or the cluster"),
     opt("engine", dict, "the engine: name, version, image, system_fingerprint"),
@@ -448,6 +463,52 @@ def update_context(run_dir: str | os.PathLike, **fields: Any) -> dict[str, Any]:
     return data
 
 
+# ----------------------------------------------------------------------------------------- params segments
+
+
+def params_segment_path(run_dir: str | os.PathLike, number: int) -> Path:
+    """``params/<number>.json`` of a run."""
+    return Path(run_dir) / PARAMS_DIR / f"{number}.json"
+
+
+def freeze_params(run_dir: str | os.PathLike, frozen: dict[str, Any]) -> tuple[int, Path]:
+    """Write the next params segment of a run: ``frozen`` (study_file, sources, params, ...) with its number.
+
+    Each invocation that writes into a run freezes the study as it resolved it, so its notebooks read this copy
+    and an edit of the study file during the run changes nothing the run does or records.
+    """
+    folder = Path(run_dir) / PARAMS_DIR
+    with _locked(Path(run_dir)):
+        folder.mkdir(exist_ok=True)
+        taken = [int(p.stem) for p in folder.glob("*.json") if p.stem.isdigit()]
+        number = max(taken, default=0) + 1
+        path = params_segment_path(run_dir, number)
+        _write_json_atomic(path, {"segment": number, "frozen_at": utc_now()} | frozen)
+    return number, path
+
+
+def is_params_segment(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a run's ``params/<n>.json`` (what the batch runner hands its notebooks)."""
+    path = Path(path)
+    return (path.suffix == ".json" and path.stem.isdigit() and path.parent.name == PARAMS_DIR
+            and (path.parent.parent / RUN_FILE).is_file())  # fmt: skip
+
+
+def read_params_segment(path: str | os.PathLike) -> dict[str, Any]:
+    """A params segment; a RunDirError names the file and the field when it is not one."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunDirError(f"{path}: not a params segment ({exc})") from None
+    if not isinstance(data, dict):
+        raise RunDirError(f"{path}: not a JSON object but {type(data).__name__}")
+    for key, kind in (("segment", int), ("study_file", str), ("sources", list), ("params", dict)):
+        if not isinstance(data.get(key), kind) or isinstance(data.get(key), bool):
+            raise RunDirError(f"{path}: {key}: missing or not {_JSON_NAMES[kind]}")
+    return data
+
+
 # ---------------------------------------------------------------------------------------------- tables
 
 
@@ -467,10 +528,24 @@ def _line(record: dict[str, Any]) -> str:
     return json.dumps(record, sort_keys=True, default=str) + "\n"
 
 
+_SEGMENT: dict[str, int] = {}  # "number": the params segment this process writes under, once it is known
+
+
+def write_under_segment(number: int) -> None:
+    """Stamp ``params_segment`` on every record this process writes from now on: a notebook executing in a
+    batch, which read the study from that segment of its run."""
+    _SEGMENT["number"] = number
+
+
+def _stamps(provenance: str) -> dict[str, Any]:
+    """What a record says of itself unless it says otherwise: its provenance and params segment."""
+    return {"provenance": provenance} | ({"params_segment": _SEGMENT["number"]} if _SEGMENT else {})
+
+
 def append(run_dir: str | os.PathLike, table: Table, rows: Iterable[dict[str, Any]], provenance: str = "measured") -> int:
     """Check and append records to a table, flushed and synced to disk; returns how many. A record that does
     not say where its numbers come from gets ``provenance``."""
-    lines = [_line(check(table, {"provenance": provenance} | r)) for r in rows]
+    lines = [_line(check(table, _stamps(provenance) | r)) for r in rows]
     path = table_path(run_dir, table)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as handle:
@@ -511,7 +586,7 @@ class Writer:
     SYNC_EVERY_S = 1.0
 
     def __init__(self, path: Path | None, table: Table, extra: dict[str, Any] | None = None) -> None:
-        self.table, self.extra = table, {"provenance": "measured"} | dict(extra or {})
+        self.table, self.extra = table, _stamps("measured") | dict(extra or {})
         self.rows: list[dict[str, Any]] = []
         self.refused: list[tuple[dict[str, Any], list[str]]] = []
         self.stats = WriterStats()
