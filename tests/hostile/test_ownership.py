@@ -180,6 +180,7 @@ def test_colliding_names_are_refused_and_the_neighbours_objects_kept(cluster, tm
     for obj in neighbour:
         found = cluster.kube.get(obj["apiVersion"], obj["kind"], NS, obj["metadata"]["name"])
         assert found["metadata"]["labels"] == obj["metadata"]["labels"]
+    assert platform.status() == []  # nor shown as this study's layer
     # Nor deleted by this study's teardown, which goes by this study's labels.
     assert platform.teardown() == []
     assert owner_of(cluster.kube, "Deployment", "qwen-cluster-raw") == ("qwen-cluster", "raw")

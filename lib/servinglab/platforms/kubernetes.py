@@ -711,7 +711,8 @@ class KubernetesPlatform:
                 if exc.status == 404:
                     continue
                 raise
-            if top:
+            # An object of the layer's name that another study or layer owns is not this layer's.
+            if top and foreign_owner(top, owner_labels(self.study, layer_name)) is None:
                 rows.append({"layer": layer_name, "state": "ready" if self._ready(top) else "not ready",
                              "where": f"{ref[1]}/{ref[3]} in {self.namespace}",
                              "detail": f"spec {(top['metadata'].get('labels') or {}).get(HASH_LABEL)}, "
