@@ -37,19 +37,19 @@ from kubernetes.client.exceptions import ApiException
 from .. import layers, records
 from ..config import Study
 from ..errors import ParamsError, PlatformError, RunDirError
-from ..layers.common import RUN_ANNOTATION, cluster_settings, container_security, labels, object_name, pod_security
+from ..layers.common import (COMPONENT_LABEL, RUN_ANNOTATION, cluster_settings, container_security, foreign_owner, labels,
+                             object_name, pod_security)  # fmt: skip
 from ..layers.validate import validate_objects
 from ..measure.loadgen import Target
 from ..measure.server_metrics import ServerWindow
 from ..measure.stage import (MergedStage, Slice, SliceResult, StagePlan, merge_slices, plan_from_dict, plan_to_dict,
                              run_slice, slices_of, target_from_dict, target_to_dict)  # fmt: skip
 from ..platforms.kube import WatchEvent, conditions
-from ..platforms.kubernetes import KubernetesPlatform
+from ..platforms.kubernetes import KubernetesPlatform, OwnershipError
 
 PLAN_FORMAT = 2
 RECORD_PREFIX = "servinglab-record "
 OUTCOME_PREFIX = "servinglab-outcome "
-COMPONENT_LABEL = "app.kubernetes.io/component"
 COMPONENT = "loadgen"
 CONTAINER = "loadgen"
 PLAN_DIR = "/etc/servinglab"
@@ -290,9 +290,18 @@ def _refused(exc: ApiException) -> str:
         return str(exc.reason)
 
 
-def _delete(platform: KubernetesPlatform, name: str) -> None:
-    """Delete the Job (its pods with it) and the ConfigMap, and wait until the Job is gone."""
+def _delete(platform: KubernetesPlatform, name: str, marks: dict[str, str]) -> None:
+    """Delete the Job (its pods with it) and the ConfigMap, and wait until the Job is gone.
+
+    Only when both carry ``marks`` (this study's and layer's load labels): a Job or ConfigMap of the same
+    name that someone else owns is refused with ``OwnershipError`` and left as it is.
+    """
     kube, namespace = platform.kube, platform.namespace
+    for api_version, kind in (("batch/v1", "Job"), ("v1", "ConfigMap")):
+        owner = foreign_owner(kube.get(api_version, kind, namespace, name), marks)
+        if owner is not None:
+            raise OwnershipError(f"in-cluster load: {kind}/{name} in namespace {namespace} belongs to another owner "
+                                 f"({owner}); neither deleted nor applied over")  # fmt: skip
     try:
         kube.delete("batch/v1", "Job", namespace, name)
         kube.delete("v1", "ConfigMap", namespace, name)
@@ -458,7 +467,7 @@ def run_in_cluster(
     except RunDirError:  # a directory that is not a run (a script's, a test's)
         run_id = None
     # A Job of the same name left by an interrupted run would take this stage's apply as an update.
-    _delete(platform, name)
+    _delete(platform, name, load_labels(study, layer))
     job_plan = build_job_plan(layer, plan, in_cluster_target(study, platform, layer), client.pods, start_at_unix_s=0.0)
     validate_objects(render_load_job(study, layer, job_plan, run_id), cluster_settings(study).kubernetes_version)
     # The common start counts from the Job's creation, not from the validation before it.
@@ -500,7 +509,7 @@ def run_in_cluster(
                 + f"; the {len(merged.records)} records its pods returned are in {records.LATENCY_REQUESTS.file}"
             )
     finally:
-        _delete(platform, name)
+        _delete(platform, name, load_labels(study, layer))
     for pod in merged.clients:
         pod["client_start_at_unix"] = start_at
     return merged

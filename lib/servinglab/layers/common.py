@@ -18,6 +18,7 @@ STUDY_LABEL = "servinglab.io/study"
 LAYER_LABEL = "servinglab.io/layer"
 HASH_LABEL = "servinglab.io/spec-hash"
 RUN_ANNOTATION = "servinglab.io/run-id"
+COMPONENT_LABEL = "app.kubernetes.io/component"
 ENGINE_PORT = 8000
 MAX_NAME = 45  # Knative appends "-predictor-00001" to an InferenceService name inside a 63-character label
 HOME = "/home/servinglab"
@@ -106,6 +107,28 @@ def selector_labels(study: Study, layer_name: str) -> dict[str, str]:
 
 def labels(study: Study, layer_name: str) -> dict[str, str]:
     return {MANAGED_BY: "servinglab", **selector_labels(study, layer_name)}
+
+
+def owner_marks(obj: dict[str, Any]) -> dict[str, str]:
+    """The labels that say who owns a rendered object: servinglab, its study and layer, and any component
+    label (the in-cluster load's); not the spec hash, which a change of the owner's own spec moves."""
+    found = obj["metadata"].get("labels") or {}
+    return {k: v for k, v in found.items() if k in (MANAGED_BY, STUDY_LABEL, LAYER_LABEL, COMPONENT_LABEL)}
+
+
+def foreign_owner(existing: dict[str, Any] | None, marks: dict[str, str]) -> str | None:
+    """How ``existing`` is labelled when it lacks one of ``marks``; None when it is absent or carries them all.
+
+    Object names join study and layer with '-', so study 'a' with layer 'b-c' and study 'a-b' with layer
+    'c' name the same objects: only the labels tell the owners apart.
+    """
+    if existing is None:
+        return None
+    found = existing["metadata"].get("labels") or {}
+    if all(found.get(k) == v for k, v in marks.items()):
+        return None
+    shown = [f"{k}={found[k]}" for k in (MANAGED_BY, STUDY_LABEL, LAYER_LABEL, COMPONENT_LABEL) if k in found]
+    return ", ".join(shown) or "no servinglab labels"
 
 
 def metadata(study: Study, layer_name: str, name: str, annotations: dict[str, str] | None = None) -> dict[str, Any]:

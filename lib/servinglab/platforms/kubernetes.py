@@ -30,6 +30,8 @@ from ..config import Study
 from ..errors import PlatformError, UnsupportedLayerError
 from ..layers import NEEDS_GATEWAY, LayerKind, Refusal
 from ..layers.common import ENGINE_PORT, HASH_LABEL, LAYER_LABEL, MANAGED_BY, STUDY_LABEL, Canary, selector_labels
+from ..layers.common import foreign_owner, owner_marks
+from ..layers.common import labels as owner_labels
 from ..layers.render import render_layer
 from ..layers.validate import schemas_from_crds, validate_objects
 from .base import Deployment, Endpoint, Manifests, MetricsTarget, endpoint_options
@@ -60,6 +62,10 @@ def teardown_kinds() -> list[str]:
 
 class LayerNotReadyError(PlatformError):
     """A layer's objects were applied but the layer could not become ready; they were deleted."""
+
+
+class OwnershipError(PlatformError):
+    """An object of the name servinglab would write belongs to someone else; nothing was applied or deleted."""
 
 
 def _iso(t: float) -> str:
@@ -259,6 +265,7 @@ class KubernetesPlatform:
         top_kind = self.top_ref(layer_name)[1]
         top = next(o for o in objects if o["kind"] == top_kind)
         spec_hash = top["metadata"]["labels"][HASH_LABEL]
+        self.refuse_foreign(objects, f"layers.{layer_name}")
         current = self.kube.get(top["apiVersion"], top["kind"], self.namespace, top["metadata"]["name"])
         if current and (current["metadata"].get("labels") or {}).get(HASH_LABEL) == spec_hash \
                 and self._ready(current):  # fmt: skip
@@ -297,6 +304,38 @@ class KubernetesPlatform:
             applied=[f"{o['kind']}/{o['metadata']['name']}" for o in objects], created=self.created_objects(layer_name),
             url=_status_url(self.kube.get(*self.top_ref(layer_name))),
         )  # fmt: skip
+
+    def refuse_foreign(self, objects: list[dict[str, Any]], where: str) -> None:
+        """Refuse to write over an object of the same name that another study, layer or user owns.
+
+        Each rendered object's owner labels (``owner_marks``) must be on the object of its name in the
+        cluster, if there is one; a server-side apply would otherwise take it over and relabel it, and a
+        later teardown would delete it.
+
+        Parameters
+        ----------
+        objects : list of dict
+            Rendered objects, about to be applied.
+        where : str
+            What the objects are for, leading the message (``layers.raw``).
+
+        Raises
+        ------
+        OwnershipError
+            Naming the object, its owner labels and the owner wanted, before anything is applied.
+        """
+        for obj in objects:
+            meta = obj["metadata"]
+            existing = self.kube.get(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
+            marks = owner_marks(obj)
+            owner = foreign_owner(existing, marks)
+            if owner is not None:
+                raise OwnershipError(
+                    f"{where}: {obj['kind']}/{meta['name']} in namespace {meta.get('namespace')} belongs to another "
+                    f"owner ({owner}), not to study {marks.get(STUDY_LABEL)} layer {marks.get(LAYER_LABEL)}; nothing "
+                    "was applied. Names join study and layer with '-' (study 'a' with layer 'b-c' and study 'a-b' "
+                    "with layer 'c' name the same objects): rename the study or the layer, or tear the other down"
+                )
 
     def created_objects(self, layer_name: str) -> list[str]:
         """Kind/name of every object the cluster's controllers created from the layer (owner references,
@@ -635,6 +674,10 @@ class KubernetesPlatform:
         if not kind.scales_by_hand:
             raise PlatformError(f"layers.{layer_name}: a {kind.title} is not scaled by hand")
         api_version, top_kind, namespace, name = self.top_ref(layer_name)
+        owner = foreign_owner(self.kube.get(api_version, top_kind, namespace, name), owner_labels(self.study, layer_name))
+        if owner is not None:
+            raise OwnershipError(f"layers.{layer_name}: {top_kind}/{name} in namespace {namespace} belongs to "
+                                 f"another owner ({owner}); not scaled")  # fmt: skip
         self.kube.json("PATCH", object_path(api_version, top_kind, namespace, name), body={"spec": {"replicas": replicas}},
                        content_type="application/merge-patch+json")  # fmt: skip
 
@@ -671,7 +714,8 @@ class KubernetesPlatform:
                 if exc.status == 404:
                     continue
                 raise
-            if top:
+            # An object of the layer's name that another study or layer owns is not this layer's.
+            if top and foreign_owner(top, owner_labels(self.study, layer_name)) is None:
                 rows.append({"layer": layer_name, "state": "ready" if self._ready(top) else "not ready",
                              "where": f"{ref[1]}/{ref[3]} in {self.namespace}",
                              "detail": f"spec {(top['metadata'].get('labels') or {}).get(HASH_LABEL)}, "

@@ -2,13 +2,17 @@
 
 A local server is started in its own session (so its process group holds the API server and the engine
 core processes it forks, and a Ctrl-C aimed at the terminal does not reach it half-way). The registry is
-one JSON file per server under ``<cache_dir>/servers/``, named by study, layer and spec hash. A process
-is identified by its pid *and* its creation time, so a recycled pid is never mistaken for our server.
+one JSON file per server under ``<cache_dir>/servers/``; the entry itself records its study, layer and
+spec hash, and lookups compare those fields exactly. The file name is only for people: names may contain
+``--``, so study ``lab`` with layer ``b--raw`` and study ``lab--b`` with layer ``raw`` would read alike,
+and a digest of all three keeps their files apart. A process is identified by its pid *and* its creation
+time, so a recycled pid is never mistaken for our server.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -114,7 +118,9 @@ class Registry:
         self.directory = Path(cache_dir) / "servers"
 
     def _path(self, study: str, layer: str, spec_hash: str) -> Path:
-        return self.directory / f"{study}--{layer}--{spec_hash[:16]}.json"
+        # The digest, not the readable prefix, makes the name unique: prefixes of two owners can coincide.
+        owner = hashlib.sha256(json.dumps([study, layer, spec_hash]).encode()).hexdigest()[:16]
+        return self.directory / f"{study}--{layer}--{owner}.json"
 
     def save(self, entry: ServerEntry) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -128,19 +134,30 @@ class Registry:
             self._path(entry.study, entry.layer, entry.spec_hash).unlink()
 
     def entries(self, study: str, layer: str | None = None) -> list[ServerEntry]:
-        """Entries of a study (one layer, or all); entries whose process is gone are deleted."""
+        """Entries whose own study (and layer, when given) are exactly these; those whose process is gone are
+        deleted. Another owner's entry is never touched, whatever its file is called.
+
+        Parameters
+        ----------
+        study : str
+            The study whose servers are wanted.
+        layer : str, optional
+            One layer of it; all its layers when omitted.
+        """
         if not self.directory.is_dir():
             return []
-        pattern = f"{study}--{layer}--*.json" if layer else f"{study}--*.json"
         live = []
-        for path in sorted(self.directory.glob(pattern)):
+        for path in sorted(self.directory.glob("*.json")):
             try:
                 entry = ServerEntry(**json.loads(path.read_text(encoding="utf-8")))
-            except (json.JSONDecodeError, TypeError, FileNotFoundError):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+            except (OSError, ValueError, TypeError):
+                # Removed by its owner meanwhile, or unreadable (another version's, damaged): nobody's to
+                # judge, so left alone. Entries are written by rename, so ours are whole.
+                continue
+            if entry.study != study or (layer is not None and entry.layer != layer):
                 continue
             if process_alive(entry.pid, entry.create_time):
+                self._rename_to_current(path, entry)
                 live.append(entry)
             else:
                 # The server's main process ended; engine processes it left in its group go too.
@@ -149,3 +166,10 @@ class Registry:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
         return live
+
+    def _rename_to_current(self, path: Path, entry: ServerEntry) -> None:
+        """An entry saved under an earlier naming moves to its current name, so ``remove`` finds it."""
+        current = self._path(entry.study, entry.layer, entry.spec_hash)
+        if path != current:
+            with contextlib.suppress(FileNotFoundError):
+                path.replace(current)
