@@ -37,7 +37,8 @@ from kubernetes.client.exceptions import ApiException
 from .. import layers, records
 from ..config import Study
 from ..errors import ParamsError, PlatformError, RunDirError
-from ..layers.common import RUN_ANNOTATION, cluster_settings, container_security, labels, object_name, pod_security
+from ..layers.common import (COMPONENT_LABEL, LOAD_COMPONENT, RUN_ANNOTATION, cluster_settings, container_security,
+                             labels, object_name, pod_security, without_api_token)  # fmt: skip
 from ..layers.validate import validate_objects
 from ..measure.loadgen import Target
 from ..measure.server_metrics import ServerWindow
@@ -49,8 +50,7 @@ from ..platforms.kubernetes import KubernetesPlatform
 PLAN_FORMAT = 2
 RECORD_PREFIX = "servinglab-record "
 OUTCOME_PREFIX = "servinglab-outcome "
-COMPONENT_LABEL = "app.kubernetes.io/component"
-COMPONENT = "loadgen"
+COMPONENT = LOAD_COMPONENT  # the label each layer's NetworkPolicy admits
 CONTAINER = "loadgen"
 PLAN_DIR = "/etc/servinglab"
 PLAN_KEY = "plan.json"
@@ -160,7 +160,7 @@ def render_load_job(study: Study, layer: str, job_plan: dict[str, Any], run_id: 
         "resources": {"requests": dict(amounts), "limits": dict(amounts)},
         "volumeMounts": [{"name": "plan", "mountPath": PLAN_DIR, "readOnly": True},
                          {"name": "tmp", "mountPath": "/tmp"}],  # fmt: skip
-        "securityContext": {**container_security(), "readOnlyRootFilesystem": True},
+        "securityContext": container_security(),
     }
     job = {
         "apiVersion": "batch/v1",
@@ -178,6 +178,7 @@ def render_load_job(study: Study, layer: str, job_plan: dict[str, Any], run_id: 
                 "spec": {
                     "restartPolicy": "Never",
                     "terminationGracePeriodSeconds": 5,  # nothing to flush: every record is out already
+                    **without_api_token(),
                     "securityContext": pod_security(settings),
                     "containers": [container],
                     "volumes": [{"name": "plan", "configMap": {"name": name}}, {"name": "tmp", "emptyDir": {}}],

@@ -102,6 +102,7 @@ def predictor(study: Study, layer_name: str) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "minReplicas": layer.min_replicas,
         "maxReplicas": layer.max_replicas,
+        **c.without_api_token(),  # Knative accepts this field only as false, which is what it is
         "securityContext": c.pod_security(settings),
         **body,
     }

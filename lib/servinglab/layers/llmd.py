@@ -43,7 +43,8 @@ def render(study: Study, layer_name: str, canary: c.Canary | None = None) -> lis
         "volumeMounts": mounts,
         "securityContext": c.container_security(),
     }
-    template: dict[str, Any] = {"containers": [container], "volumes": scratch, "securityContext": c.pod_security(settings)}
+    template: dict[str, Any] = {"containers": [container], "volumes": scratch, **c.without_api_token(),
+                                "securityContext": c.pod_security(settings)}  # fmt: skip
     if settings.node_selector:
         template["nodeSelector"] = dict(settings.node_selector)
     if tolerations := c.tolerations(settings):
