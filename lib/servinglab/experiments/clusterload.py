@@ -405,10 +405,8 @@ def _failed_pods(platform: KubernetesPlatform, name: str, collected: list[SliceR
 def in_cluster_target(study: Study, platform: KubernetesPlatform, layer: str) -> Target:
     """The layer as pods in the cluster reach it: its Service, no key (the pods read it from the Secret)."""
     w = study.workloads.latency
-    # A workload that serves TLS with a certificate of its own: no client in the cluster is given it.
-    verify = not layers.of(study.layers[layer]).serves_tls
     return Target(platform.in_cluster_url(layer), study.model.served_name, None, w.request_timeout_s, w.ignore_eos,
-                  verify_tls=verify)  # fmt: skip
+                  verify_tls=_verifies_tls(study, layer))  # fmt: skip
 
 
 def run_in_cluster(
@@ -509,4 +507,12 @@ def run_in_cluster(
 
 def client_description(study: Study, layer: str) -> str:
     """How a stage's record names an in-cluster client."""
-    return f"in-cluster Job {job_name(study, layer)}, {study.workloads.latency.in_cluster.pods} pods"
+    tls = ", TLS not verified (insecure_skip_tls_verify)" if not _verifies_tls(study, layer) else ""
+    return f"in-cluster Job {job_name(study, layer)}, {study.workloads.latency.in_cluster.pods} pods{tls}"
+
+
+def _verifies_tls(study: Study, layer: str) -> bool:
+    """Whether the load pods verify the layer's certificate. A workload that serves TLS with a certificate
+    of its own (llm-d) gives no CA to a client in the cluster, so its check is skipped where, and only
+    where, the study says so by name (the study check refuses the combination otherwise)."""
+    return not (layers.of(study.layers[layer]).serves_tls and study.workloads.latency.in_cluster.insecure_skip_tls_verify)
