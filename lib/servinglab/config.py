@@ -139,6 +139,9 @@ class KubernetesPlatform(StrictModel):
     gateway_address: str | None = Field(
         None, description="host[:port] of the gateway when status.url's name does not resolve; sent with its Host header"
     )
+    network_policy: bool = Field(
+        True, description="render a NetworkPolicy per layer that admits only the peers its kind needs; false: none"
+    )
 
     @field_validator("image", "staging_image")
     @classmethod

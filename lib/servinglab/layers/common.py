@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from ..config import KubernetesPlatform, LayerConfig, Study, engine_argv
 from ..errors import ParamsError
+from . import NetworkPeer
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 STUDY_LABEL = "servinglab.io/study"
@@ -101,6 +102,29 @@ def object_name(study: Study, layer_name: str, suffix: str = "") -> str:
             f"{MAX_NAME} characters (Kubernetes and Knative derive longer names from it); shorten the study or layer name"
         )
     return name
+
+
+# KServe's Gateway API ingress when the study names none (inferenceservice-config: kserveIngressGateway).
+DEFAULT_GATEWAY = "kserve/kserve-ingress-gateway"
+ENVOY_GATEWAY_NAMESPACE = "envoy-gateway-system"  # where Envoy Gateway runs a Gateway's proxies by default
+
+
+def gateway_peers(study: Study) -> list[NetworkPeer]:
+    """The proxy pods of the Gateway a layer is reached through (``platform.gateway``, else KServe's).
+
+    Implementations label them differently: the Gateway API's ``gateway-name`` label (GEP-1762; Istio and
+    kgateway, in the Gateway's namespace), and Envoy Gateway's owning-gateway labels in its own namespace.
+    """
+    settings = cluster_settings(study)
+    namespace, _, name = (settings.gateway or DEFAULT_GATEWAY).rpartition("/")
+    namespace = namespace or settings.namespace
+    return [
+        NetworkPeer(f"the gateway {namespace}/{name} (gateway.networking.k8s.io/gateway-name)",
+                    {"gateway.networking.k8s.io/gateway-name": name}, namespace),
+        NetworkPeer(f"the gateway {namespace}/{name} (Envoy Gateway's proxy)",
+                    {"gateway.envoyproxy.io/owning-gateway-name": name,
+                     "gateway.envoyproxy.io/owning-gateway-namespace": namespace}, ENVOY_GATEWAY_NAMESPACE),
+    ]  # fmt: skip
 
 
 def selector_labels(study: Study, layer_name: str) -> dict[str, str]:
