@@ -31,6 +31,7 @@ RESOURCES = [
     "serving.kserve.io/v1alpha1/llminferenceservices", "serving.kserve.io/v1alpha2/llminferenceservices",
     "gateway.networking.k8s.io/v1/httproutes", "apiextensions.k8s.io/v1/customresourcedefinitions",
     "v1/configmaps", "storage.k8s.io/v1/storageclasses", "gateway.networking.k8s.io/v1/gatewayclasses",
+    "networking.k8s.io/v1/networkpolicies",
 ]  # fmt: skip
 
 

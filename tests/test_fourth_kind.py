@@ -63,18 +63,21 @@ def test_deploy_refuse_report_and_teardown_on_the_emulated_cluster(twin, cluster
         preflight.run_preflight(study, platform, run_dir)
         [deployed] = deploy.deploy_layers(study, platform, run_dir, ["twin"])
         assert deployed["status"] == "ready" and deployed["kind"] == "vllm-twin", deployed
-        assert deployed["applied"] == ["Deployment/qwen-cluster-twin-twin", "Service/qwen-cluster-twin-twin"]
+        # A new kind's pods are guarded like the built-ins': its NetworkPolicy comes without a line of its own.
+        assert deployed["applied"] == ["NetworkPolicy/qwen-cluster-twin-ingress", "Deployment/qwen-cluster-twin-twin",
+                                       "Service/qwen-cluster-twin-twin"]  # fmt: skip
         assert platform.status()[0]["where"] == "Deployment/qwen-cluster-twin-twin in servinglab"
         [refused] = lifecycle.run_lifecycle(study, platform, run_dir, ["twin"], ["canary"])
         assert (refused["status"], refused["refused_by"]) == ("unsupported", "layer")
         assert refused["reason"] == "the twin has no traffic split: it is one Deployment"
         stopped = platform.teardown(["twin"])
-    assert sorted(stopped) == ["Deployment/qwen-cluster-twin-twin", "Service/qwen-cluster-twin-twin"]
+    assert sorted(stopped) == ["Deployment/qwen-cluster-twin-twin", "NetworkPolicy/qwen-cluster-twin-ingress",
+                               "Service/qwen-cluster-twin-twin"]  # fmt: skip
     assert not controller.errors
     assert cluster.kube.get("apps/v1", "Deployment", NS, "qwen-cluster-twin-twin") is None
 
     recorded = records.read_manifest(records.manifest_path(run_dir, "twin"))
-    assert [o["kind"] for o in recorded] == ["Deployment", "Service"]
+    assert [o["kind"] for o in recorded] == ["NetworkPolicy", "Deployment", "Service"]
     context = json.loads((run_dir / "run.json").read_text())
     assert context["layer_kinds"]["vllm-twin"]["column"] == "vLLM twin"
     table = decision_table(load_run(run_dir))
@@ -82,7 +85,7 @@ def test_deploy_refuse_report_and_teardown_on_the_emulated_cluster(twin, cluster
     cells = table.cells()
     assert cells["rollout_canary"]["twin"].status == "observed"
     assert cells["rollout_canary"]["twin"].text == "no traffic split: the twin has no traffic split: it is one Deployment"
-    assert cells["what_you_write"]["twin"].text.startswith("you write 2 objects (Deployment, Service)")
+    assert cells["what_you_write"]["twin"].text.startswith("you write 3 objects (Deployment, NetworkPolicy, Service)")
     html = report.render_html(run_dir)
     assert ">vLLM twin</th>" in html and "The twin&#39;s claim for rollout_canary." in html
 

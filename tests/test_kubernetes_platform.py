@@ -39,7 +39,8 @@ def labelled(kube: Kube, study_name: str = "qwen-cluster") -> list[str]:
     for api_version, kind in [("apps/v1", "Deployment"), ("v1", "Service"), ("v1", "PersistentVolumeClaim"),
                               ("serving.kserve.io/v1beta1", "InferenceService"),
                               ("serving.kserve.io/v1alpha1", "ServingRuntime"),
-                              ("serving.kserve.io/v1alpha2", "LLMInferenceService")]:  # fmt: skip
+                              ("serving.kserve.io/v1alpha2", "LLMInferenceService"),
+                              ("networking.k8s.io/v1", "NetworkPolicy")]:  # fmt: skip
         found += [f"{kind}/{o['metadata']['name']}" for o in
                   kube.list(api_version, kind, NS, {MANAGED_BY: "servinglab", STUDY_LABEL: study_name})]  # fmt: skip
     return found
@@ -118,12 +119,14 @@ def test_teardown_deletes_by_label_and_leaves_unlabelled_objects_alone(cluster, 
         cluster.kube.apply({"apiVersion": "v1", "kind": "Service", "metadata": {
             "name": "other-study", "namespace": NS, "labels": {MANAGED_BY: "servinglab", STUDY_LABEL: "other"}},
             "spec": {"ports": [{"port": 80}]}})  # fmt: skip
-        assert len(labelled(cluster.kube)) == 5  # Deployment, Service, 2 InferenceServices, LLMInferenceService
+        # Deployment, Service, 2 InferenceServices, LLMInferenceService, and each layer's NetworkPolicy
+        assert len(labelled(cluster.kube)) == 9
         assert cli.main(["status", str(EXAMPLE)]) == 0
         shown = capsys.readouterr().out
         assert "raw\tready\tDeployment/qwen-cluster-raw in servinglab" in shown and "llm-d\tready" in shown
         stopped = platform.teardown(["raw"])
-        assert sorted(stopped) == ["Deployment/qwen-cluster-raw", "Service/qwen-cluster-raw"]
+        assert sorted(stopped) == ["Deployment/qwen-cluster-raw", "NetworkPolicy/qwen-cluster-raw-ingress",
+                                   "Service/qwen-cluster-raw"]  # fmt: skip
         assert "Deployment/qwen-cluster-raw" not in labelled(cluster.kube)
         assert cli.main(["teardown", str(EXAMPLE)]) == 0
         assert cli.main(["status", str(EXAMPLE)]) == 0
@@ -263,15 +266,17 @@ def test_what_you_write_and_what_the_platform_creates(cluster, tmp_path):
         raw = platform.ensure("raw", str(tmp_path))
         kserve = platform.ensure("kserve-standard", str(tmp_path))
         llmd = platform.ensure("llm-d", str(tmp_path))
-    assert raw.applied == ["Deployment/qwen-cluster-raw", "Service/qwen-cluster-raw"]
+    assert raw.applied == ["NetworkPolicy/qwen-cluster-raw-ingress", "Deployment/qwen-cluster-raw",
+                           "Service/qwen-cluster-raw"]  # fmt: skip
     assert raw.created == ["Pod/qwen-cluster-raw-1-pod", "ReplicaSet/qwen-cluster-raw-5d8f7c9b6"]
-    assert kserve.applied == ["InferenceService/qwen-cluster-kserve-standard"]
+    assert kserve.applied == ["NetworkPolicy/qwen-cluster-kserve-standard-ingress",
+                              "InferenceService/qwen-cluster-kserve-standard"]  # fmt: skip
     assert kserve.created == [
         "Deployment/qwen-cluster-kserve-standard-predictor", "HTTPRoute/qwen-cluster-kserve-standard",
         "HorizontalPodAutoscaler/qwen-cluster-kserve-standard-predictor", "Pod/qwen-cluster-kserve-standard-1-pod",
         "ReplicaSet/qwen-cluster-kserve-standard-predictor-7c6d5", "Service/qwen-cluster-kserve-standard-predictor",
     ]
-    assert "HTTPRoute/qwen-cluster-llm-d-kserve-route" in llmd.created and len(llmd.applied) == 1
+    assert "HTTPRoute/qwen-cluster-llm-d-kserve-route" in llmd.created and len(llmd.applied) == 2
 
 
 def test_the_study_context_is_used_whatever_the_current_context(cluster, tmp_path, monkeypatch):

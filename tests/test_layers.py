@@ -32,6 +32,11 @@ def study(*overrides: str):
     return load_study(EXAMPLE, list(overrides))
 
 
+def workload(*args, **kwargs) -> list[dict]:
+    """A layer's own objects, without the NetworkPolicy that guards them (tested in tests/hostile)."""
+    return [o for o in render_layer(*args, **kwargs) if o["kind"] != "NetworkPolicy"]
+
+
 @pytest.mark.parametrize("layer", ["raw", "kserve-standard", "kserve-knative", "llm-d"])
 def test_golden(layer):
     """The example study renders exactly the reviewed manifests (SERVINGLAB_UPDATE_GOLDEN=1 rewrites them)."""
@@ -66,7 +71,7 @@ def test_every_layer_validates_in_every_variant(variant):
 )
 def test_kserve_options_validate(mode, predictor, canary):
     s = study(f"layers.kserve-standard.mode={mode}", f"layers.kserve-standard.predictor={predictor}")
-    objects = render_layer(s, "kserve-standard", canary=Canary(canary, {"max-model-len": 4096}) if canary else None)
+    objects = workload(s, "kserve-standard", canary=Canary(canary, {"max-model-len": 4096}) if canary else None)
     validate_objects(objects, "1.33")
     isvc = objects[-1]
     assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == mode
@@ -84,7 +89,7 @@ def test_kserve_options_validate(mode, predictor, canary):
 @pytest.mark.parametrize("version,scheduler", [(v, s) for v in ("v1alpha1", "v1alpha2") for s in (True, False)])
 def test_llm_d_versions_validate(version, scheduler):
     s = study(f"layers.llm-d.api_version={version}", f"layers.llm-d.scheduler={str(scheduler).lower()}")
-    (llmisvc,) = render_layer(s, "llm-d")
+    (llmisvc,) = workload(s, "llm-d")
     validate_objects([llmisvc], "1.33")
     assert llmisvc["apiVersion"] == f"serving.kserve.io/{version}"
     assert ("scheduler" in llmisvc["spec"]["router"]) is scheduler
@@ -93,7 +98,7 @@ def test_llm_d_versions_validate(version, scheduler):
 
 
 def test_misspelt_kserve_field_is_rejected_though_the_crd_schema_allows_it():
-    (isvc,) = render_layer(study(), "kserve-knative")
+    (isvc,) = workload(study(), "kserve-knative")
     isvc["spec"]["predictor"]["canaryTraficPercent"] = 10
     schema = bundled_crd_schemas()[("serving.kserve.io/v1beta1", "InferenceService")]
     # A plain JSON-schema check lets it through: the CRD does not forbid unknown fields.
@@ -106,9 +111,9 @@ def test_misspelt_kserve_field_is_rejected_though_the_crd_schema_allows_it():
 
 
 def test_wrong_type_and_builtin_unknown_field_are_rejected_with_their_paths():
-    (isvc,) = render_layer(study(), "kserve-standard")
+    (isvc,) = workload(study(), "kserve-standard")
     isvc["spec"]["predictor"]["minReplicas"] = "one"
-    deployment = next(o for o in render_layer(study(), "raw") if o["kind"] == "Deployment")
+    deployment = next(o for o in workload(study(), "raw") if o["kind"] == "Deployment")
     deployment["spec"]["template"]["spec"]["containers"][0]["imagee"] = "typo"
     with pytest.raises(ManifestError) as caught:
         validate_objects([isvc, deployment], "1.33")
@@ -118,7 +123,7 @@ def test_wrong_type_and_builtin_unknown_field_are_rejected_with_their_paths():
 
 
 def test_fields_under_preserve_unknown_fields_are_accepted():
-    (llmisvc,) = render_layer(study(), "llm-d")
+    (llmisvc,) = workload(study(), "llm-d")
     llmisvc["spec"]["model"]["lora"] = {"adapters": [{"name": "a", "anything": {"nested": True}}]}
     validate_objects([llmisvc], "1.33")
 
@@ -140,7 +145,7 @@ def test_run_id_is_an_annotation_only_and_the_hash_follows_the_spec():
 
 
 def test_raw_vllm_deployment_details():
-    objects = render_layer(study("model.source.uri=hf://Qwen/Qwen2.5-0.5B-Instruct", "platform.staging_image=hfcli:1.0"), "raw")
+    objects = workload(study("model.source.uri=hf://Qwen/Qwen2.5-0.5B-Instruct", "platform.staging_image=hfcli:1.0"), "raw")
     kinds = [o["kind"] for o in objects]
     assert kinds == ["PersistentVolumeClaim", "Deployment", "Service"]
     pod = objects[1]["spec"]["template"]["spec"]
@@ -150,7 +155,7 @@ def test_raw_vllm_deployment_details():
     assert pod["initContainers"][0]["command"][:3] == ["hf", "download", "Qwen/Qwen2.5-0.5B-Instruct"]
     env = {e["name"] for e in pod["containers"][0]["env"]}
     assert {"HOME", "USER", "HF_HUB_OFFLINE"} <= env
-    cpu_only = render_layer(study("platform.gpus=0"), "raw")[0]
+    cpu_only = workload(study("platform.gpus=0"), "raw")[0]
     assert "nvidia.com/gpu" not in yaml.safe_dump(cpu_only) and cpu_only["spec"]["strategy"]["type"] == "RollingUpdate"
     with pytest.raises(UnsupportedLayerError, match="no traffic split"):
         render_layer(study(), "raw", canary=Canary(10))
@@ -166,7 +171,8 @@ def test_bad_study_values_stop_with_the_key():
 def test_render_cli(tmp_path, capsys):
     assert cli.main(["render", str(EXAMPLE)]) == 0
     documents = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
-    assert sorted({d["kind"] for d in documents}) == ["Deployment", "InferenceService", "LLMInferenceService", "Service"]
+    assert sorted({d["kind"] for d in documents}) == ["Deployment", "InferenceService", "LLMInferenceService",
+                                                      "NetworkPolicy", "Service"]  # fmt: skip
     assert cli.main(["render", str(EXAMPLE), "--out", str(tmp_path), "--layer", "raw"]) == 0
     assert [p.name for p in tmp_path.iterdir()] == ["raw.yaml"]
     assert cli.main(["render", str(REPO / "params" / "local.yaml")]) == cli.EXIT_BAD_INPUT
@@ -174,7 +180,7 @@ def test_render_cli(tmp_path, capsys):
 
 
 def test_wrong_builtin_type_is_reported_with_its_path():
-    bad = copy.deepcopy(render_layer(study(), "raw"))
+    bad = copy.deepcopy(workload(study(), "raw"))
     bad[0]["spec"]["replicas"] = "two"
     with pytest.raises(ManifestError, match=r"Deployment/qwen-cluster-raw \.spec\.replicas"):
         validate_objects(bad, "1.33")

@@ -209,6 +209,9 @@ class KubernetesPlatform(StrictModel):
     gateway_address: str | None = Field(
         None, description="host[:port] of the gateway when status.url's name does not resolve; sent with its Host header"
     )
+    network_policy: bool = Field(
+        True, description="render a NetworkPolicy per layer that admits only the peers its kind needs; false: none"
+    )
 
     @field_validator("image", "staging_image")
     @classmethod
@@ -414,6 +417,9 @@ class InClusterClient(StrictModel):
     timeout_s: float = Field(
         3600.0, gt=0, le=LONGEST_WAIT_S,
         description="bound on one stage's Job from its creation (its activeDeadlineSeconds)",
+    )
+    insecure_skip_tls_verify: bool = Field(
+        False, description="send to a layer that serves TLS with its own certificate (llm-d) without verifying it"
     )
 
     @field_validator("image")
@@ -1155,6 +1161,15 @@ def _check_client(study: Study, sources: list[tuple[str, dict[str, Any]]]) -> No
         raise ParamsError(
             f"{origin}: workloads.latency.in_cluster.image: required with client: in-cluster (the load generator's "
             "image, built from docker/loadgen and pushed where the cluster pulls from)"
+        )
+    # The pods are given no CA for a workload's own certificate: verifying it would fail every request,
+    # so skipping the check must be asked for by name, never assumed.
+    own_tls = [name for name, layer in study.layers.items() if layer_kinds.of(layer).serves_tls]
+    if own_tls and not latency.in_cluster.insecure_skip_tls_verify:
+        raise ParamsError(
+            f"{origin}: workloads.latency.in_cluster.insecure_skip_tls_verify: layers {', '.join(own_tls)} serve TLS "
+            "with a certificate of their own that the load pods cannot verify; set it to true to send without "
+            "verification (the report says so), or measure them with client: local"
         )
 
 

@@ -37,8 +37,8 @@ from kubernetes.client.exceptions import ApiException
 from .. import layers, records
 from ..config import Study
 from ..errors import ParamsError, PlatformError, RunDirError
-from ..layers.common import (COMPONENT_LABEL, RUN_ANNOTATION, cluster_settings, container_security, foreign_owner, labels,
-                             object_name, pod_security)  # fmt: skip
+from ..layers.common import (COMPONENT_LABEL, LOAD_COMPONENT, RUN_ANNOTATION, cluster_settings, container_security,
+                             foreign_owner, labels, object_name, pod_security, without_api_token)  # fmt: skip
 from ..layers.validate import validate_objects
 from ..measure.loadgen import Target
 from ..measure.server_metrics import ServerWindow
@@ -50,7 +50,7 @@ from ..platforms.kubernetes import KubernetesPlatform, OwnershipError
 PLAN_FORMAT = 2
 RECORD_PREFIX = "servinglab-record "
 OUTCOME_PREFIX = "servinglab-outcome "
-COMPONENT = "loadgen"
+COMPONENT = LOAD_COMPONENT  # the label each layer's NetworkPolicy admits
 CONTAINER = "loadgen"
 PLAN_DIR = "/etc/servinglab"
 PLAN_KEY = "plan.json"
@@ -160,7 +160,7 @@ def render_load_job(study: Study, layer: str, job_plan: dict[str, Any], run_id: 
         "resources": {"requests": dict(amounts), "limits": dict(amounts)},
         "volumeMounts": [{"name": "plan", "mountPath": PLAN_DIR, "readOnly": True},
                          {"name": "tmp", "mountPath": "/tmp"}],  # fmt: skip
-        "securityContext": {**container_security(), "readOnlyRootFilesystem": True},
+        "securityContext": container_security(),
     }
     job = {
         "apiVersion": "batch/v1",
@@ -178,6 +178,7 @@ def render_load_job(study: Study, layer: str, job_plan: dict[str, Any], run_id: 
                 "spec": {
                     "restartPolicy": "Never",
                     "terminationGracePeriodSeconds": 5,  # nothing to flush: every record is out already
+                    **without_api_token(),
                     "securityContext": pod_security(settings),
                     "containers": [container],
                     "volumes": [{"name": "plan", "configMap": {"name": name}}, {"name": "tmp", "emptyDir": {}}],
@@ -413,10 +414,8 @@ def _failed_pods(platform: KubernetesPlatform, name: str, collected: list[SliceR
 def in_cluster_target(study: Study, platform: KubernetesPlatform, layer: str) -> Target:
     """The layer as pods in the cluster reach it: its Service, no key (the pods read it from the Secret)."""
     w = study.workloads.latency
-    # A workload that serves TLS with a certificate of its own: no client in the cluster is given it.
-    verify = not layers.of(study.layers[layer]).serves_tls
     return Target(platform.in_cluster_url(layer), study.model.served_name, None, w.request_timeout_s, w.ignore_eos,
-                  verify_tls=verify)  # fmt: skip
+                  verify_tls=_verifies_tls(study, layer))  # fmt: skip
 
 
 def run_in_cluster(
@@ -517,4 +516,12 @@ def run_in_cluster(
 
 def client_description(study: Study, layer: str) -> str:
     """How a stage's record names an in-cluster client."""
-    return f"in-cluster Job {job_name(study, layer)}, {study.workloads.latency.in_cluster.pods} pods"
+    tls = ", TLS not verified (insecure_skip_tls_verify)" if not _verifies_tls(study, layer) else ""
+    return f"in-cluster Job {job_name(study, layer)}, {study.workloads.latency.in_cluster.pods} pods{tls}"
+
+
+def _verifies_tls(study: Study, layer: str) -> bool:
+    """Whether the load pods verify the layer's certificate. A workload that serves TLS with a certificate
+    of its own (llm-d) gives no CA to a client in the cluster, so its check is skipped where, and only
+    where, the study says so by name (the study check refuses the combination otherwise)."""
+    return not (layers.of(study.layers[layer]).serves_tls and study.workloads.latency.in_cluster.insecure_skip_tls_verify)

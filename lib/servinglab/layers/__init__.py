@@ -67,6 +67,22 @@ class ObjectRef:
 
 
 @dataclass(frozen=True)
+class NetworkPeer:
+    """Pods that may open connections to a layer's serving pods, as a NetworkPolicy ``from`` entry.
+
+    ``namespace`` None means the layer's own namespace; ``ANY_NAMESPACE`` means every namespace (the peer's
+    pod labels are then all that identifies it). ``why`` says in words who the peer is and what it needs.
+    """
+
+    why: str
+    pod_labels: dict[str, str]
+    namespace: str | None = None
+
+
+ANY_NAMESPACE = "*"
+
+
+@dataclass(frozen=True)
 class ResourceType:
     """A Kubernetes resource a kind's objects use that is not built into Kubernetes."""
 
@@ -119,6 +135,12 @@ class LayerKind:
     def in_cluster_url(self, study: Study, layer_name: str) -> str:
         """The layer's OpenAI base URL (…/v1) from inside the cluster: its Service."""
         raise NotImplementedError
+
+    def network_peers(self, study: Study, layer_name: str) -> list[NetworkPeer]:
+        """Who besides servinglab's own clients must reach the layer's pods (its gateway, an activator, a
+        scheduler); the layer's NetworkPolicy admits these and nothing else. None by default: a layer
+        without a gateway or controller in its data path is reached through its Service only."""
+        return []
 
     def adapt_to_cluster(self, layer: LayerConfig, checks: dict[str, Any]) -> None:
         """Settle what the study leaves to the cluster (an API version it serves); nothing by default."""
@@ -282,7 +304,7 @@ def known_crds() -> dict[str, str]:
 
 
 __all__ = [
-    "BUILT_IN", "ENTRY_POINT_GROUP", "NEEDS_CLUSTER", "NEEDS_GATEWAY", "LayerKind", "Mechanism", "ObjectRef",
-    "Refusal", "ResourceType", "generation", "get", "kinds", "known_crds", "of", "register", "resource_types",
+    "ANY_NAMESPACE", "BUILT_IN", "ENTRY_POINT_GROUP", "NEEDS_CLUSTER", "NEEDS_GATEWAY", "LayerKind", "Mechanism",
+    "NetworkPeer", "ObjectRef", "Refusal", "ResourceType", "generation", "get", "kinds", "known_crds", "of", "register", "resource_types",
     "unregister",
 ]  # fmt: skip

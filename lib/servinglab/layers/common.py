@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from ..config import KubernetesPlatform, LayerConfig, Study, engine_argv
 from ..errors import ParamsError
+from . import NetworkPeer
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 STUDY_LABEL = "servinglab.io/study"
@@ -19,9 +20,12 @@ LAYER_LABEL = "servinglab.io/layer"
 HASH_LABEL = "servinglab.io/spec-hash"
 RUN_ANNOTATION = "servinglab.io/run-id"
 COMPONENT_LABEL = "app.kubernetes.io/component"
+LOAD_COMPONENT = "loadgen"  # the in-cluster load pods: the one servinglab client a layer's policy admits by label
+CLIENT_LABEL = "servinglab.io/client"  # a pod the user runs servinglab in (platform.endpoint: in-cluster)
 ENGINE_PORT = 8000
 MAX_NAME = 45  # Knative appends "-predictor-00001" to an InferenceService name inside a 63-character label
 HOME = "/home/servinglab"
+TMP = "/tmp"
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,29 @@ def object_name(study: Study, layer_name: str, suffix: str = "") -> str:
             f"{MAX_NAME} characters (Kubernetes and Knative derive longer names from it); shorten the study or layer name"
         )
     return name
+
+
+# KServe's Gateway API ingress when the study names none (inferenceservice-config: kserveIngressGateway).
+DEFAULT_GATEWAY = "kserve/kserve-ingress-gateway"
+ENVOY_GATEWAY_NAMESPACE = "envoy-gateway-system"  # where Envoy Gateway runs a Gateway's proxies by default
+
+
+def gateway_peers(study: Study) -> list[NetworkPeer]:
+    """The proxy pods of the Gateway a layer is reached through (``platform.gateway``, else KServe's).
+
+    Implementations label them differently: the Gateway API's ``gateway-name`` label (GEP-1762; Istio and
+    kgateway, in the Gateway's namespace), and Envoy Gateway's owning-gateway labels in its own namespace.
+    """
+    settings = cluster_settings(study)
+    namespace, _, name = (settings.gateway or DEFAULT_GATEWAY).rpartition("/")
+    namespace = namespace or settings.namespace
+    return [
+        NetworkPeer(f"the gateway {namespace}/{name} (gateway.networking.k8s.io/gateway-name)",
+                    {"gateway.networking.k8s.io/gateway-name": name}, namespace),
+        NetworkPeer(f"the gateway {namespace}/{name} (Envoy Gateway's proxy)",
+                    {"gateway.envoyproxy.io/owning-gateway-name": name,
+                     "gateway.envoyproxy.io/owning-gateway-namespace": namespace}, ENVOY_GATEWAY_NAMESPACE),
+    ]  # fmt: skip
 
 
 def selector_labels(study: Study, layer_name: str) -> dict[str, str]:
@@ -185,7 +212,15 @@ def pod_security(settings: KubernetesPlatform) -> dict[str, Any]:
 
 
 def container_security() -> dict[str, Any]:
-    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    """No privilege, no capability, and a read-only image: everything vLLM writes goes to the scratch
+    volumes (``scratch_volumes``), so a compromised engine cannot alter its own code."""
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": True}
+
+
+def without_api_token() -> dict[str, Any]:
+    """Pod fields that keep the service account's token out of the pod: neither the engine nor the load
+    generator talks to the API server, so a mounted token would only be something to steal."""
+    return {"automountServiceAccountToken": False}
 
 
 def engine_env(settings: KubernetesPlatform, extra: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
@@ -194,6 +229,9 @@ def engine_env(settings: KubernetesPlatform, extra: list[dict[str, Any]] | None 
         {"name": "HOME", "value": HOME},
         {"name": "USER", "value": "servinglab"},
         {"name": "XDG_CACHE_HOME", "value": f"{HOME}/.cache"},
+        # The compile caches, named where the root file system is read-only: on the home volume.
+        {"name": "TRITON_CACHE_DIR", "value": f"{HOME}/.cache/triton"},
+        {"name": "TORCHINDUCTOR_CACHE_DIR", "value": f"{HOME}/.cache/torchinductor"},
         {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
         {"name": "DO_NOT_TRACK", "value": "1"},
         *(extra or []),
@@ -206,12 +244,15 @@ def engine_env(settings: KubernetesPlatform, extra: list[dict[str, Any]] | None 
 
 
 def scratch_volumes(settings: KubernetesPlatform) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Memory-backed /dev/shm (PyTorch's shared memory) and a writable home; (volumes, mounts)."""
+    """Memory-backed /dev/shm (PyTorch's shared memory), a writable home (vLLM's, Hugging Face's and the
+    compilers' caches) and a writable /tmp: what vLLM writes under a read-only root; (volumes, mounts)."""
     volumes = [
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size}},
         {"name": "home", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
     ]
-    mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "home", "mountPath": HOME}]
+    mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "home", "mountPath": HOME},
+              {"name": "tmp", "mountPath": TMP}]  # fmt: skip
     return volumes, mounts
 
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from ..config import INT32_MAX, LayerConfig, Study
-from . import NEEDS_CLUSTER, NEEDS_GATEWAY, LayerKind, Mechanism, ObjectRef, Refusal, ResourceType, register
+from . import NEEDS_CLUSTER, NEEDS_GATEWAY, LayerKind, Mechanism, NetworkPeer, ObjectRef, Refusal, ResourceType, register
 from . import common as c
 
 
@@ -29,6 +29,15 @@ class KServeLayer(LayerConfig):
             raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
         return self
 
+# Who sends to a Knative revision's pods: its activator (when it is in the path: from zero, under burst)
+# and autoscaler (which scrapes the queue-proxy) in knative-serving, and Knative's ingress otherwise, as
+# net-istio (istio-system) or Kourier (kourier-system) label it in their releases.
+KNATIVE_PEERS = (
+    NetworkPeer("Knative's activator", {"app": "activator"}, "knative-serving"),
+    NetworkPeer("Knative's autoscaler (scrapes the queue-proxy)", {"app": "autoscaler"}, "knative-serving"),
+    NetworkPeer("Knative's ingress through Istio", {"istio": "ingressgateway"}, "istio-system"),
+    NetworkPeer("Knative's ingress through Kourier", {"app": "3scale-kourier-gateway"}, "kourier-system"),
+)
 MODEL_MOUNT = "/mnt/models"  # where KServe's storage initializer puts the weights
 RUNTIME_PORT = 8080  # KServe's default container port
 
@@ -102,6 +111,7 @@ def predictor(study: Study, layer_name: str) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "minReplicas": layer.min_replicas,
         "maxReplicas": layer.max_replicas,
+        **c.without_api_token(),  # Knative accepts this field only as false, which is what it is
         "securityContext": c.pod_security(settings),
         **body,
     }
@@ -187,6 +197,12 @@ class KServe(LayerKind):
 
     def pod_selector(self, study: Study, layer_name: str) -> dict[str, str]:
         return {"serving.kserve.io/inferenceservice": c.object_name(study, layer_name)}
+
+    def network_peers(self, study: Study, layer_name: str) -> list[NetworkPeer]:
+        """Knative mode: Knative's data path; Standard mode: the Gateway API gateway in front."""
+        if c.options(study, layer_name, KServeLayer).mode == "Knative":
+            return list(KNATIVE_PEERS)
+        return c.gateway_peers(study)
 
     def in_cluster_url(self, study: Study, layer_name: str) -> str:
         return f"http://{c.object_name(study, layer_name)}-predictor.{c.cluster_settings(study).namespace}.svc.cluster.local/v1"

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from ..config import INT32_MAX, LayerConfig, Study
 from ..errors import UnsupportedLayerError
-from . import NEEDS_CLUSTER, LayerKind, Mechanism, ObjectRef, Refusal, ResourceType, register
+from . import NEEDS_CLUSTER, LayerKind, Mechanism, NetworkPeer, ObjectRef, Refusal, ResourceType, register
 from . import common as c
 
 
@@ -43,7 +43,8 @@ def render(study: Study, layer_name: str, canary: c.Canary | None = None) -> lis
         "volumeMounts": mounts,
         "securityContext": c.container_security(),
     }
-    template: dict[str, Any] = {"containers": [container], "volumes": scratch, "securityContext": c.pod_security(settings)}
+    template: dict[str, Any] = {"containers": [container], "volumes": scratch, **c.without_api_token(),
+                                "securityContext": c.pod_security(settings)}  # fmt: skip
     if settings.node_selector:
         template["nodeSelector"] = dict(settings.node_selector)
     if tolerations := c.tolerations(settings):
@@ -115,6 +116,17 @@ class Llmd(LayerKind):
 
     def pod_selector(self, study: Study, layer_name: str) -> dict[str, str]:
         return {"app.kubernetes.io/name": c.object_name(study, layer_name), "kserve.io/component": "workload"}
+
+    def network_peers(self, study: Study, layer_name: str) -> list[NetworkPeer]:
+        """The gateway, whose proxies send to the pod the scheduler picks, and the scheduler itself (the
+        endpoint picker scrapes every pod's metrics), labelled as KServe's controller labels it."""
+        peers = c.gateway_peers(study)
+        if c.options(study, layer_name, LlmdLayer).scheduler:
+            peers.append(NetworkPeer("llm-d's endpoint picker (the inference scheduler)", {
+                "app.kubernetes.io/component": "llminferenceservice-router-scheduler",
+                "app.kubernetes.io/name": c.object_name(study, layer_name),
+                "app.kubernetes.io/part-of": "llminferenceservice"}))  # fmt: skip
+        return peers
 
     def in_cluster_url(self, study: Study, layer_name: str) -> str:
         name, namespace = c.object_name(study, layer_name), c.cluster_settings(study).namespace

@@ -51,7 +51,8 @@ def _weights(study: Study, layer_name: str, name: str) -> tuple[list[dict], list
             "image": settings.staging_image,
             "command": ["hf", "download", where.rest, "--local-dir", local],
             "env": [{"name": "HOME", "value": c.HOME}, {"name": "HF_HOME", "value": f"{MODELS}/.hf"}],
-            "volumeMounts": [{"name": "weights", "mountPath": MODELS}, {"name": "home", "mountPath": c.HOME}],
+            "volumeMounts": [{"name": "weights", "mountPath": MODELS}, {"name": "home", "mountPath": c.HOME},
+                             {"name": "tmp", "mountPath": c.TMP}],  # fmt: skip
             "securityContext": c.container_security(),
         }
         return [claim], [volume], [stage], mount, local, [{"name": "HF_HUB_OFFLINE", "value": "1"}]
@@ -91,6 +92,7 @@ def render(study: Study, layer_name: str, canary: c.Canary | None = None) -> lis
         "securityContext": c.container_security(),
     }
     pod: dict[str, Any] = {
+        **c.without_api_token(),
         "securityContext": c.pod_security(settings),
         "containers": [container],
         "volumes": volumes + scratch,

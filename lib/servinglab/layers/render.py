@@ -15,6 +15,7 @@ from ..config import Model, Study
 from . import get
 from ..records import to_yaml
 from .common import Canary, stamp
+from .network import network_policy
 
 # The claim a study's weights are assumed on when a study that is not a cluster study is rendered as one.
 ASSUMED_CLAIM = "models"
@@ -23,7 +24,10 @@ ASSUMED_CLAIM = "models"
 def render_layer(study: Study, layer_name: str, run_id: str | None = None, canary: Canary | None = None) -> list[dict[str, Any]]:
     """The objects of one layer, in the order they are applied."""
     layer = study.layers[layer_name]
-    return stamp(get(layer.kind).render(study, layer_name, canary), run_id)
+    objects = get(layer.kind).render(study, layer_name, canary)
+    # The policy first: the layer's pods are never up without it.
+    policy = network_policy(study, layer_name)
+    return stamp([policy, *objects] if policy else objects, run_id)
 
 
 def render_study(study: Study, run_id: str | None = None) -> dict[str, list[dict[str, Any]]]:

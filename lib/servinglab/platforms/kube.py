@@ -45,6 +45,7 @@ KINDS: dict[str, tuple[str, bool]] = {
     "StorageClass": ("storageclasses", False),
     "GatewayClass": ("gatewayclasses", False),
     "Job": ("jobs", True),
+    "NetworkPolicy": ("networkpolicies", True),
 }
 API_VERSIONS = {
     "Namespace": "v1", "Service": "v1", "PersistentVolumeClaim": "v1", "Pod": "v1", "Event": "v1", "Node": "v1",
@@ -52,6 +53,7 @@ API_VERSIONS = {
     "HTTPRoute": "gateway.networking.k8s.io/v1",
     "CustomResourceDefinition": "apiextensions.k8s.io/v1", "ConfigMap": "v1", "StorageClass": "storage.k8s.io/v1",
     "GatewayClass": "gateway.networking.k8s.io/v1", "Job": "batch/v1",
+    "NetworkPolicy": "networking.k8s.io/v1",
 }  # fmt: skip
 
 

@@ -51,7 +51,7 @@ OWNED_KINDS = ("Deployment", "ReplicaSet", "Service", "HorizontalPodAutoscaler",
 # Job (and its plan) first, since a client left running would load the next study; then the kinds' own
 # resources (teardown_kinds()); then what any layer's objects may hold.
 TEARDOWN_FIRST = ("Job", "ConfigMap")
-TEARDOWN_LAST = ("Deployment", "Service", "PersistentVolumeClaim")
+TEARDOWN_LAST = ("Deployment", "Service", "PersistentVolumeClaim", "NetworkPolicy")  # the policy outlives the pods
 GATEWAY_NEEDED = ("the split and the activation happen in the gateway: set platform.endpoint: gateway (or "
                   "platform.gateway_address) so requests go through it")  # fmt: skip
 
