@@ -21,9 +21,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-from .loadgen import StageSpec, Target
-from .stage import (MergedStage, Slice, SliceResult, StagePlan, merge_slices, plan_to_dict, run_in_thread, run_slice,
-                    slices_of, target_to_dict)  # fmt: skip
+from .loadgen import StageSpec, Target, run_in_thread
+from .stage import (MergedStage, Slice, SliceResult, StagePlan, merge_slices, plan_to_dict, run_slice, slices_of,
+                    target_to_dict)  # fmt: skip
 
 # One event loop keeps its p99 lag under 5 ms up to about 4,000 token chunks a second; a GPU server streams
 # a token every 2-4 ms, so about 8 streams a loop (benchmarks/README.md, "The client on a GPU").

@@ -421,6 +421,37 @@ async def run_stage_async(
         await client.close()
 
 
+def run_in_thread(work: Callable[[threading.Event], Any]) -> Any:
+    """Run ``work(stop)`` to completion from synchronous code: at once in a plain script, in a worker thread
+    with its own event loop inside a running one (a Jupyter cell). Ctrl-C in the calling thread sets
+    ``stop`` and waits for the work to end, so what it recorded stays."""
+    stop = threading.Event()
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return work(stop)
+    box: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            box["value"] = work(stop)
+        except BaseException as exc:  # handed to the calling thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=body, name="servinglab-stage", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.1)
+    except KeyboardInterrupt:
+        stop.set()
+        worker.join()
+        raise
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def run_stage(
     target: Target,
     requests: list[RequestSpec],
@@ -435,29 +466,4 @@ def run_stage(
     (KeyboardInterrupt in the calling thread) stops it, and the records written so far stay.
     ``offsets_s`` as in :func:`run_stage_async`.
     """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(run_stage_async(target, requests, stage, sink, warmups, offsets_s=offsets_s))
-
-    stop = threading.Event()
-    box: dict[str, Any] = {}
-
-    def work() -> None:
-        try:
-            box["outcome"] = asyncio.run(run_stage_async(target, requests, stage, sink, warmups, stop, offsets_s))
-        except BaseException as exc:  # handed to the calling thread
-            box["error"] = exc
-
-    worker = threading.Thread(target=work, name="servinglab-stage", daemon=True)
-    worker.start()
-    try:
-        while worker.is_alive():
-            worker.join(0.1)
-    except KeyboardInterrupt:
-        stop.set()
-        worker.join()
-        raise
-    if "error" in box:
-        raise box["error"]
-    return box["outcome"]
+    return run_in_thread(lambda stop: asyncio.run(run_stage_async(target, requests, stage, sink, warmups, stop, offsets_s)))

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 import threading
 from dataclasses import asdict, dataclass, field
@@ -169,37 +168,6 @@ async def run_slice(
         # The whole series, so the stage's loop-lag percentile is taken over every client's samples.
         "loop_lag_ms": [round(v, 3) for v in outcome.loop_lag_ms],
     }
-
-
-def run_in_thread(work: Callable[[threading.Event], Any]) -> Any:
-    """Run ``work(stop)`` to completion from synchronous code: at once in a plain script, in a worker thread
-    with its own event loop inside a running one (a Jupyter cell). Ctrl-C in the calling thread sets
-    ``stop`` and waits for the work to end, so what it recorded stays."""
-    stop = threading.Event()
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return work(stop)
-    box: dict[str, Any] = {}
-
-    def body() -> None:
-        try:
-            box["value"] = work(stop)
-        except BaseException as exc:  # handed to the calling thread
-            box["error"] = exc
-
-    worker = threading.Thread(target=body, name="servinglab-stage", daemon=True)
-    worker.start()
-    try:
-        while worker.is_alive():
-            worker.join(0.1)
-    except KeyboardInterrupt:
-        stop.set()
-        worker.join()
-        raise
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 @dataclass
