@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from servinglab.report import _warnings, consistency
+from servinglab.report import consistency, report_warnings
 from servinglab.report.rundata import load_run
 
 FULL = Path(__file__).parent / "fixtures" / "report-runs" / "cluster-full"
@@ -42,7 +42,7 @@ def test_a_summary_that_disagrees_with_its_records_is_named(run_dir):
     [warning] = consistency.check(load_run(run_dir))
     assert warning.startswith("layer kserve-standard stage c=4: its records disagree:")
     assert "median_itl_ms 35.00 ms against" in warning and "completed 61 against 60" in warning
-    assert warning in _warnings(load_run(run_dir))
+    assert warning in report_warnings(load_run(run_dir))
 
 
 def test_records_outside_the_run_are_named(run_dir):

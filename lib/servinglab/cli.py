@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--only", metavar="NOTEBOOK", help="execute one notebook (e.g. 20_smoke) into --run-dir")
     run.add_argument("--run-dir", help="an existing run directory to add to (with --only)")
     run.add_argument("--keep-servers", action="store_true", help="leave the servers running at the end")
-    run.add_argument("--no-progress", action="store_true", help="no per-cell progress bar")
+    run.add_argument("--no-progress", action="store_true", help="no per-cell progress bar (shown only when standard error is a terminal)")
 
     check = sub.add_parser("check", help="validate a study and print it as merged, starting nothing")
     _study_args(check)
@@ -135,7 +135,7 @@ def _run(args) -> int:
 
     result = run_study(
         args.study, args.overrides, only=args.only, run_dir=args.run_dir,
-        keep_servers=args.keep_servers, progress=not args.no_progress,
+        keep_servers=args.keep_servers, progress=not args.no_progress and sys.stderr.isatty(),
     )  # fmt: skip
     if result.report_path:
         print(result.report_path)

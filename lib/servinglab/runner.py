@@ -167,6 +167,20 @@ def _freeze(run_path: Path, study: Study, overrides: list[str] | tuple[str, ...]
     })  # fmt: skip
 
 
+def _kernel_config():
+    """The kernel talks to the runner over Unix sockets in the user's private Jupyter runtime folder, not
+    over TCP on localhost (which the kernel warns about on every start, and any local user can reach)."""
+    from jupyter_core.paths import jupyter_runtime_dir
+    from traitlets.config import Config
+
+    runtime = Path(jupyter_runtime_dir())
+    runtime.mkdir(parents=True, exist_ok=True, mode=0o700)
+    config = Config()
+    config.KernelManager.transport = "ipc"
+    config.KernelManager.ip = str(runtime / f"servinglab-kernel-{os.getpid()}")
+    return config
+
+
 def _execute(notebook: Path, executed: Path, parameters: dict, progress: bool, stop: _StopRequest) -> str | None:
     """Execute one notebook; None when it ran to its end, else the error (the stop's, when one was requested)."""
     import papermill
@@ -174,7 +188,7 @@ def _execute(notebook: Path, executed: Path, parameters: dict, progress: bool, s
     try:
         papermill.execute_notebook(
             str(notebook), str(executed), parameters=parameters, cwd=str(notebook.parent),
-            progress_bar=progress, request_save_on_cell_execute=True,
+            progress_bar=progress, request_save_on_cell_execute=True, config=_kernel_config(),
         )  # fmt: skip
     except papermill.PapermillExecutionError as exc:
         return f"{exc.ename}: {exc.evalue}".splitlines()[0]
@@ -266,12 +280,25 @@ def run_study(
             from .report import publish
 
             publish(run_path, study.reports_dir)
+        _say_summary(run_path, report if report.is_file() else None, say)
     result = BatchResult(run_path, status, report if report.is_file() else None, stopped)
     if status == "interrupted":
         raise KeyboardInterrupt
     if status == "failed":
         raise RunnerError(failure)
     return result
+
+
+def _say_summary(run_path: Path, report: Path | None, say: Callable[[str], None]) -> None:
+    """The closing block: status, per layer its verdict and headline numbers, warnings, the report."""
+    from .report.summary import summary_lines
+
+    try:
+        lines = summary_lines(run_path, report)
+    except Exception as exc:  # noqa: BLE001 - the batch ends as it did; the block is a courtesy
+        lines = [f"(no summary: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"]
+    for line in lines:
+        say(line)
 
 
 def _run_notebooks(

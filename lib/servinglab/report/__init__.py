@@ -25,7 +25,8 @@ from .table import (annotation_lines, decision_table, interval_text, provenance_
                     validity_lines)
 
 
-def _warnings(run: RunData) -> list[str]:
+def report_warnings(run: RunData) -> list[str]:
+    """Every warning the report lists at its top, in order (damaged lines, failures, validity, consistency…)."""
     warnings = list(run.damaged)
     for d in run.deployments:
         if d["status"] == "failed":
@@ -147,7 +148,7 @@ def render_html(run_dir: str | os.PathLike) -> str:
         client_connections=client_connections(run),
         request_shape=request_shape(run),
         stages=run.latency_stages,
-        warnings=_warnings(run),
+        warnings=report_warnings(run),
         provenance=provenance_lines(run),
         notes=annotation_lines(run),
         table=table,
