@@ -185,6 +185,10 @@ def test_failed_cluster_run_carries_every_reason():
     assert cells["rollout_canary"]["kserve-standard"].status == "not-run"
     canary = cells["rollout_canary"]["kserve-knative"]
     assert "canary: experiment failed: LayerNotReadyError" in canary.text and "64 of 340 requests failed" in canary.text
+    # Its model update was measured, its canary failed: the badge says the worse part, not a plain "measured".
+    assert canary.status == "measured" and canary.badge == "measured · partly failed · synthetic"
+    assert not any(c.partly_failed for key, row in cells.items() for layer, c in row.items()
+                   if (key, layer) != ("rollout_canary", "kserve-knative"))  # fmt: skip
 
     run = load_run(RUNS / "cluster-failed")
     advice, needs = advice_of(run)
@@ -197,6 +201,7 @@ def test_failed_cluster_run_carries_every_reason():
                     "layer kserve-standard lifecycle model_update #1 interrupted: KeyboardInterrupt: (the layer was restored)",
                     "notebook 40_lifecycle failed: ServinglabError", "the run ended as failed"):  # fmt: skip
         assert warning in html, warning
+    assert html.count('class="cell-measured cell-partly-failed"><span class="tag">measured · partly failed · synthetic<') == 1
 
 
 def test_latency_warnings_reach_the_run_context():

@@ -37,6 +37,7 @@ class Cell:
     evidence: str | None = None  # an anchor in the report or a data file of the run
     validity: str | None = None  # the worst verdict of the latency stages the cell shows (None: none shown)
     provenance: str = "measured"  # synthetic or imported when any number in the cell is
+    partly_failed: bool = False  # a measured cell one of whose experiments failed (its text says which)
 
     @property
     def has_value(self) -> bool:
@@ -46,6 +47,8 @@ class Cell:
     def badge(self) -> str:
         """The cell's status, with what qualifies its numbers: ``measured · client-limited``, ``… · synthetic``."""
         parts = [self.status]
+        if self.partly_failed:
+            parts.append("partly failed")
         if self.validity and self.validity != "valid":
             parts.append(self.validity)
         if self.provenance != "measured":
@@ -261,7 +264,7 @@ def _rollout(run: RunData, layer: str, kind: str) -> Cell:
     canary = experiment_outcome(run, layer, "canary")
     update = experiment_outcome(run, layer, "model_update")
     parts: list[str] = []
-    trials, evidence, status = None, "#lifecycle", None
+    trials, evidence, status, failed = None, "#lifecycle", None, False
     if canary.last:
         m, split = canary.last, canary.last["split"]
         level = round(100 * split.get("confidence", 0.95))
@@ -276,6 +279,7 @@ def _rollout(run: RunData, layer: str, kind: str) -> Cell:
         why = _why_not(run, layer, "canary", canary)
         parts.append(("no traffic split: " if why.status == "observed" else "canary: ") + why.text)
         status = "observed" if why.status == "observed" else None
+        failed = why.status == "failed"
     if update.last:
         m = update.last
         parts.append(f"model update ({m['how']}): {requests_text(m['during'])} during the change, longest gap "
@@ -283,9 +287,13 @@ def _rollout(run: RunData, layer: str, kind: str) -> Cell:
         if status != "measured":
             trials, evidence = m["during"]["requests"], "#fig-update-timeline"
         status = "measured"
+    elif update.other is not None and _why_not(run, layer, "model_update", update).status == "failed":
+        parts.append("model update: " + _why_not(run, layer, "model_update", update).text)
+        failed = True
     if status is None:
         return _why_not(run, layer, "canary", canary)
-    return Cell(status, "; ".join(parts), trials=trials, evidence=evidence)
+    # The cell is as bad as its worst part: a failed experiment beside a measured one is not all green.
+    return Cell(status, "; ".join(parts), trials=trials, evidence=evidence, partly_failed=failed)
 
 
 def _scale_to_zero(run: RunData, layer: str, kind: str) -> Cell:
