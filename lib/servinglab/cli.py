@@ -123,10 +123,14 @@ def _parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a run's results in another tool's format")
     export.add_argument(
         "format", choices=["llmd-benchmark"],
-        help="llmd-benchmark: one llm-d-benchmark Benchmark Report v0.2 (YAML) per layer and load point",
+        help="llmd-benchmark: one llm-d-benchmark Benchmark Report (YAML) per layer and load point",
     )  # fmt: skip
     export.add_argument("run_dir", help="runs/<study>/<run-id>")
     export.add_argument("--out", metavar="DIR", help="folder (default: reports/llmd-benchmark/<study>-<run-id> of the current folder)")
+    export.add_argument(  # the export module checks the version: the one list of what it writes
+        "--format-version", metavar="VERSION",
+        help="llmd-benchmark: the Benchmark Report version, 0.2.1 (default) or 0.2 for readers older than 0.2.1",
+    )  # fmt: skip
     return parser
 
 
@@ -278,7 +282,12 @@ def _export(args) -> int:
     def warn(line: str) -> None:
         print(f"warning: {Path(args.run_dir) / line}", file=sys.stderr)  # the line names the file in the run
 
-    for path in _reading([args.run_dir], lambda: export_llmd_benchmark(Path(args.run_dir), args.out, warn=warn)):
+    version = {"format_version": args.format_version} if args.format_version else {}
+
+    def export() -> list[Path]:
+        return export_llmd_benchmark(Path(args.run_dir), args.out, warn=warn, **version)
+
+    for path in _reading([args.run_dir], export):
         print(path)
     return 0
 

@@ -143,7 +143,7 @@ def test_a_record_whose_layer_climbs_out_is_a_damaged_line(run, tmp_path, capsys
     assert f"warning: {run}/data/latency_stages.jsonl: 1 line could not be read" in err
     assert "line 2: layer: '../../z' is not a valid name" in err
     assert {p.relative_to(tmp_path) for p in files_under(tmp_path) if "runs" not in p.parts} == {
-        Path("deep/er/out/br_v0.2_raw_c1.yaml")
+        Path("deep/er/out/br_v0.2.1_raw_c1.yaml")
     }
 
 
@@ -161,7 +161,7 @@ def test_run_json_never_chooses_where_reports_go(run, tmp_path, capsys, monkeypa
     written = {p.relative_to(tmp_path) for p in files_under(tmp_path) if "runs" not in p.parts}
     assert written == {
         Path("project/reports") / name for name in ("ci-20261126T000000Z.html", "ci.html", "index.html")
-    } | {Path("project/reports/llmd-benchmark/ci-20261126T000000Z") / f"br_v0.2_raw_{s}.yaml" for s in ("c1", "c4")}
+    } | {Path("project/reports/llmd-benchmark/ci-20261126T000000Z") / f"br_v0.2.1_raw_{s}.yaml" for s in ("c1", "c4")}
     assert not elsewhere.exists() and not (tmp_path / "planted").exists()
 
 

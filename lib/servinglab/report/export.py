@@ -1,17 +1,24 @@
-"""A run's latency stages as llm-d-benchmark "Benchmark Report v0.2" documents, one per layer and load point.
+"""A run's latency stages as llm-d-benchmark "Benchmark Report" documents, one per layer and load point.
 
-The format followed is the one defined by llm-d-benchmark's pydantic models in
-``benchmark_report/schema_v0_2.py``, ``schema_v0_2_components.py`` and ``base.py`` (the ``Units`` enum)
-of the llm-d/llm-d-benchmark repository (read at commit 093eecc2a566, where the aggregate throughput
-rate of requests is named ``request_rate``), with its example ``br_v0_2_example.yaml``. Fields written:
+The format followed is llm-d-benchmark's Benchmark Report v0.2.1, as published in the llm-d/llm-d-benchmark
+repository under ``llmdbenchmark/analysis/benchmark_report/`` at commit 8bc9f1ddd873: its JSON schema
+``br_v0_2_1_json_schema.json``, its pydantic models (``schema_v0_2_1.py``, which extends ``schema_v0_2.py``
+and ``schema_v0_2_components.py``; ``base.py`` for the ``Units`` enum) and its loader
+(``core.load_benchmark_report``), with its example ``br_v0_2_1_example.yaml``. v0.2.1 only adds optional
+fields to v0.2, none of which servinglab writes, so a v0.2 document (written on request, for readers that
+predate v0.2.1) differs from the default one in its ``version`` alone. Fields written:
 
-- ``version: "0.2"``;
+- ``version: "0.2.1"`` (or ``"0.2"``);
 - ``run``: ``uid`` (one per report), ``eid`` (one per run directory), ``time`` (``start``, ``end``,
   ``duration`` as ISO 8601); ``cid``, ``pid`` and ``user`` are left out (nothing in a run names them);
-- ``scenario.stack``: the engine as an ``inference_engine`` component (``tool``, ``tool_version``,
-  ``role: replica``, ``model.name``, ``accelerator`` with ``model``, ``count`` and ``parallelism``; the
-  engine's arguments under ``native.args``), and for a KServe or llm-d layer the serving layer as a
-  ``generic`` component whose ``native.config`` is the layer's study settings;
+- ``scenario.stack``: each component's ``kind`` in its ``standardized`` section, where the format
+  discriminates on it (its ``metadata`` takes no other key than ``schema_version``, ``label``, ``cfg_id``
+  and ``description``). The engine as an ``inference_engine`` component (``tool``, ``tool_version``,
+  ``role: replica``, ``replicas``, ``model.name``, ``accelerator`` with ``model``, ``count`` per replica,
+  as llm-d-benchmark's own converters count it, and ``parallelism``; the engine's arguments under
+  ``native.args``), and for a KServe or llm-d layer the serving layer as a ``generic`` component (the
+  kind whose ``standardized`` section takes extra keys: ``resource`` and, for KServe, ``deployment_mode``)
+  whose ``native.config`` is the layer's study settings;
 - ``scenario.load``: ``tool`` (``servinglab``, or ``vllm-benchmark`` for imported ``vllm bench serve``
   results, llm-d-benchmark's name for that harness), ``tool_version``, ``source`` (random or sampled),
   ``stage`` (the stage's index in the layer's sweep), ``input_seq_len`` and ``output_seq_len``,
@@ -48,14 +55,16 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
-from ..errors import RunDirError
+from ..errors import ParamsError, RunDirError
 from ..measure.client_metrics import itl_ms, tpot_ms
 from . import file_in, reports_folder
 from .table import requires
 from .rundata import RunData, load_run
 from .runfacts import accelerator, args_dict, engine_command_args
 
-SCHEMA_VERSION = "0.2"
+# The Benchmark Report versions written, the default first.
+FORMAT_VERSIONS = ("0.2.1", "0.2")
+DEFAULT_FORMAT_VERSION = FORMAT_VERSIONS[0]
 COMPONENT_SCHEMA_VERSION = "0.0.1"
 IMPORTED_SOURCE = "vllm bench serve"
 # llm-d-benchmark's name for vllm bench serve (its WorkloadGenerator enum).
@@ -148,13 +157,13 @@ def _stack(run: RunData, layer: str, stage: dict[str, Any]) -> list[dict[str, An
     dp = int(args.get("--data-parallel-size") or 1)
     tool = engine.get("distribution") or engine.get("name") or "vllm"
     version = engine.get("version") or engine.get("image") or "unknown"
-    # The format counts every accelerator the stack used: a replica's GPUs times the layer's replicas.
-    replicas = int(deployment.get("serving_replicas") or 1)
-    count = max(1, int(accel["count"]) * replicas) if accel["gpu"] else 1
+    # The format counts a replica's accelerators and the replicas apart (``count`` is tp × local dp in
+    # llm-d-benchmark's converters); the format needs at least one replica.
+    replicas = max(1, int(deployment.get("serving_replicas") or 1))
+    count = max(1, int(accel["count"])) if accel["gpu"] else 1
     platform = run.context.get("platform", {}).get("name") or run.params.get("platform", {}).get("kind") or "unknown"
     stack = [{
         "metadata": {
-            "kind": "inference_engine",
             "schema_version": COMPONENT_SCHEMA_VERSION,
             "label": f"{layer}-engine",
             "cfg_id": (deployment.get("spec_hash") or _cfg_id(args))[:32],
@@ -162,9 +171,11 @@ def _stack(run: RunData, layer: str, stage: dict[str, Any]) -> list[dict[str, An
                            f"platform; {accel['text']}",
         },
         "standardized": {
+            "kind": "inference_engine",
             "tool": tool,
             "tool_version": str(version),
             "role": "replica",
+            "replicas": replicas,
             "model": {"name": model_name},
             "accelerator": {"model": accel["model"], "count": count, "parallelism": {"dp": dp, "ep": 1, "pp": pp, "tp": tp}},
         },
@@ -174,12 +185,12 @@ def _stack(run: RunData, layer: str, stage: dict[str, Any]) -> list[dict[str, An
     if component:
         controllers = requires(run, layer).get("controllers") or []
         versions = sorted({c["version"] for c in controllers if c.get("version")})
-        standardized = {"tool": component["tool"], "tool_version": versions[-1] if versions else "unknown",
+        standardized = {"kind": "generic", "tool": component["tool"], "tool_version": versions[-1] if versions else "unknown",
                         "resource": component["resource"]}  # fmt: skip
         if spec.get("mode"):
             standardized["deployment_mode"] = spec["mode"]
         stack.append({
-            "metadata": {"kind": "generic", "schema_version": COMPONENT_SCHEMA_VERSION, "label": layer,
+            "metadata": {"schema_version": COMPONENT_SCHEMA_VERSION, "label": layer,
                          "cfg_id": _cfg_id(spec), "description": f"the {kind['title']} in front of the engine"},
             "standardized": standardized,
             "native": {"config": spec},
@@ -323,12 +334,28 @@ def _run_section(run: RunData, stage: dict[str, Any], occurrence: int) -> dict[s
     return out
 
 
-def benchmark_reports(run_dir: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
-    """Every latency stage of a run as a Benchmark Report v0.2: (file name, report), in the run's order."""
-    return _reports_of(load_run(run_dir), run_dir)
+def benchmark_reports(run_dir: str | os.PathLike,
+                      format_version: str = DEFAULT_FORMAT_VERSION) -> list[tuple[str, dict[str, Any]]]:  # fmt: skip
+    """Every latency stage of a run as a Benchmark Report: (file name, report), in the run's order.
+
+    Parameters
+    ----------
+    run_dir : path
+        A run directory (``runs/<study>/<run-id>``).
+    format_version : str
+        The Benchmark Report version to write, one of ``FORMAT_VERSIONS`` (default ``"0.2.1"``).
+    """
+    _check_format_version(format_version)
+    return _reports_of(load_run(run_dir), run_dir, format_version)
 
 
-def _reports_of(run: RunData, run_dir: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
+def _check_format_version(format_version: str) -> None:
+    if format_version not in FORMAT_VERSIONS:
+        raise ParamsError(f"format version {format_version!r}: servinglab writes llm-d-benchmark Benchmark "
+                          f"Report {' or '.join(FORMAT_VERSIONS)}")  # fmt: skip
+
+
+def _reports_of(run: RunData, run_dir: str | os.PathLike, format_version: str) -> list[tuple[str, dict[str, Any]]]:
     if not run.latency_stages:
         raise RunDirError(f"{run_dir}: no latency stage in this run; nothing to export")
     out = []
@@ -340,20 +367,21 @@ def _reports_of(run: RunData, run_dir: str | os.PathLike) -> list[tuple[str, dic
         index = index_in_layer.get(stage["layer"], 0)
         index_in_layer[stage["layer"]] = index + 1
         report = {
-            "version": SCHEMA_VERSION,
+            "version": format_version,
             "run": _run_section(run, stage, seen[key]),
             "scenario": {"stack": _stack(run, stage["layer"], stage), "load": _load(run, stage, index)},
             "results": {"request_performance": {"aggregate": _aggregate(stage, records)}},
         }
         slug = re.sub(r"[^A-Za-z0-9._-]+", "", stage["stage"].replace("=", "")) or "stage"
         suffix = f"-{seen[key]}" if seen[key] > 1 else ""
-        out.append((f"br_v0.2_{stage['layer']}_{slug}{suffix}.yaml", report))
+        out.append((f"br_v{format_version}_{stage['layer']}_{slug}{suffix}.yaml", report))
     return out
 
 
 def export_llmd_benchmark(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
-                          warn: Callable[[str], None] | None = None) -> list[Path]:  # fmt: skip
-    """Write each latency stage of a run as an llm-d-benchmark Benchmark Report v0.2 (YAML).
+                          warn: Callable[[str], None] | None = None,
+                          format_version: str = DEFAULT_FORMAT_VERSION) -> list[Path]:  # fmt: skip
+    """Write each latency stage of a run as an llm-d-benchmark Benchmark Report (YAML).
 
     Parameters
     ----------
@@ -364,14 +392,18 @@ def export_llmd_benchmark(run_dir: str | os.PathLike, out_dir: str | os.PathLike
         project (the working directory), never to a folder the run directory names.
     warn : callable, optional
         Called with one sentence per data file holding lines that could not be read (and are not exported).
+    format_version : str
+        The Benchmark Report version to write, one of ``FORMAT_VERSIONS``: ``"0.2.1"`` (the default, the newest
+        version llm-d-benchmark defines) or ``"0.2"``; it also names the files (``br_v0.2.1_...``).
 
     Returns the files written, one per layer and load point.
     """
+    _check_format_version(format_version)
     run = load_run(run_dir)
     if warn is not None:
         for warning in run.damaged:
             warn(warning)
-    reports = _reports_of(run, run_dir)
+    reports = _reports_of(run, run_dir, format_version)
     if out_dir is None:
         out_dir = file_in(reports_folder() / "llmd-benchmark", f"{run.study}-{run.run_id}")
     folder = reports_folder(out_dir)
@@ -384,4 +416,4 @@ def export_llmd_benchmark(run_dir: str | os.PathLike, out_dir: str | os.PathLike
     return paths
 
 
-__all__ = ["benchmark_reports", "export_llmd_benchmark", "statistics_of"]
+__all__ = ["DEFAULT_FORMAT_VERSION", "FORMAT_VERSIONS", "benchmark_reports", "export_llmd_benchmark", "statistics_of"]
