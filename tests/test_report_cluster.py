@@ -201,6 +201,16 @@ def test_failed_cluster_run_carries_every_reason():
                     "layer kserve-standard lifecycle model_update #1 interrupted: KeyboardInterrupt: (the layer was restored)",
                     "notebook 40_lifecycle failed: ServinglabError", "the run ended as failed"):  # fmt: skip
         assert warning in html, warning
+    # Each failure's whole reason is in the warnings list, its log lines folded under its first line.
+    listed = html[html.index('<ul class="warnings">'):html.index("</ul>", html.index('<ul class="warnings">'))]
+    for first, log in (("layer llm-d failed to deploy: layers.llm-d: pod qwen-cluster-llm-d-kserve-6b9c8-x2mzq container "
+                        "main: CrashLoopBackOff after 3 restarts; last log lines:",
+                        "ValueError: --max-model-len 8192 exceeds the KV cache of this GPU"),
+                       ("layer kserve-knative lifecycle canary #1 failed: LayerNotReadyError: layers.kserve-knative:",
+                        "RuntimeError: engine core initialization failed")):  # fmt: skip
+        start = listed.index(first)
+        folded = listed.index("<details><summary>the rest of the reason (1 more line)</summary><pre>", start)
+        assert listed.index(log, start) > folded and listed.index("</li>", start) > listed.index(log, start)
     assert html.count('class="cell-measured cell-partly-failed"><span class="tag">measured · partly failed · synthetic<') == 1
 
 

@@ -30,7 +30,8 @@ def report_warnings(run: RunData) -> list[str]:
     warnings = list(run.damaged)
     for d in run.deployments:
         if d["status"] == "failed":
-            warnings.append(f"layer {d['layer']} failed to deploy: {((d.get('reason') or '').splitlines() or [''])[0]}")
+            # The whole reason: its first line is the headline, the log lines after it the cause.
+            warnings.append(f"layer {d['layer']} failed to deploy: {(d.get('reason') or 'no reason recorded').strip()}")
     for layer in run.layers:
         for check in run.smoke_of(layer):
             if not check["passed"]:

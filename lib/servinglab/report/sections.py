@@ -115,9 +115,10 @@ def lifecycle_warnings(run: RunData) -> list[str]:
     out = []
     for r in run.lifecycle:
         if r["status"] in ("failed", "interrupted"):
-            reason = (r.get("reason") or "no reason recorded").strip().splitlines()[0]
+            first, *rest = (r.get("reason") or "no reason recorded").strip().splitlines() or [""]
             settled = f" (the layer was {r['settled']})" if r.get("settled") else ""
-            out.append(f"layer {r['layer']} lifecycle {r['experiment']} #{r['trial'] + 1} {r['status']}: {reason}{settled}")
+            out.append("\n".join([f"layer {r['layer']} lifecycle {r['experiment']} #{r['trial'] + 1} {r['status']}: "
+                                   f"{first}{settled}", *rest]))  # the log lines after it stay, folded in the page
     return out
 
 
