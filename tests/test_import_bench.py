@@ -73,3 +73,24 @@ def test_results_with_and_without_goodput_render_side_by_side(tmp_path):
     published = report.publish(run, tmp_path / "reports")
     assert "fig-goodput" in published.read_text()
     assert records.read(run, records.LATENCY_STAGES).rows[0]["summary"]["request_goodput"] is None
+
+
+def test_import_then_report_and_compare_from_the_command_line(tmp_path):
+    """The user's path: import a result saved without --goodput, publish the run, compare it with another."""
+    from conftest import run_cli
+
+    without = next(p for p in SAVED if json.loads(p.read_text())["request_goodput"] is None)
+    run = tmp_path / "run"
+    shutil.copytree(BASE_RUN, run)
+    done = run_cli("import", "vllm-bench", str(without), "--run-dir", str(run), "--layer", "raw", timeout=300)
+    assert done.returncode == 0, done.stderr
+    published = run_cli("report", str(run), "--out", str(tmp_path / "reports"), timeout=300)
+    assert published.returncode == 0, published.stderr
+    assert Path(published.stdout.strip()).is_file()
+    other = tmp_path / "other"
+    shutil.copytree(BASE_RUN, other)
+    records.update_context(other, run_id="20261127T110000Z")
+    import_vllm_bench(next(p for p in SAVED if p != without), other, "raw")
+    compared = run_cli("report", str(run), str(other), "--out", str(tmp_path / "reports"), timeout=300)
+    assert compared.returncode == 0, compared.stderr
+    assert "vllm bench serve" in Path(compared.stdout.strip()).read_text()
