@@ -85,9 +85,15 @@ def read_csv_text(text: str) -> tuple[list[str], list[dict[str, str]]]:
 def test_the_cli_writes_into_reports_csv_of_the_current_folder(tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(RUNS / "cluster-full", run_dir)
+    with (run_dir / "data" / "latency_stages.jsonl").open("a") as f:
+        f.write("{not a record\n")
     done = run_cli("export", "csv", str(run_dir), "--out", str(tmp_path / "out"), timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [str(tmp_path / "out" / n) for n in csvexport.CSV_FILES]
+    # A line that cannot be read is said, and left out, as the report leaves it out.
+    assert f"warning: {run_dir}/data/latency_stages.jsonl: 1 line could not be read" in done.stderr
+    _, rows = read_csv(tmp_path / "out" / "latency_stages.csv")
+    assert len(rows) == len(records.read(run_dir, records.LATENCY_STAGES).rows) == 16
     # The other format is still there under its name.
     assert run_cli("export", "llmd-benchmark", str(run_dir), "--out", str(tmp_path / "br"), timeout=300).returncode == 0
     missing = run_cli("export", "csv", str(tmp_path / "nope"), timeout=300)

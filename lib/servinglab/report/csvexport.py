@@ -168,8 +168,9 @@ def export_csv(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     from . import file_in, reports_folder, write_if_changed
 
     run = load_run(run_dir)
-    for warning in run.damaged if warn is not None else ():
-        warn(warning)
+    if warn is not None:
+        for warning in run.damaged:
+            warn(warning)
     tables = csv_tables(run)
     if out_dir is None:
         out_dir = file_in(file_in(reports_folder(), "csv"), csv_folder_name(run))
