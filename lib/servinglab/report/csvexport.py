@@ -120,12 +120,25 @@ def lifecycle_rows(run: RunData) -> list[dict[str, Any]]:
     } for r in run.lifecycle]  # fmt: skip
 
 
+# A spreadsheet runs a field that starts with one of these as a formula. Texts come from run directories that
+# anyone may have written (a log line in a failure's reason), so such a text is written with a leading
+# apostrophe, which spreadsheets read as "this is text" (OWASP's advice on CSV injection).
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _field(value: Any) -> Any:
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
+
+
 def csv_text(columns: tuple[str, ...], rows: list[dict[str, Any]]) -> str:
-    """Rows as CSV with a header, in ``columns``' order; None as an empty field, floats as Python writes them."""
+    """Rows as CSV with a header, in ``columns``' order; None as an empty field, floats as Python writes them,
+    a text that a spreadsheet would run as a formula behind an apostrophe."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="raise", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: _field(v) for k, v in row.items()} for row in rows)
     return buffer.getvalue()
 
 
