@@ -150,3 +150,15 @@ def test_a_text_a_spreadsheet_would_run_is_written_as_text(tmp_path):
     assert rows[index]["result"].startswith("failed: =HYPERLINK")  # not at a field's start: left as it is
     # Numbers are numbers, negative ones included.
     assert csvexport.csv_text(("a", "b"), [{"a": -1.5, "b": "-x"}]) == "a,b\n-1.5,'-x\n"
+
+
+def test_a_link_named_csv_in_the_reports_folder_is_not_written_through(tmp_path):
+    """A neighbour's link reports/csv → elsewhere would have the tables land on its target: refused, exit 2."""
+    from servinglab import cli
+
+    out, elsewhere = tmp_path / "reports", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "csv").symlink_to(elsewhere)
+    assert cli.main(["report", str(RUNS / "cluster-partial"), "--out", str(out)]) == cli.EXIT_BAD_INPUT
+    assert list(elsewhere.iterdir()) == []
