@@ -194,7 +194,9 @@ def goodput_figure(run: RunData) -> Figure | None:
     )
     left_out = len([s for st in by_layer.values() for s in st]) - len(with_goodput)
     if left_out:
-        reading += f" {left_out} stage{'s' if left_out > 1 else ''} recorded no goodput and {'are' if left_out > 1 else 'is'} drawn with throughput only."
+        plural = left_out > 1
+        reading += (f" {left_out} stage{'s' if plural else ''} recorded no goodput and {'are' if plural else 'is'} "
+                    "drawn with throughput only.")  # fmt: skip
     return Figure("fig-goodput", "Goodput against load", _svg(fig), reading)
 
 
