@@ -165,11 +165,13 @@ def _parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="write a run's results in another tool's format")
     export.add_argument(
-        "format", choices=["llmd-benchmark"],
-        help="llmd-benchmark: one llm-d-benchmark Benchmark Report (YAML) per layer and load point",
+        "format", choices=list(EXPORTERS),
+        help="llmd-benchmark: one llm-d-benchmark Benchmark Report (YAML) per layer and load point; "
+             "csv: the decision table, the latency stages and the lifecycle trials as CSV files",
     )  # fmt: skip
     export.add_argument("run_dir", help="runs/<study>/<run-id>")
-    export.add_argument("--out", metavar="DIR", help="folder (default: reports/llmd-benchmark/<study>-<run-id> of the current folder)")
+    export.add_argument("--out", metavar="DIR",
+                        help="folder (default: reports/<format>/<study>-<run-id> of the current folder)")
     export.add_argument(  # the export module checks the version: the one list of what it writes
         "--format-version", metavar="VERSION",
         help="llmd-benchmark: the Benchmark Report version, 0.2.1 (default) or 0.2 for readers older than 0.2.1",
@@ -346,18 +348,24 @@ def _report(args) -> int:
     return 0
 
 
+# Each export format: the module and function that write it (imported when asked for, like every command's).
+EXPORTERS = {"llmd-benchmark": ("servinglab.report.export", "export_llmd_benchmark"),
+             "csv": ("servinglab.report.csvexport", "export_csv")}  # fmt: skip
+
+
 def _export(args) -> int:
-    from .report.export import export_llmd_benchmark
+    import importlib
+
+    module, name = EXPORTERS[args.format]
+    export = getattr(importlib.import_module(module), name)
 
     def warn(line: str) -> None:
         print(f"warning: {Path(args.run_dir) / line}", file=sys.stderr)  # the line names the file in the run
 
+    if args.format_version and args.format != "llmd-benchmark":
+        raise ParamsError(f"--format-version: {args.format} has no versions; it is for llmd-benchmark")
     version = {"format_version": args.format_version} if args.format_version else {}
-
-    def export() -> list[Path]:
-        return export_llmd_benchmark(Path(args.run_dir), args.out, warn=warn, **version)
-
-    for path in _reading([args.run_dir], export):
+    for path in _reading([args.run_dir], lambda: export(Path(args.run_dir), args.out, warn=warn, **version)):
         print(path)
     return 0
 

@@ -158,10 +158,14 @@ def test_run_json_never_chooses_where_reports_go(run, tmp_path, capsys, monkeypa
     monkeypatch.chdir(project)
     assert cli.main(["report", str(run)]) == 0
     assert cli.main(["export", "llmd-benchmark", str(run)]) == 0
+    assert cli.main(["export", "csv", str(run)]) == 0
     written = {p.relative_to(tmp_path) for p in files_under(tmp_path) if "runs" not in p.parts}
     assert written == {
         Path("project/reports") / name for name in ("ci-20261126T000000Z.html", "ci.html", "index.html")
-    } | {Path("project/reports/llmd-benchmark/ci-20261126T000000Z") / f"br_v0.2.1_raw_{s}.yaml" for s in ("c1", "c4")}
+    } | {Path("project/reports/llmd-benchmark/ci-20261126T000000Z") / f"br_v0.2.1_raw_{s}.yaml" for s in ("c1", "c4")} | {
+        Path("project/reports/csv/ci-20261126T000000Z") / name  # the report's tables, which it links
+        for name in ("decision_table.csv", "latency_stages.csv", "lifecycle_trials.csv")
+    }
     assert not elsewhere.exists() and not (tmp_path / "planted").exists()
 
 

@@ -15,8 +15,10 @@ import jinja2
 from .. import __version__
 from ..config import Paths, engine_argv
 from ..errors import ParamsError, RunDirError
+from ..records import DATA_DIR, RUN_FILE
 from .advice import derive_advice, derive_recommendations
 from .plots import START_PHASE_LABELS, figures, latency_figures, lifecycle_figures
+from .csvexport import CSV_FILES, csv_folder_name, export_csv
 from .rundata import RunData, load_run
 from .sections import cost_section, lifecycle_rows, lifecycle_warnings, manifest_section
 from . import consistency
@@ -125,16 +127,46 @@ def template_environment(undefined: type) -> jinja2.Environment:
     )
 
 
-def render_html(run_dir: str | os.PathLike) -> str:
-    """The report of one run as a self-contained HTML document (same data, same bytes)."""
+def _href(target: Path, reports_dir: Path | None) -> str | None:
+    """A relative link from a report in ``reports_dir`` to ``target`` (None: no folder given, or no relative
+    path between them), so that it holds wherever the reports folder and the runs move together."""
+    if reports_dir is None:
+        return None
+    try:
+        relative = os.path.relpath(target, reports_dir.resolve())
+    except ValueError:  # another drive: no relative path
+        return None
+    return urllib.parse.quote(Path(relative).as_posix())
+
+
+def data_links(run: RunData, reports_dir: Path | None = None) -> list[dict[str, str | None]]:
+    """The run's data files, as the data section lists them: {name, href}; href is relative to
+    ``reports_dir`` (the report's folder), or None when the report's place is not known."""
+    files = [run.run_dir / RUN_FILE] + sorted((run.run_dir / DATA_DIR).glob("*.jsonl"))
+    return [{"name": str(p.relative_to(run.run_dir)), "href": _href(p, reports_dir)} for p in files]
+
+
+def render_html(run_dir: str | os.PathLike, reports_dir: str | os.PathLike | None = None) -> str:
+    """The report of one run as a self-contained HTML document (same data, same bytes).
+
+    Parameters
+    ----------
+    run_dir : path
+        A run directory (``runs/<study>/<run-id>``).
+    reports_dir : path, optional
+        The folder the page will be written into: its data section then links the run's files and the CSV
+        tables (``csv/<study>-<run-id>/``, which :func:`publish` writes) by relative paths. Without it, the
+        page names the files without links and depends on nothing but the run's data.
+    """
     run = load_run(run_dir)
+    folder = Path(reports_dir) if reports_dir is not None else None
     table = decision_table(run)
     env = template_environment(jinja2.ChainableUndefined)
     # A value a stage does not hold (an imported result has no server side) reads as missing, not as an error.
     env.globals["fmt"] = lambda v: "–" if v is None or isinstance(v, jinja2.Undefined) else f"{v:.1f}"
     env.globals["server_figure"] = figure_text
     env.globals["interval"] = lambda stage, key: interval_text(stage, key).strip()
-    data_files = sorted(str(p.relative_to(run.run_dir)) for p in (run.run_dir / "data").glob("*.jsonl"))
+    csv_files = [f"csv/{csv_folder_name(run)}/{name}" for name in CSV_FILES] if folder is not None else []
     return env.get_template("report.html.j2").render(
         version=__version__,
         ctx=run.context,
@@ -163,7 +195,8 @@ def render_html(run_dir: str | os.PathLike) -> str:
         deployments=run.deployments,
         phase_labels=START_PHASE_LABELS,
         smoke=run.smoke,
-        data_files=data_files,
+        data_files=data_links(run, folder),
+        csv_files=[urllib.parse.quote(name) for name in csv_files],
     )
 
 
@@ -245,7 +278,9 @@ def publish(run_dir: str | os.PathLike, reports_dir: str | os.PathLike | None = 
     reports_dir = reports_folder(reports_dir)
     reports_dir.mkdir(parents=True, exist_ok=True)
     path = file_in(reports_dir, f"{run.study}-{run.run_id}.html")
-    write_if_changed(path, render_html(run_dir))
+    # The page links its tables as CSV: written first, where `servinglab export csv` writes them.
+    export_csv(run_dir, file_in(file_in(reports_dir, "csv"), csv_folder_name(run)))
+    write_if_changed(path, render_html(run_dir, reports_dir))
     own = re.compile(rf"^{re.escape(run.study)}-(\d{{8}}T\d{{6}}Z)(?:-(\d+))?\.html$")
     runs = [(m.group(1), int(m.group(2) or 1), p) for p in reports_dir.iterdir() if (m := own.match(p.name))]
     newest = max(runs)[2]

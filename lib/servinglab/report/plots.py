@@ -160,27 +160,43 @@ def distributions_figure(run: RunData) -> Figure | None:
     return Figure("fig-distributions", "TTFT and ITL distributions", _svg(fig), reading)
 
 
+def _goodput(stage: dict) -> float | None:
+    # vllm bench serve saves request_goodput as null when it was given no objectives (--goodput).
+    value = stage["summary"].get("request_goodput")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 def goodput_figure(run: RunData) -> Figure | None:
-    """Goodput and throughput against concurrency, when the study sets per-request objectives."""
+    """Goodput and throughput against concurrency, when the study sets per-request objectives (drawn for the
+    stages that recorded a goodput; none: no figure)."""
     by_layer = _closed_stages(run)
-    if not by_layer or not any("request_goodput" in s["summary"] for st in by_layer.values() for s in st):
+    with_goodput = [s for st in by_layer.values() for s in st if _goodput(s) is not None]
+    if not with_goodput:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.2))
     for layer, stages in by_layer.items():
         c = [s["max_concurrency"] for s in stages]
         ax.plot(c, [s["summary"]["request_throughput"] for s in stages], marker="o", linestyle="--", label=f"{layer} throughput")
-        ax.plot(c, [s["summary"].get("request_goodput", 0) for s in stages], marker="o", label=f"{layer} goodput")
+        measured = [s for s in stages if _goodput(s) is not None]
+        if measured:
+            ax.plot([s["max_concurrency"] for s in measured], [_goodput(s) for s in measured], marker="o",
+                    label=f"{layer} goodput")  # fmt: skip
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrency")
     ax.set_ylabel("requests/s")
     ax.legend(fontsize=8, frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
-    best = max((s for st in by_layer.values() for s in st), key=lambda s: s["summary"].get("request_goodput", 0))
+    best = max(with_goodput, key=lambda s: _goodput(s) or 0.0)
     reading = (
-        f"Goodput peaked at {best['summary'].get('request_goodput', 0):.2f} requests/s ({best['layer']}, "
+        f"Goodput peaked at {_goodput(best):.2f} requests/s ({best['layer']}, "
         f"concurrency {best['max_concurrency']}), against {best['summary']['request_throughput']:.2f} requests/s served."
     )
+    left_out = len([s for st in by_layer.values() for s in st]) - len(with_goodput)
+    if left_out:
+        plural = left_out > 1
+        reading += (f" {left_out} stage{'s' if plural else ''} recorded no goodput and {'are' if plural else 'is'} "
+                    "drawn with throughput only.")  # fmt: skip
     return Figure("fig-goodput", "Goodput against load", _svg(fig), reading)
 
 
