@@ -129,6 +129,11 @@ class PodTimeline(Protocol):
         """The earliest time (time.time()) each mark was reached by any new pod."""
         ...
 
+    def wait_for(self, mark: str, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for ``mark`` to be seen (a watch may deliver it after the first token
+        came through); whether it was."""
+        ...
+
 
 class Platform(Protocol):
     """Deploy, reach, change, watch and stop a study's layers."""

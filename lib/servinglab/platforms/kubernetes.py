@@ -817,6 +817,15 @@ class PodTimeline:
             if conditions(obj).get("Ready", {}).get("status") == "True":
                 marks.setdefault("ready", event.seen)
 
+    def wait_for(self, mark: str, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for ``mark``: the watch may deliver a pod's Ready after its first answer."""
+        deadline = time.monotonic() + timeout_s
+        while mark not in self.first():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
     def first(self) -> dict[str, float]:
         """The earliest time each mark was reached by any new pod."""
         out: dict[str, float] = {}

@@ -564,6 +564,9 @@ class NoTimeline:
     def first(self) -> dict[str, float]:
         return {}
 
+    def wait_for(self, mark: str, timeout_s: float) -> bool:
+        return False  # a local server has no pods to watch
+
 
 def tail(path: str | os.PathLike, lines: int = 25) -> str:
     """The last lines of a log, indented, for error messages."""

@@ -136,8 +136,8 @@ def change_under_load(trial: Trial, change: Callable[[], Any], new_model: str | 
     """Keep the steady load up, make the change, and measure what the requests saw before, during and after.
 
     ``new_model`` is the name the changed layer answers as; the change counts as served when a request
-    sent after it is answered under that name. Requests sent before the change that end after it began are
-    counted with those sent during it.
+    sent after it is answered under that name. A request sent before the change that failed after it began
+    is counted with those sent during it.
     """
     s = trial.settings
     with traffic.SteadyLoad(endpoint, trial.request(), s.steady_rate, s.request_timeout_s, trial.sink,
@@ -160,10 +160,11 @@ def change_under_load(trial: Trial, change: Callable[[], Any], new_model: str | 
         time.sleep(min(s.baseline_s, 5.0))
         t_end = time.time()
     sent = load.records
-    # The baseline is what no change touched: a request still in flight when the change began shares its fate
-    # with those sent during it (a rollout that cuts connections cuts it too).
-    before = [r for r in sent if r["phase"] == "before" and r["ended_at_unix"] <= t_change]
-    during = [r for r in sent if r["phase"] == "during" or (r["phase"] == "before" and r["ended_at_unix"] > t_change)]
+    # A request sent before the change and cut after it began failed because of the change: it counts with
+    # the requests sent during it, not against the baseline.
+    cut = [r for r in sent if r["phase"] == "before" and not r.get("ok") and r["ended_at_unix"] > t_change]
+    before = [r for r in sent if r["phase"] == "before" and not any(r is c for c in cut)]
+    during = [r for r in sent if r["phase"] == "during"] + cut
     after = [r for r in sent if r["phase"] == "after"]
     baseline = latency_stats(before)
     slowed = None
