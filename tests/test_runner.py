@@ -103,7 +103,7 @@ def test_whole_suite_with_an_api_key_that_appears_nowhere(private_overrides, tmp
 
     # Re-rendering from the run directory alone gives the same bytes.
     published = report.read_bytes()
-    again = run_cli("report", str(run_dir), env_overrides=overrides, timeout=120)
+    again = run_cli("report", str(run_dir), "--out", str(report.parent), env_overrides=overrides, timeout=120)
     assert again.returncode == 0, again.stderr
     assert Path(again.stdout.strip()) == report and report.read_bytes() == published
 

@@ -143,7 +143,8 @@ def cluster(tmp_path, monkeypatch):
 QUICK = ["platform.ready_timeout_s=5", "workloads.latency.in_cluster.start_delay_s=0.5",
          "workloads.latency.in_cluster.timeout_s=5"]
 LOAD = ["workloads.latency.client=in-cluster",
-        "workloads.latency.in_cluster.image=registry.example/servinglab-loadgen:0.1.0"]  # fmt: skip
+        "workloads.latency.in_cluster.image=registry.example/servinglab-loadgen:0.1.0",
+        "workloads.latency.in_cluster.insecure_skip_tls_verify=true"]  # fmt: skip
 
 
 def neighbour_study(*overrides: str):
@@ -167,13 +168,14 @@ def test_colliding_names_are_refused_and_the_neighbours_objects_kept(cluster, tm
     for obj in neighbour:
         cluster.kube.apply(obj)
     ours = colliding_study()
-    assert {o["metadata"]["name"] for o in render_layer(ours, "cluster-raw")} == {"qwen-cluster-raw"}
+    assert {o["metadata"]["name"] for o in render_layer(ours, "cluster-raw")} == {"qwen-cluster-raw", "qwen-cluster-raw-ingress"}
 
     platform = KubernetesPlatform(ours, cluster.kube)
     with pytest.raises(OwnershipError) as caught:
         platform.ensure("cluster-raw", str(tmp_path))
     message = str(caught.value)
-    assert message.startswith("layers.cluster-raw: Deployment/qwen-cluster-raw in namespace servinglab belongs to")
+    # The first object it would apply (the layer's NetworkPolicy, applied before its pods) names the owner.
+    assert message.startswith("layers.cluster-raw: NetworkPolicy/qwen-cluster-raw-ingress in namespace servinglab belongs to")
     assert "servinglab.io/study=qwen-cluster, servinglab.io/layer=raw" in message and "\n" not in message
 
     # Not applied over: the neighbour's labels and spec are as it applied them.
