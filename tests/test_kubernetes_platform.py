@@ -139,8 +139,10 @@ def test_teardown_deletes_by_label_and_leaves_unlabelled_objects_alone(cluster, 
 
 def test_interrupt_during_the_wait_leaves_nothing(cluster, tmp_path):
     """Ctrl-C (an interrupt of the main thread) once the pod runs: the layer's objects are deleted."""
-    platform = get_platform(study("platform.ready_timeout_s=30"))
+    platform = get_platform(study("platform.ready_timeout_s=60"))
     with Controller(cluster.kube, NS, scenario="stall", step_s=0.05) as controller:
+
+        returned = threading.Event()
 
         def press_ctrl_c() -> None:
             deadline = time.monotonic() + 10
@@ -148,10 +150,17 @@ def test_interrupt_during_the_wait_leaves_nothing(cluster, tmp_path):
                                                           for line in controller.shown):  # fmt: skip
                 time.sleep(0.01)
             _thread.interrupt_main()
+            # Python drops an interrupt that lands in a finalizer ("Exception ignored in …"); a user whose
+            # first Ctrl-C did nothing presses again. Cleanup after one that worked takes far less than this.
+            if not returned.wait(15):
+                _thread.interrupt_main()
 
         threading.Thread(target=press_ctrl_c, daemon=True).start()
-        with pytest.raises(KeyboardInterrupt):
-            platform.ensure("kserve-knative", str(tmp_path))
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                platform.ensure("kserve-knative", str(tmp_path))
+        finally:
+            returned.set()
     assert labelled(cluster.kube) == []
 
 
