@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import _thread
 import json
+import sys
 import threading
 import time
 
@@ -24,6 +25,16 @@ def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def _main_thread_in(function_name: str) -> bool:
+    """Whether the main thread is running ``function_name`` now (anywhere on its stack)."""
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    while frame is not None:
+        if frame.f_code.co_name == function_name:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def test_an_interrupted_model_update_restores_the_layer_and_keeps_its_requests(engine, tmp_path):
     study = engine.study.model_copy(deep=True)
     study.workloads.lifecycle.baseline_s = 2.0
@@ -38,7 +49,11 @@ def test_an_interrupted_model_update_restores_the_layer_and_keeps_its_requests(e
             time.sleep(0.05)
         # The old server is stopped now and the new one is starting: interrupt in the middle of the change.
         time.sleep(3)
-        _thread.interrupt_main()
+        # Python drops a KeyboardInterrupt raised inside a finalizer, as a user's first Ctrl-C can be lost:
+        # press again, as they would, while the update still runs and nothing has begun to settle it.
+        while time.monotonic() < deadline and _main_thread_in("run_lifecycle") and not _main_thread_in("settle"):
+            _thread.interrupt_main()
+            time.sleep(2)
 
     threading.Thread(target=press_ctrl_c, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
