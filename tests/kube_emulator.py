@@ -49,7 +49,11 @@ def install_serving_stack(kube, gpus_per_node: tuple[int, ...] = (1, 1), knative
     cluster with KServe installed would show them (the KServe CRDs with their real schemas)."""
     for index, gpus in enumerate((*gpus_per_node, 0)):
         allocatable = {"cpu": "32", "memory": "256Gi", **({"nvidia.com/gpu": str(gpus)} if gpus else {})}
-        kube.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": f"node-{index}"},
+        # GPU nodes carry the labels NVIDIA's GPU feature discovery puts on them (values of a real H200 node).
+        labels = {"nvidia.com/gpu.product": "NVIDIA-H200", "nvidia.com/gpu.memory": "143771",
+                  "nvidia.com/cuda.driver-version.full": "580.159.04",
+                  "nvidia.com/cuda.runtime-version.full": "13.0"} if gpus else {}  # fmt: skip
+        kube.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": f"node-{index}", "labels": labels},
                     "status": {"allocatable": allocatable}})  # fmt: skip
     for crd in copy.deepcopy(bundled_crds()):
         if crd:

@@ -238,7 +238,10 @@ def test_preflight_finds_what_the_cluster_runs(cluster, tmp_path):
     run = api.open_study(EXAMPLE, "", [f"paths.runs_dir={tmp_path / 'runs'}"])
     found = run_preflight(run.study, run.platform, run.run_dir)
     checks = found["facts"]["cluster"]
-    assert checks["gpus"] == {"resource": "nvidia.com/gpu", "by_node": {"node-0": 1, "node-1": 1}, "total": 2}
+    assert checks["gpus"] == {"resource": "nvidia.com/gpu", "by_node": {"node-0": 1, "node-1": 1}, "total": 2,
+                              "labels": {"products": ["NVIDIA-H200"], "count": 2, "memory_mib": 143771,
+                                         "driver": "580.159.04", "cuda": "13.0", "source": "node labels"}}
+    assert found["facts"]["hardware"]["gpu"] == checks["gpus"]["labels"]  # the run context's GPU line reads this
     assert checks["controllers"][0]["version"] == "v0.20.0"
     assert checks["kind_facts"]["kserve"] == {"default deployment mode": "Knative"}
     assert checks["crds"]["llminferenceservices.serving.kserve.io"] == ["v1alpha1", "v1alpha2"]

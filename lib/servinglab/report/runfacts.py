@@ -29,6 +29,9 @@ def accelerator(run: RunData) -> dict[str, Any]:
         resource = platform.get("gpu_resource", "nvidia.com/gpu")
         selector = platform.get("node_selector") or {}
         product = next((v for k, v in sorted(selector.items()) if any(h in k for h in GPU_LABEL_HINTS)), None)
+        labelled = (hardware.get("gpu") or {}).get("products") or []
+        if product is None and len(labelled) == 1:  # every GPU node carries the same product label
+            product = labelled[0]
         version = _cluster_facts(run).get("kubernetes_version")
         where = f"Kubernetes {version}" if version else "Kubernetes"
         if hardware.get("nodes") is not None:
@@ -109,3 +112,16 @@ def args_dict(args: list[str]) -> dict[str, Any]:
                 out[arg] = None
         i += 1
     return out
+
+
+def gpu_text(run: RunData) -> str | None:
+    """The run context's GPU line, as recorded at preflight: products, memory, driver and CUDA, and where they
+    were read (``nvidia-smi`` on this machine, or the nodes' feature-discovery labels); ``None`` without GPUs."""
+    gpu = run.context.get("hardware", {}).get("gpu") or {}
+    if not gpu.get("products"):
+        return None
+    text = f"{gpu.get('count', '?')} × {' + '.join(gpu['products'])}"
+    if gpu.get("memory_mib"):
+        text += f" ({gpu['memory_mib']} MiB)"
+    text += f" · driver {gpu.get('driver') or 'unknown'} · CUDA {gpu.get('cuda') or 'unknown'}"
+    return text + f" (from {gpu.get('source', 'unknown')})"
