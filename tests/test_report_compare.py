@@ -492,6 +492,18 @@ def test_nine_load_points_make_one_table_with_a_row_per_metric(nine_points):
         "E2E p95 +20.0 % at 7 of 9 load points; 12 more beyond it at stages not valid, not judged"]  # fmt: skip
 
 
+def test_three_runs_each_compared_with_the_first(tmp_path):
+    first = sweep_run(tmp_path, "20261126T000000Z", [1, 4])
+    slower = sweep_run(tmp_path, "20261127T000000Z", [1, 4], slower=1.2)
+    faster = sweep_run(tmp_path, "20261128T000000Z", [1], slower=0.8)
+    comparison = compare([first, slower, faster])
+    assert comparison.labels == ["A", "B", "C"]
+    assert [line.split(":")[1].strip() for line in comparison.summary["raw"]] == ["worse", "better"]
+    cells = tables_of(comparison_html(comparison))["latency-table-raw"]
+    ttft = next(row for row in cells if row[0] == "TTFT p50")
+    assert ttft[1].startswith("B +20.0 %") and " C −20.0 % " in ttft[1] and ttft[2].endswith("C not measured")
+
+
 def test_colour_only_where_a_change_exceeds_the_noise(two_runs):
     comparison = compare(two_runs)
     found = changes_of(comparison_html(comparison))
