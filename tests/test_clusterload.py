@@ -419,7 +419,7 @@ def test_the_sweep_records_where_each_stage_ran(cluster, endpoint, tmp_path, mon
     monkeypatch.setattr(latency, "ServerTokenizer", WordTokenizer)
     s = job_study(f"workloads.latency.client={client}", "workloads.latency.concurrency=[2]",
                   "workloads.latency.min_prompts=6", "workloads.latency.input_len=5", "workloads.latency.output_len=3",
-                  "workloads.latency.rate_sweep.rates=[4]", "workloads.latency.rate_sweep.num_prompts=5",
+                  "workloads.latency.sweep.rates=[4]", "workloads.latency.sweep.num_prompts=5",
                   "workloads.latency.repeats=2")  # fmt: skip
     platform = KubernetesPlatform(s)
     (tmp_path / "data").mkdir()  # as in a run directory

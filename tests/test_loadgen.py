@@ -187,7 +187,7 @@ def test_a_stage_whose_server_died_ends_the_sweep_or_not(endpoint, tmp_path, mon
     monkeypatch.setenv("SERVINGLAB_OVERRIDES", str(tmp_path / "none.yaml"))
     (tmp_path / "none.yaml").write_text(f"paths: {{runs_dir: {tmp_path}/runs, cache_dir: {tmp_path}/cache}}\n")
     study_run = api.open_study(PARAMS / "ci.yaml", overrides=[f"workloads.latency.on_server_death={policy}",
-                                                             "workloads.latency.rate_sweep.rates=[]"])  # fmt: skip
+                                                             "workloads.latency.sweep.rates=[]"])  # fmt: skip
     endpoint.healthy = False
     try:
         stages = latency.run_layer_sweep(study_run.study, study_run.platform, Endpoint("raw", f"{endpoint.url}/v1", "m"),

@@ -242,7 +242,7 @@ def test_the_sweep_stops_after_a_stage_that_is_not_valid(endpoint, tmp_path, mon
     monkeypatch.setenv("SERVINGLAB_OVERRIDES", str(tmp_path / "none.yaml"))
     (tmp_path / "none.yaml").write_text(f"paths: {{runs_dir: {tmp_path}/runs, cache_dir: {tmp_path}/cache}}\n")
     study_run = api.open_study(PARAMS / "ci.yaml", overrides=[
-        f"workloads.latency.past_validity={str(past).lower()}", "workloads.latency.rate_sweep.rates=[]",
+        f"workloads.latency.past_validity={str(past).lower()}", "workloads.latency.sweep.rates=[]",
         "workloads.latency.min_prompts=5", "workloads.latency.prompts_per_concurrency=1"])  # fmt: skip
     lines: list[str] = []
     stages = latency.run_layer_sweep(study_run.study, study_run.platform, Endpoint("raw", f"{endpoint.url}/v1", "m"),

@@ -41,6 +41,15 @@ def _workers(text: str) -> int | str:
     return int(text)
 
 
+def _sweep_rates(text: str) -> int:
+    """``--sweep N``: rate stages after the two probes, 1 to the most a study may ask for."""
+    from .config import MAX_SWEEP_RATES
+
+    if not text.isdigit() or not 1 <= int(text) <= MAX_SWEEP_RATES:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of rate stages, 1 to {MAX_SWEEP_RATES}")
+    return int(text)
+
+
 def version_line() -> str:
     """servinglab's version, with the Python and vLLM versions it runs with (vLLM read, not imported).
 
@@ -127,6 +136,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (default inf: all at once)")
     bench.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the arrivals (1: Poisson)")
     bench.add_argument("--max-concurrency", type=int, help="requests in flight at most (closed loop with rate inf)")
+    bench.add_argument("--sweep", type=_sweep_rates, metavar="N",
+                       help="a saturation sweep (GuideLLM's): a synchronous stage, a throughput stage, then N rate "
+                       "stages between their measured rates; --out gets a JSON list, one result per stage")  # fmt: skip
     bench.add_argument("--seed", type=int, required=True)
     bench.add_argument("--ignore-eos", action="store_true", help="generate exactly --output-len tokens")
     bench.add_argument("--num-warmups", type=int, default=0, help="requests sent first and left out of the metrics")
@@ -388,6 +400,8 @@ def _output_file(flag: str, path: str | None) -> None:
 
 
 def _bench(args) -> int:
+    if args.sweep is not None:
+        _sweep_alone(args)
     _output_file("--out", args.out)
     _output_file("--records", args.records)
     slos = {}
@@ -407,6 +421,12 @@ def _bench(args) -> int:
         result = _run_bench(args, slos, read_api_key(args.api_key_env, args.api_key_file))
     except httpx.HTTPError as exc:  # the endpoint, not servinglab: one line naming it, no traceback
         raise ServinglabError(f"--base-url {args.base_url}: {type(exc).__name__}: {exc}") from None
+    if isinstance(result, list):  # a sweep: each stage's line was said as it ended
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        for stage in result:
+            print("".join(f"warning: {stage['stage']}: {w}\n" for w in stage["warnings"]), end="")
+        print(args.out)
+        return 0
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"completed {result['completed']}, failed {result['failed']} in {result['duration']:.2f} s; "
           f"TTFT median {result['median_ttft_ms']} ms, TPOT median {result['median_tpot_ms']} ms; "
@@ -417,18 +437,31 @@ def _bench(args) -> int:
     return 0
 
 
-def _run_bench(args, slos: dict[str, float], api_key: str | None) -> dict[str, Any]:
-    from .measure.bench import run_bench
+def _sweep_alone(args) -> None:
+    """--sweep sets each stage's rate and concurrency itself: a rate or concurrency given with it is refused."""
+    given = [flag for flag, set_ in (("--request-rate", args.request_rate != float("inf")),
+                                     ("--max-concurrency", args.max_concurrency is not None)) if set_]  # fmt: skip
+    if given:
+        raise ParamsError(f"--sweep with {' and '.join(given)}: the sweep sets each stage's rate and concurrency; "
+                          "give one or the other")  # fmt: skip
 
-    return run_bench(
-        args.base_url, args.model, args.input_len, args.output_len, args.num_prompts, seed=args.seed,
-        tokenizer=args.tokenizer, request_rate=args.request_rate, burstiness=args.burstiness,
-        max_concurrency=args.max_concurrency, ignore_eos=args.ignore_eos, num_warmups=args.num_warmups,
+
+def _run_bench(args, slos: dict[str, float], api_key: str | None) -> dict[str, Any] | list[dict[str, Any]]:
+    from .measure.bench import run_bench, run_bench_sweep
+
+    stage = dict(
+        base_url=args.base_url, model=args.model, input_len=args.input_len, output_len=args.output_len,
+        tokenizer=args.tokenizer, burstiness=args.burstiness,
+        ignore_eos=args.ignore_eos, num_warmups=args.num_warmups,
         range_ratio=args.range_ratio, api_key=api_key,
         slos=slos or None, records_path=Path(args.records) if args.records else None,
-        prompts_file=args.prompts_file, duration_s=args.duration_s, workers=args.workers, say=print,
+        prompts_file=args.prompts_file, duration_s=args.duration_s, workers=args.workers,
         allow_plain_http_key=args.allow_plain_http_key,
     )  # fmt: skip
+    if args.sweep is not None:
+        return run_bench_sweep(args.sweep, args.num_prompts, seed=args.seed, say=print, **stage)
+    return run_bench(num_prompts=args.num_prompts, seed=args.seed, request_rate=args.request_rate,
+                     max_concurrency=args.max_concurrency, say=print, **stage)  # fmt: skip
 
 
 def _loadgen_worker(args) -> int:

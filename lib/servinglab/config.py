@@ -20,10 +20,11 @@ import difflib
 import math
 import os
 import re
+import sys
 import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Callable, Literal, Union
 
 from pydantic import (
     BaseModel,
@@ -381,14 +382,31 @@ class SmokeWorkload(StrictModel):
     timeout_s: float = Field(120.0, gt=0, le=LONGEST_WAIT_S)
 
 
-class RateSweep(StrictModel):
-    """Open-loop stages: requests arrive at a rate (Poisson, or gamma with a burstiness)."""
+# The most rate stages one saturation sweep runs: each is a whole stage, measured ``repeats`` times.
+MAX_SWEEP_RATES = 100
+OLD_SWEEP_KEY, SWEEP_KEY = "rate_sweep", "sweep"  # workloads.latency.<key>: the open-loop stages, old name and new
 
-    rates: list[float] = Field(default_factory=list, description="requests/s per stage; empty: no rate sweep")
+
+class RateSweep(StrictModel):
+    """Open-loop stages (``workloads.latency.sweep``): requests arrive at a rate (Poisson, or gamma with a
+    burstiness), either at rates the study lists or at rates a saturation sweep finds."""
+
+    rates: list[float] = Field(default_factory=list, description="requests/s per stage; empty: no listed rates")
+    saturation_rates: int = Field(
+        0, ge=0, le=MAX_SWEEP_RATES,
+        description="N > 0: a saturation sweep (GuideLLM's sweep): a synchronous stage (one request at a time), a "
+        "throughput stage (num_prompts at once, up to max_concurrency), then N rate stages spaced linearly above "
+        "the synchronous stage's measured rate up to the highest measured rate of a probe that stayed valid; "
+        "0: none. Give it or rates, not both",
+    )
     # Gamma gaps of shape burstiness and mean 1/rate: far outside this range they underflow to 0 or overflow.
-    burstiness: float = Field(1.0, ge=0.01, le=100)
-    num_prompts: int = Field(60, ge=1, le=MAX_STAGE_REQUESTS)
-    max_concurrency: int | None = Field(None, ge=1, le=MAX_CONCURRENCY)
+    burstiness: float = Field(1.0, ge=0.01, le=100, description="gamma shape of the arrivals; 1: Poisson")
+    num_prompts: int = Field(60, ge=1, le=MAX_STAGE_REQUESTS, description="requests per stage, warmups left out")
+    max_concurrency: int | None = Field(
+        None, ge=1, le=MAX_CONCURRENCY,
+        description="requests in flight at most in a rate stage, and the throughput stage's concurrency "
+        "(none: num_prompts at once)",
+    )
 
     @field_validator("rates")
     @classmethod
@@ -398,6 +416,12 @@ class RateSweep(StrictModel):
         if any(r > MAX_RATE_PER_S for r in rates):
             raise ValueError(f"every rate must be at most {MAX_RATE_PER_S:g} requests/s")
         return rates
+
+    @model_validator(mode="after")
+    def _rates_or_saturation(self) -> RateSweep:
+        if self.rates and self.saturation_rates:
+            raise ValueError("give rates (listed) or saturation_rates (found by a saturation sweep), not both")
+        return self
 
 
 class InClusterClient(StrictModel):
@@ -457,7 +481,10 @@ class LatencyWorkload(StrictModel):
         None, gt=0, le=LONGEST_WAIT_S, description="stop sending after this long in a stage"
     )
     request_timeout_s: float = Field(600.0, gt=0, le=LONGEST_WAIT_S)
-    rate_sweep: RateSweep = Field(default_factory=RateSweep)
+    sweep: RateSweep = Field(
+        default_factory=RateSweep, description="the open-loop stages: listed rates, or a saturation sweep "
+        "(saturation_rates); read from rate_sweep, its old name, in older study files"
+    )
     on_server_death: Literal["stop", "continue"] = Field(
         "stop", description="a stage whose server died ends the sweep (stop) or the next stage is tried"
     )
@@ -477,6 +504,16 @@ class LatencyWorkload(StrictModel):
         "local", description="where the load generator runs: this machine, or a Job in the cluster (in_cluster)"
     )
     in_cluster: InClusterClient = Field(default_factory=InClusterClient)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_sweep_name(cls, data: Any) -> Any:
+        # A run recorded before the rename, validated as it is: read silently (load_study notes it in a file).
+        if isinstance(data, dict) and OLD_SWEEP_KEY in data:
+            if SWEEP_KEY in data:
+                raise ValueError(f"give only {SWEEP_KEY} ({OLD_SWEEP_KEY} is its old name)")
+            data = {(SWEEP_KEY if k == OLD_SWEEP_KEY else k): v for k, v in data.items()}
+        return data
 
     @field_validator("concurrency")
     @classmethod
@@ -862,6 +899,41 @@ def parse_set_items(items: list[str] | tuple[str, ...]) -> list[tuple[str, dict[
     return parsed
 
 
+def migrate_rate_sweep(
+    sources: list[tuple[str, dict[str, Any]]], note: Callable[[str], None] | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """Each source with ``workloads.latency.rate_sweep`` (the old name) read as ``workloads.latency.sweep``.
+
+    Parameters
+    ----------
+    sources : list of (label, data)
+        The study's sources in merge order (file, override file, ``--set`` items), each as read.
+    note : callable, optional
+        Gets one deprecation line per source that used the old name (default: standard error).
+
+    Raises
+    ------
+    ParamsError
+        When one source gives both names: which one it means cannot be told.
+    """
+    say = note or (lambda line: print(line, file=sys.stderr))
+    migrated = []
+    for label, data in sources:
+        workloads = data.get("workloads") if isinstance(data, dict) else None
+        latency = workloads.get("latency") if isinstance(workloads, dict) else None
+        if not isinstance(latency, dict) or OLD_SWEEP_KEY not in latency:
+            migrated.append((label, data))
+            continue
+        if SWEEP_KEY in latency:
+            raise ParamsError(f"{label}: workloads.latency.{OLD_SWEEP_KEY} and workloads.latency.{SWEEP_KEY}: "
+                              f"give only {SWEEP_KEY} ({OLD_SWEEP_KEY} is its old name)")  # fmt: skip
+        say(f"servinglab: note: {label}: workloads.latency.{OLD_SWEEP_KEY} is now workloads.latency.{SWEEP_KEY}; "
+            "read as that (rename it)")  # fmt: skip
+        renamed = {(SWEEP_KEY if k == OLD_SWEEP_KEY else k): v for k, v in latency.items()}
+        migrated.append((label, data | {"workloads": workloads | {"latency": renamed}}))
+    return migrated
+
+
 def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     """Mappings merge key by key; anything else in ``top`` replaces what ``base`` had.
 
@@ -1029,11 +1101,12 @@ def load_study(
         label = f"{OVERRIDES_ENV}" if str(override_file) == os.environ.get(OVERRIDES_ENV) else "override file"
         sources.append((str(override_path), _read_yaml(override_path, f"override file (from {label})")))
     sources.extend(parse_set_items(overrides))
+    _check_finite(sources)  # before the rename, so that the error names the key as the file spells it
+    sources = migrate_rate_sweep(sources)
 
     merged: dict[str, Any] = {}
     for _, data in sources:
         merged = deep_merge(merged, data)
-    _check_finite(sources)
 
     try:
         study = Study.model_validate(merged)

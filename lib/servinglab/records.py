@@ -207,8 +207,10 @@ LATENCY_STAGES = Table("latency_stages", "One record per latency stage: what was
     LAYER,
     f("stage", str, "c=<concurrency> (closed loop) or rate=<req/s> (open loop)"),
     opt("stage_id", str, "this measurement of the stage, named by each of its request records"),
-    f("mode", str, "closed or open"),
+    f("mode", str, "closed, open, or sweep (a stage of a saturation sweep)"),
     f("source", str, "the tool that measured it: servinglab, or vllm bench serve (imported)"),
+    opt("sweep", dict, "a saturation sweep's stage: part (synchronous, throughput, rate); a rate's index, count, "
+        "and the range it was spaced in (between_req_s, from the stages named in between_stages)"),
     opt("max_concurrency", int, "requests in flight at most"),
     opt("request_rate", (float, str), "requested arrivals (open loop)", "req/s"),
     opt("num_prompts", int, "requests sent, warmups left out"),

@@ -1,4 +1,5 @@
-"""The latency sweeps of a study: closed-loop concurrency stages, then open-loop rate stages, per layer.
+"""The latency sweeps of a study: closed-loop concurrency stages, then open-loop rate stages (listed, or
+found by a saturation sweep, :mod:`servinglab.measure.sweep`), per layer.
 
 Each stage is run the one way every stage is (``servinglab.measure.stage``). Each request's record goes to
 ``data/latency_requests.jsonl`` as it ends; each stage's summary (client metrics under ``vllm bench
@@ -23,13 +24,18 @@ from ..config import Study
 from ..measure.client import ENGINE_PROCESSES, run_local, workers_for
 from ..measure.loadgen import StageSpec, Target
 from ..measure.server_metrics import ServerWindow, figure_text
+from ..measure import sweep
 from ..measure.stage import MergedStage, StagePlan, stage_record
 from ..measure.workload import DirectoryTokenizer, ServerTokenizer, file_requests, random_requests
 from ..platforms import Endpoint, Platform, placement
 
 
 def planned_stages(study: Study) -> list[dict[str, Any]]:
-    """The stages of the sweep, in order: (name, mode, concurrency, rate, prompts)."""
+    """The stages of the sweep, in order: (name, mode, concurrency, rate, prompts).
+
+    A saturation sweep's rate stages are planned with no rate: it is found from its probes' measurements
+    when they have run (:func:`servinglab.measure.sweep.sweep_rates`).
+    """
     w = study.workloads.latency
     stages = [
         {"stage": f"c={c}", "mode": "closed", "max_concurrency": c, "request_rate": None,
@@ -37,11 +43,56 @@ def planned_stages(study: Study) -> list[dict[str, Any]]:
         for c in w.concurrency
     ]  # fmt: skip
     stages += [
-        {"stage": f"rate={r:g}", "mode": "open", "max_concurrency": w.rate_sweep.max_concurrency, "request_rate": r,
-         "num_prompts": w.rate_sweep.num_prompts}
-        for r in w.rate_sweep.rates
+        {"stage": f"rate={r:g}", "mode": "open", "max_concurrency": w.sweep.max_concurrency, "request_rate": r,
+         "num_prompts": w.sweep.num_prompts}
+        for r in w.sweep.rates
     ]  # fmt: skip
-    return stages
+    return stages + saturation_stages(w.sweep.saturation_rates, w.sweep.num_prompts, w.sweep.max_concurrency)
+
+
+def saturation_stages(count: int, num_prompts: int, max_concurrency: int | None) -> list[dict[str, Any]]:
+    """A saturation sweep's stages as planned: its two probes, then ``count`` rate stages (none when 0).
+
+    Parameters
+    ----------
+    count : int
+        Rate stages after the probes.
+    num_prompts : int
+        Requests per stage.
+    max_concurrency : int or None
+        The throughput stage's concurrency and the rate stages' cap (None: the throughput stage sends all
+        ``num_prompts`` at once, the rate stages have no cap).
+    """
+    if not count:
+        return []
+    common: dict[str, Any] = {"mode": "sweep", "request_rate": None, "num_prompts": num_prompts}
+    return [
+        common | {"stage": "sweep-sync", "max_concurrency": 1, "sweep": sweep.part_of(sweep.SYNCHRONOUS)},
+        common | {"stage": "sweep-throughput", "max_concurrency": max_concurrency or num_prompts,
+                  "sweep": sweep.part_of(sweep.THROUGHPUT)},
+    ] + [
+        common | {"stage": f"sweep-rate-{k}-of-{count}", "max_concurrency": max_concurrency,
+                  "sweep": sweep.part_of(sweep.RATE, index=k, count=count)}
+        for k in range(1, count + 1)
+    ]  # fmt: skip
+
+
+def _phase(planned: dict[str, Any]) -> str:
+    """The part of 30_latency a stage runs in: a saturation sweep finds the open loop's rates, so it runs there."""
+    return "closed" if planned["mode"] == "closed" else "open"
+
+
+def _with_rate(planned: dict[str, Any], probes: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """A saturation sweep's rate stage with its rate, from the probes measured before it; None: no range."""
+    found = sweep.rate_range(probes[sweep.SYNCHRONOUS], [probes[sweep.SYNCHRONOUS], probes[sweep.THROUGHPUT]])
+    if found is None:
+        return None
+    low, high, top = found
+    place = planned["sweep"]
+    rate = sweep.sweep_rates(low, high, place["count"])[place["index"] - 1]
+    between = {"between_req_s": [round(low, 6), round(high, 6)],
+               "between_stages": [probes[sweep.SYNCHRONOUS]["stage"], top]}  # fmt: skip
+    return planned | {"request_rate": rate, "sweep": place | between}
 
 
 def this_machine() -> str:
@@ -77,9 +128,19 @@ def run_layer_sweep(
     out: list[dict[str, Any]] = []
     stopped: set[str] = set()  # the modes whose sweep stopped at a stage that was not valid
     expected_e2e_s: float | None = None
-    for index, planned in enumerate(p for p in planned_stages(study) if p["mode"] in modes):
+    probes: dict[str, dict[str, Any]] = {}  # a saturation sweep's probe stages, by part, as measured
+    for index, planned in enumerate(p for p in planned_stages(study) if _phase(p) in modes):
         if planned["mode"] in stopped:
             continue
+        if (planned.get("sweep") or {}).get("part") == sweep.RATE:
+            placed = _with_rate(planned, probes)
+            if placed is None:
+                stopped.add(planned["mode"])
+                if say is not None:
+                    why = sweep.no_range_text(probes[sweep.SYNCHRONOUS], probes[sweep.THROUGHPUT])
+                    say(f"{endpoint.layer} sweep: {why}")
+                continue
+            planned = placed
         # Seeded per stage, so a stage's prompts do not depend on which stages ran before it.
         seed = w.seed + index
         count = planned["num_prompts"] + w.num_warmups
@@ -89,7 +150,7 @@ def run_layer_sweep(
             specs = random_requests(tokenizer, count, w.input_len, w.output_len, seed)
         rate = planned["request_rate"] or math.inf
         spec = StageSpec(request_rate=rate, max_concurrency=planned["max_concurrency"], seed=seed,
-                         burstiness=w.rate_sweep.burstiness, duration_s=w.stage_duration_s)  # fmt: skip
+                         burstiness=w.sweep.burstiness, duration_s=w.stage_duration_s)  # fmt: skip
         plan = StagePlan.make(planned["stage"], specs[w.num_warmups :], specs[: w.num_warmups], spec)
         window = ServerWindow(platform.metrics_targets(endpoint.layer), endpoint, study.telemetry)
         stage_id = uuid.uuid4().hex[:12]  # ties the request records to this measurement of the stage
@@ -119,7 +180,11 @@ def run_layer_sweep(
             client = this_machine()
         record = stage_record(planned, endpoint.layer, seed, client, runs, window, slos, stage_id=stage_id, **extra)
         verdict = record["validity"]["verdict"]
-        if verdict != "valid" and not w.past_validity:
+        part = (planned.get("sweep") or {}).get("part")
+        if part in (sweep.SYNCHRONOUS, sweep.THROUGHPUT):
+            # The probes run whatever their verdict: they find the range; only a valid one may bound it.
+            probes[part] = record
+        elif verdict != "valid" and not w.past_validity:
             record["stopped_sweep"] = True  # nothing higher is measured: it would only be less valid
             stopped.add(planned["mode"])
         records.append(run_dir, records.LATENCY_STAGES, [record])
@@ -143,6 +208,8 @@ def stage_line(record: dict[str, Any]) -> str:
     line = (f"{record['layer']} {record['stage']}: {s['completed']} done, {s['failed']} failed, "
             f"{s['request_throughput']:.2f} req/s, TTFT p50 {ms('median_ttft_ms')} ms, TPOT p50 {ms('median_tpot_ms')} ms, "
             f"E2E p50 {ms('median_e2el_ms')} ms; {verdict}")  # fmt: skip
+    if record.get("sweep") and record.get("request_rate"):
+        line += f" (requested {record['request_rate']:.3g} req/s)"
     if record.get("stopped_sweep"):
         line += " (the sweep stops here: workloads.latency.past_validity is false)"
     return line

@@ -24,6 +24,7 @@ from .client import run_local, workers_for
 from .client_metrics import validity
 from .intervals import stage_intervals
 from .server_metrics import ServerWindow
+from . import sweep
 from .stage import StagePlan
 from .workload import DirectoryTokenizer, ServerTokenizer, file_requests, random_requests
 
@@ -127,6 +128,70 @@ def run_bench(
         "client_workers_rule": rule.text,
         "server": window.fields["server"],
     }
+
+
+def run_bench_sweep(count: int, num_prompts: int, seed: int = 0, past_validity: bool = False, say: Any = None,
+                    **stage: Any) -> list[dict[str, Any]]:  # fmt: skip
+    """A saturation sweep (:mod:`servinglab.measure.sweep`): a synchronous stage, a throughput stage (all
+    ``num_prompts`` at once), then ``count`` Poisson (``burstiness`` 1) or gamma rate stages between their
+    measured rates; returns each stage's :func:`run_bench` result in order, with its part under ``sweep``.
+
+    Parameters
+    ----------
+    count : int
+        Rate stages after the two probes.
+    num_prompts : int
+        Requests per stage.
+    seed : int
+        The first stage's seed; stage i uses ``seed + i``, so each stage's prompts are its own.
+    past_validity : bool
+        Go on to higher rates after a rate stage that was not valid (by default the sweep stops there).
+    say : callable, optional
+        Gets one line per stage as it ends (and the client rule, as :func:`run_bench` says it).
+    stage :
+        Everything else :func:`run_bench` takes, except ``request_rate`` and ``max_concurrency``, which the
+        sweep sets.
+    """
+    # (part, rate, concurrency): one request at a time, then every request at once.
+    planned = [(sweep.part_of(sweep.SYNCHRONOUS), math.inf, 1),
+               (sweep.part_of(sweep.THROUGHPUT), math.inf, num_prompts)]  # fmt: skip
+    results: list[dict[str, Any]] = []
+    for part, rate, concurrency in planned:
+        results.append(_sweep_stage(results, part, rate, concurrency, num_prompts, seed, say, stage))
+    found = sweep.rate_range(results[0], results)
+    if found is None:
+        if say is not None:
+            say("sweep: " + sweep.no_range_text(results[0], results[1]))
+        return results
+    low, high, top = found
+    for k, rate in enumerate(sweep.sweep_rates(low, high, count), start=1):
+        part = sweep.part_of(sweep.RATE, index=k, count=count, between_req_s=[round(low, 6), round(high, 6)],
+                             between_stages=[results[0]["stage"], top])  # fmt: skip
+        result = _sweep_stage(results, part, rate, None, num_prompts, seed, say, stage)
+        results.append(result)
+        if not sweep.is_valid(result) and not past_validity:
+            result["stopped_sweep"] = True  # nothing higher is measured: it would only be less valid
+            if say is not None:
+                say("sweep: stops here: the stage was not valid, and a higher rate would only be less valid")
+            break
+    return results
+
+
+def _sweep_stage(done: list[dict[str, Any]], part: dict[str, Any], rate: float, concurrency: int | None,
+                 num_prompts: int, seed: int, say: Any, stage: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """One stage of a bench sweep, named as the study's sweep names it, with its line said as it ends."""
+    name = {sweep.SYNCHRONOUS: "sweep-sync", sweep.THROUGHPUT: "sweep-throughput"}.get(
+        part["part"], f"sweep-rate-{part.get('index')}-of-{part.get('count')}")
+    labels = (stage.get("labels") or {}) | {"stage": name}
+    result = run_bench(num_prompts=num_prompts, seed=seed + len(done), request_rate=rate, max_concurrency=concurrency,
+                       say=say, **(stage | {"labels": labels}))  # fmt: skip
+    result = {"stage": name, "sweep": part} | result
+    if say is not None:
+        requested = "" if math.isinf(rate) else f" (requested {rate:.3g} req/s)"
+        say(f"{name}: {result['completed']} done, {result['failed']} failed, {result['request_throughput']:.2f} req/s, "
+            f"TTFT median {result['median_ttft_ms']} ms, TPOT median {result['median_tpot_ms']} ms; "
+            f"{result['validity']['verdict']}{requested}")  # fmt: skip
+    return result
 
 
 VLLM_KEYS = ["completed", "failed", "duration", "request_throughput", "output_throughput", "total_token_throughput",

@@ -28,6 +28,8 @@ from .table import (
     published_urls,
     best_cost_point,
     best_within,
+    load_point,
+    load_stages,
     idle_cost,
     interval_text,
     requires,
@@ -61,8 +63,8 @@ def _ready_times(run: RunData, layer: str) -> list[float]:
 
 
 def _has_closed_stages(run: RunData, layer: str) -> bool:
-    return any(s["layer"] == layer and s.get("mode") == "closed" and s["summary"].get("completed")
-               for s in run.latency_stages)  # fmt: skip
+    """Whether the layer has stages to judge its load by (closed-loop, or a saturation sweep's)."""
+    return bool(load_stages(run, layer))
 
 
 def _update_allowance(run: RunData) -> int | None:
@@ -143,7 +145,7 @@ def derive_advice(run: RunData, table: Table) -> list[Advice]:
                 miss(f"no tested concurrency met {objectives_text(limits)}")
             else:
                 s = best["summary"]
-                reasons.append(f"up to concurrency {best['max_concurrency']} ({s['request_throughput']:.2f} req/s) "
+                reasons.append(f"up to {load_point(best)} ({s['request_throughput']:.2f} req/s) "
                                f"within {objectives_text(limits)}")  # fmt: skip
 
         canary = experiment_outcome(run, layer, "canary").last
@@ -321,7 +323,7 @@ def _load_need(run: RunData, layers: list[str]) -> Recommendation | None:
     best = {layer: best_within(run, layer, limits) for layer in tested}
     throughput = {layer: s["summary"]["request_throughput"] for layer, s in best.items() if s}
     parts = [f"{layer}: {throughput[layer]:.2f}{interval_text(best[layer], 'request_throughput', 2)} req/s at "
-             f"concurrency {best[layer]['max_concurrency']}" if layer in throughput
+             f"{load_point(best[layer])}" if layer in throughput
              else f"{layer}: no tested load met them" for layer in tested]  # fmt: skip
     bounds = {layer: intervals.recorded(s, "request_throughput") for layer, s in best.items() if s}
     fitting, noise = _ties(throughput, bounds, higher_is_better=True, unit="req/s")

@@ -231,7 +231,7 @@ def _load(run: RunData, stage: dict[str, Any], index: int) -> dict[str, Any]:
             standardized["output_seq_len"] = {"distribution": "fixed", "value": workload["output_len"]}
         plan = {k: stage.get(k) for k in ("stage", "mode", "max_concurrency", "request_rate", "num_prompts", "seed", "client")
                 if stage.get(k) is not None}  # fmt: skip
-        workload_config = {k: v for k, v in workload.items() if k not in ("concurrency", "rate_sweep") and v is not None}
+        workload_config = {k: v for k, v in workload.items() if k not in ("concurrency", "sweep", "rate_sweep") and v is not None}
         native = {"config": {"stage": plan, "workload": workload_config}}
         description = (f"chat completions, streamed; {stage.get('mode')} loop"
                        f"{' at concurrency ' + str(stage['max_concurrency']) if stage.get('max_concurrency') else ''}"

@@ -602,14 +602,40 @@ def _left_out(stages: list[dict]) -> str:
     return f"; left out as not valid: {', '.join(out)}" if out else ""
 
 
+def sweep_stages(run: RunData, layer: str) -> list[dict]:
+    """The layer's finished stages of a saturation sweep (``sweep`` recorded), in the order they ran."""
+    return [s for s in run.latency_stages
+            if s["layer"] == layer and s.get("sweep") and s["summary"].get("completed")]  # fmt: skip
+
+
+def load_stages(run: RunData, layer: str) -> list[dict]:
+    """The stages "highest load within the SLOs" is judged from: the saturation sweep's when the layer had one
+    (it went up to saturation), else the closed-loop concurrency stages."""
+    return sweep_stages(run, layer) or _finished_closed_stages(run, layer)
+
+
 def best_within(run: RunData, layer: str, limits: dict[str, float]) -> dict[str, Any] | None:
-    """The highest concurrency whose stage was valid and met every p95 objective, or None."""
-    meeting = [s for s in valid_stages(_finished_closed_stages(run, layer)) if meets_objectives(s, limits)]
+    """The stage that carried the most load while valid and within every p95 objective, or None: from the
+    saturation sweep, the highest measured request rate; else the highest concurrency."""
+    meeting = [s for s in valid_stages(load_stages(run, layer)) if meets_objectives(s, limits)]
+    if meeting and meeting[0].get("sweep"):
+        return max(meeting, key=lambda s: s["summary"]["request_throughput"])
     return meeting[-1] if meeting else None
 
 
+def load_point(stage: dict[str, Any]) -> str:
+    """How a load point is named in a sentence: ``concurrency 8``, or its place in a saturation sweep."""
+    place = stage.get("sweep")
+    if not place:
+        return f"concurrency {stage['max_concurrency']}"
+    if place.get("part") == "rate":
+        return (f"the saturation sweep's rate {place.get('index')} of {place.get('count')} "
+                f"({stage.get('request_rate') or 0:.3g} req/s requested)")  # fmt: skip
+    return f"the saturation sweep's {place.get('part')} stage"
+
+
 def _goodput(run: RunData, layer: str, kind: str) -> Cell:
-    stages = _finished_closed_stages(run, layer)
+    stages = load_stages(run, layer)
     if not stages:
         return _no_latency(run, layer)
     limits = latency_objectives(run)
@@ -624,10 +650,11 @@ def _goodput(run: RunData, layer: str, kind: str) -> Cell:
                     validity=worst_verdict(stages), provenance=provenance)  # fmt: skip
     best = best_within(run, layer, limits)
     if best is None:
-        return Cell("measured", f"no valid concurrency met {objectives}{_left_out(stages)}", trials=len(valid),
+        tested = "stage of the saturation sweep" if stages[0].get("sweep") else "concurrency"
+        return Cell("measured", f"no valid {tested} met {objectives}{_left_out(stages)}", trials=len(valid),
                     evidence="#latency", validity="valid", provenance=provenance)  # fmt: skip
     s = best["summary"]
-    text = (f"concurrency {best['max_concurrency']}: {s['request_throughput']:.2f}"
+    text = (f"{load_point(best)}: {s['request_throughput']:.2f}"
             f"{interval_text(best, 'request_throughput', 2)} req/s, {s['output_throughput']:.0f} output tok/s "
             f"within {objectives}")  # fmt: skip
     if s.get("request_goodput") is not None:
