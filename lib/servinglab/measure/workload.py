@@ -253,6 +253,7 @@ class Dataset:
     random_range_ratio: float = 0.0
     random_prefix_len: int = 0
     sharegpt_output_len: int | None = None
+    # vLLM 0.32.0's defaults (PrefixRepetitionRandomDataset), for a flag or a study key left out.
     prefix_repetition_prefix_len: int = 256
     prefix_repetition_suffix_len: int = 256
     prefix_repetition_num_prefixes: int = 10
@@ -271,12 +272,6 @@ class Dataset:
         if self.prefix_repetition_num_prefixes < 1:
             found.append(("prefix_repetition_num_prefixes", "must be at least 1"))
         return found
-
-    def describe(self) -> str:
-        """The dataset as the flags that would ask ``vllm bench serve`` for it."""
-        shown = {k: v for k, v in vars(self).items() if k != "name" and v is not None and k.split("_")[0] in
-                 (self.name.split("_")[0], "path")}  # fmt: skip
-        return " ".join([f"--dataset-name {self.name}", *(f"--{k.replace('_', '-')} {v}" for k, v in shown.items())])
 
 
 def _random(dataset: Dataset, tokenizer: Tokenizer, count: int, seed: int, say) -> list[RequestSpec]:
