@@ -406,7 +406,7 @@ def _output_file(flag: str, path: str | None) -> None:
 
 def _bench_dataset(args):
     """The dataset the bench flags ask for, its file checked now rather than after the imports."""
-    from .measure.workload import Dataset
+    from .measure.datasets import Dataset
 
     name, path = args.dataset_name, args.dataset_path
     if args.prompts_file:

@@ -521,12 +521,18 @@ class LatencyWorkload(StrictModel):
     def _one_dataset(self) -> LatencyWorkload:
         if self.dataset is not None and self.prompts_file:
             raise ValueError("give dataset or prompts_file, not both (prompts_file is dataset: {name: custom, path: ...})")
+        prefixes = self.dataset_spec().prefix_repetition_num_prefixes
+        smallest = min([max(self.min_prompts, self.prompts_per_concurrency * c) for c in self.concurrency]
+                       + ([self.rate_sweep.num_prompts] if self.rate_sweep.rates else []), default=prefixes)  # fmt: skip
+        if self.dataset is not None and self.dataset.name == "prefix_repetition" and smallest < prefixes:
+            raise ValueError(f"dataset.prefix_repetition_num_prefixes: {prefixes} prefixes, but a stage sends only "
+                             f"{smallest} requests; each prefix needs at least one")  # fmt: skip
         return self
 
     def dataset_spec(self, resolve: Any = Path):
         """The workload's dataset (:class:`servinglab.measure.workload.Dataset`), its path made absolute by
         ``resolve`` (the study's ``resolve_path``) and values left out at their defaults."""
-        from .measure.workload import Dataset
+        from .measure.datasets import Dataset
 
         if self.dataset is None:
             legacy = {"name": "custom", "path": str(resolve(self.prompts_file))} if self.prompts_file else {}
@@ -1230,7 +1236,7 @@ def _check_dataset_file(study: Study, sources: list[tuple[str, dict[str, Any]]])
     if dataset is None or not dataset.path:
         return
     from .measure.sharegpt import MAX_SHAREGPT_BYTES
-    from .measure.workload import check_file
+    from .measure.datasets import check_file
 
     origin = _origin(sources, ("workloads", "latency", "dataset", "path"))
     path = study.resolve_path(dataset.path)

@@ -24,7 +24,8 @@ from ..measure.client import ENGINE_PROCESSES, run_local, workers_for
 from ..measure.loadgen import StageSpec, Target
 from ..measure.server_metrics import ServerWindow, figure_text
 from ..measure.stage import MergedStage, StagePlan, stage_record
-from ..measure.workload import DirectoryTokenizer, ServerTokenizer, dataset_requests
+from ..measure.datasets import dataset_requests
+from ..measure.workload import DirectoryTokenizer, ServerTokenizer
 from ..platforms import Endpoint, Platform, placement
 
 

@@ -25,7 +25,8 @@ from .client_metrics import validity
 from .intervals import stage_intervals
 from .server_metrics import ServerWindow
 from .stage import StagePlan
-from .workload import Dataset, DirectoryTokenizer, ServerTokenizer, dataset_requests
+from .datasets import Dataset, dataset_requests
+from .workload import DirectoryTokenizer, ServerTokenizer
 
 
 def root_url(base_url: str) -> str:
