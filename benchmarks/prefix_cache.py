@@ -24,6 +24,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -182,6 +183,7 @@ def main() -> int:
         return 0 if all(checks.values()) else 1
     finally:
         study_run.platform.teardown()
+        shutil.rmtree(workspace, ignore_errors=True)
 
 
 if __name__ == "__main__":
