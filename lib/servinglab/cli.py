@@ -50,6 +50,12 @@ def _sweep_rates(text: str) -> int:
     return int(text)
 
 
+def _tokens(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of tokens (0 or more)")
+    return int(text)
+
+
 def version_line() -> str:
     """servinglab's version, with the Python and vLLM versions it runs with (vLLM read, not imported).
 
@@ -127,11 +133,22 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--base-url", required=True, help="http://host:port (with or without /v1)")
     bench.add_argument("--model", required=True, help="the served model name")
     bench.add_argument("--tokenizer", help="model directory whose tokenizer counts prompt tokens (default: the server's /tokenize)")
-    bench.add_argument("--input-len", type=int, required=True, help="prompt tokens, before the chat template")
-    bench.add_argument("--output-len", type=int, required=True, help="max_tokens of each request")
-    bench.add_argument("--range-ratio", type=float, default=0.0, help="lengths drawn uniformly in ±ratio")
+    bench.add_argument("--dataset-name", default="random", choices=["random", "sharegpt", "prefix_repetition", "custom"],
+                       help="what to send, as in vllm bench serve (default random)")  # fmt: skip
+    bench.add_argument("--dataset-path", help="sharegpt: a local ShareGPT JSON file; custom: a JSONL of {prompt, max_tokens?}")
+    bench.add_argument("--random-input-len", "--input-len", type=_tokens, help="random: prompt tokens, before the chat template")
+    bench.add_argument("--random-output-len", "--output-len", type=_tokens, help="random: max_tokens of each request")
+    bench.add_argument("--random-range-ratio", "--range-ratio", type=float,
+                       help="random: lengths drawn uniformly in ±ratio")
+    bench.add_argument("--random-prefix-len", type=_tokens,
+                       help="random: tokens of one prefix shared by every prompt, before its random input")
+    bench.add_argument("--sharegpt-output-len", type=_tokens, help="sharegpt: max_tokens of each request (default: the answer's length)")
+    bench.add_argument("--prefix-repetition-prefix-len", type=_tokens, help="prefix_repetition: tokens of each prefix (default 256)")
+    bench.add_argument("--prefix-repetition-suffix-len", type=_tokens, help="prefix_repetition: tokens after it (default 256)")
+    bench.add_argument("--prefix-repetition-num-prefixes", type=_tokens, help="prefix_repetition: distinct prefixes (default 10)")
+    bench.add_argument("--prefix-repetition-output-len", type=_tokens, help="prefix_repetition: max_tokens (default 128)")
     bench.add_argument("--num-prompts", type=int, required=True)
-    bench.add_argument("--prompts-file", help="JSONL of {prompt, max_tokens?} instead of random prompts (cycled)")
+    bench.add_argument("--prompts-file", help="the same as --dataset-name custom --dataset-path FILE (cycled)")
     bench.add_argument("--duration-s", type=float, help="stop sending after this many seconds")
     bench.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (default inf: all at once)")
     bench.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the arrivals (1: Poisson)")
@@ -399,11 +416,47 @@ def _output_file(flag: str, path: str | None) -> None:
         raise ParamsError(f"{flag} {path}: its folder {Path(path).parent} does not exist")
 
 
+def _bench_dataset(args):
+    """The dataset the bench flags ask for, its file checked now rather than after the imports."""
+    from .measure.datasets import Dataset
+
+    name, path = args.dataset_name, args.dataset_path
+    if args.prompts_file:
+        if args.dataset_path or name not in ("random", "custom"):
+            raise ParamsError("--prompts-file: give either it or --dataset-name/--dataset-path, not both")
+        name, path = "custom", args.prompts_file
+    if path is not None:
+        _input_file("--prompts-file" if args.prompts_file else "--dataset-path", path)
+    # Flags left out take the defaults Dataset holds (vLLM's).
+    given = {key: getattr(args, key) for key in DATASET_FLAGS if getattr(args, key) is not None}
+    dataset = Dataset(name, path, **given)
+    for field, reason in dataset.problems():
+        flag = "--dataset-path" if field == "path" else f"--{field.replace('_', '-')}"
+        raise ParamsError(f"{flag}: {reason} (--dataset-name {dataset.name})")
+    return dataset
+
+
+DATASET_FLAGS = ("random_input_len", "random_output_len", "random_range_ratio", "random_prefix_len", "sharegpt_output_len",
+                 "prefix_repetition_prefix_len", "prefix_repetition_suffix_len", "prefix_repetition_num_prefixes",
+                 "prefix_repetition_output_len")  # fmt: skip
+
+
+def _input_file(flag: str, path: str) -> None:
+    """Refuse a dataset file that is missing, not a file, or too large to be read whole."""
+    from .measure.sharegpt import MAX_SHAREGPT_BYTES
+
+    if not Path(path).is_file():
+        raise ParamsError(f"{flag} {path}: {'not a file' if Path(path).exists() else 'file not found'}")
+    if Path(path).stat().st_size > MAX_SHAREGPT_BYTES:
+        raise ParamsError(f"{flag} {path}: larger than {MAX_SHAREGPT_BYTES} bytes")
+
+
 def _bench(args) -> int:
     if args.sweep is not None:
         _sweep_alone(args)
     _output_file("--out", args.out)
     _output_file("--records", args.records)
+    args.dataset = _bench_dataset(args)
     slos = {}
     for item in args.goodput:
         key, _, value = item.partition(":")
@@ -450,13 +503,13 @@ def _run_bench(args, slos: dict[str, float], api_key: str | None) -> dict[str, A
     from .measure.bench import run_bench, run_bench_sweep
 
     stage = dict(
-        base_url=args.base_url, model=args.model, input_len=args.input_len, output_len=args.output_len,
+        base_url=args.base_url, model=args.model, input_len=args.random_input_len, output_len=args.random_output_len,
         tokenizer=args.tokenizer, burstiness=args.burstiness,
         ignore_eos=args.ignore_eos, num_warmups=args.num_warmups,
-        range_ratio=args.range_ratio, api_key=api_key,
+        range_ratio=args.random_range_ratio or 0.0, api_key=api_key,
         slos=slos or None, records_path=Path(args.records) if args.records else None,
-        prompts_file=args.prompts_file, duration_s=args.duration_s, workers=args.workers,
-        allow_plain_http_key=args.allow_plain_http_key,
+        duration_s=args.duration_s, workers=args.workers,
+        allow_plain_http_key=args.allow_plain_http_key, dataset=args.dataset,
     )  # fmt: skip
     if args.sweep is not None:
         return run_bench_sweep(args.sweep, args.num_prompts, seed=args.seed, say=print, **stage)

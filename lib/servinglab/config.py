@@ -459,6 +459,32 @@ class InClusterClient(StrictModel):
         return self
 
 
+class LatencyDataset(StrictModel):
+    """What each latency stage sends, with ``vllm bench serve``'s flag names (``--random-prefix-len`` →
+    ``random_prefix_len``). Values left out take vLLM's defaults; the random lengths default to
+    ``workloads.latency.input_len`` and ``output_len``."""
+
+    name: Literal["random", "sharegpt", "prefix_repetition", "custom"] = "random"
+    path: str | None = Field(
+        None, description="sharegpt: a local ShareGPT JSON file; custom: a JSONL of {prompt, max_tokens?}"
+    )
+    random_input_len: int | None = Field(None, ge=0, le=MAX_TOKENS)
+    random_output_len: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    random_range_ratio: float | None = Field(None, ge=0, lt=1)
+    random_prefix_len: int | None = Field(None, ge=0, le=MAX_TOKENS, description="tokens shared by every prompt")
+    sharegpt_output_len: int | None = Field(None, ge=1, le=MAX_TOKENS, description="default: each answer's length")
+    prefix_repetition_prefix_len: int | None = Field(None, ge=1, le=MAX_TOKENS, description="vLLM's default 256")
+    prefix_repetition_suffix_len: int | None = Field(None, ge=0, le=MAX_TOKENS, description="vLLM's default 256")
+    prefix_repetition_num_prefixes: int | None = Field(None, ge=1, le=MAX_STAGE_REQUESTS, description="default 10")
+    prefix_repetition_output_len: int | None = Field(None, ge=1, le=MAX_TOKENS, description="vLLM's default 128")
+
+    @model_validator(mode="after")
+    def _needs_a_file(self) -> LatencyDataset:
+        if self.name in ("sharegpt", "custom") and not self.path:
+            raise ValueError(f"path: required with name {self.name} (a local file)")
+        return self
+
+
 class LatencyWorkload(StrictModel):
     """The reference experiment by default: chat, 256 tokens in / 128 out, ignore_eos, seed 42."""
 
@@ -476,6 +502,10 @@ class LatencyWorkload(StrictModel):
     )
     prompts_file: str | None = Field(
         None, description="JSONL of {prompt, max_tokens?} to send instead of random prompts (cycled to length)"
+    )
+    dataset: LatencyDataset | None = Field(
+        None, description="what to send (vllm bench serve's --dataset-name and its flags); default: random prompts "
+        "of input_len tokens, or the prompts_file"
     )
     stage_duration_s: float | None = Field(
         None, gt=0, le=LONGEST_WAIT_S, description="stop sending after this long in a stage"
@@ -523,6 +553,33 @@ class LatencyWorkload(StrictModel):
         if any(c > MAX_CONCURRENCY for c in levels):
             raise ValueError(f"every concurrency must be at most {MAX_CONCURRENCY}")
         return levels
+
+    @model_validator(mode="after")
+    def _one_dataset(self) -> LatencyWorkload:
+        if self.dataset is not None and self.prompts_file:
+            raise ValueError("give dataset or prompts_file, not both (prompts_file is dataset: {name: custom, path: ...})")
+        prefixes = self.dataset_spec().prefix_repetition_num_prefixes
+        smallest = min([max(self.min_prompts, self.prompts_per_concurrency * c) for c in self.concurrency]
+                       + ([self.rate_sweep.num_prompts] if self.rate_sweep.rates else []), default=prefixes)  # fmt: skip
+        if self.dataset is not None and self.dataset.name == "prefix_repetition" and smallest < prefixes:
+            raise ValueError(f"dataset.prefix_repetition_num_prefixes: {prefixes} prefixes, but a stage sends only "
+                             f"{smallest} requests; each prefix needs at least one")  # fmt: skip
+        return self
+
+    def dataset_spec(self, resolve: Any = Path):
+        """The workload's dataset (:class:`servinglab.measure.workload.Dataset`), its path made absolute by
+        ``resolve`` (the study's ``resolve_path``) and values left out at their defaults."""
+        from .measure.datasets import Dataset
+
+        if self.dataset is None:
+            legacy = {"name": "custom", "path": str(resolve(self.prompts_file))} if self.prompts_file else {}
+            return Dataset(**legacy, random_input_len=self.input_len, random_output_len=self.output_len)
+        given = {k: v for k, v in self.dataset.model_dump().items() if v is not None}
+        given.setdefault("random_input_len", self.input_len)
+        given.setdefault("random_output_len", self.output_len)
+        if self.dataset.path:
+            given["path"] = str(resolve(self.dataset.path))
+        return Dataset(**given)
 
     @model_validator(mode="after")
     def _stage_sizes(self) -> LatencyWorkload:
@@ -1246,6 +1303,27 @@ def _check_client(study: Study, sources: list[tuple[str, dict[str, Any]]]) -> No
         )
 
 
+def _check_dataset_file(study: Study, sources: list[tuple[str, dict[str, Any]]]) -> None:
+    """A dataset file must be a file of bounded size, and read as its format says, before anything starts."""
+    dataset = study.workloads.latency.dataset
+    if dataset is None or not dataset.path:
+        return
+    from .measure.sharegpt import MAX_SHAREGPT_BYTES
+    from .measure.datasets import check_file
+
+    origin = _origin(sources, ("workloads", "latency", "dataset", "path"))
+    path = study.resolve_path(dataset.path)
+    if not path.is_file():
+        raise ParamsError(f"{origin}: workloads.latency.dataset.path: {path}: "
+                          f"{'not a file' if path.exists() else 'file not found'}")  # fmt: skip
+    if path.stat().st_size > MAX_SHAREGPT_BYTES:
+        raise ParamsError(f"{origin}: workloads.latency.dataset.path: {path}: larger than {MAX_SHAREGPT_BYTES} bytes")
+    try:
+        check_file(study.workloads.latency.dataset_spec(study.resolve_path))
+    except ParamsError as exc:
+        raise ParamsError(f"{origin}: workloads.latency.dataset.path: {exc}") from None
+
+
 def _check_files(study: Study, sources: list[tuple[str, dict[str, Any]]]) -> None:
     """Files and variables the study points at must exist now, not halfway through a run."""
     source = study.model.source
@@ -1259,6 +1337,7 @@ def _check_files(study: Study, sources: list[tuple[str, dict[str, Any]]]) -> Non
     if prompts and not study.resolve_path(prompts).is_file():
         origin = _origin(sources, ("workloads", "latency", "prompts_file"))
         raise ParamsError(f"{origin}: workloads.latency.prompts_file: {study.resolve_path(prompts)}: file not found")
+    _check_dataset_file(study, sources)
     if study.auth.api_key_file and not study.resolve_path(study.auth.api_key_file).is_file():
         origin = _origin(sources, ("auth", "api_key_file"))
         raise ParamsError(

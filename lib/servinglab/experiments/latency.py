@@ -26,7 +26,8 @@ from ..measure.loadgen import StageSpec, Target
 from ..measure.server_metrics import ServerWindow, figure_text
 from ..measure import sweep
 from ..measure.stage import MergedStage, StagePlan, stage_record
-from ..measure.workload import DirectoryTokenizer, ServerTokenizer, file_requests, random_requests
+from ..measure.datasets import dataset_requests
+from ..measure.workload import DirectoryTokenizer, ServerTokenizer
 from ..platforms import Endpoint, Platform, placement
 
 
@@ -125,6 +126,7 @@ def run_layer_sweep(
     cpus = platform.client_cpus(endpoint.layer)
     cores = len(cpus) if cpus else len(placement.usable_cores())
     engine_here = ENGINE_PROCESSES if platform.name == "local" and not cpus else 0
+    dataset = w.dataset_spec(study.resolve_path)
     out: list[dict[str, Any]] = []
     stopped: set[str] = set()  # the modes whose sweep stopped at a stage that was not valid
     expected_e2e_s: float | None = None
@@ -144,10 +146,7 @@ def run_layer_sweep(
         # Seeded per stage, so a stage's prompts do not depend on which stages ran before it.
         seed = w.seed + index
         count = planned["num_prompts"] + w.num_warmups
-        if w.prompts_file:
-            specs = file_requests(study.resolve_path(w.prompts_file), w.output_len, tokenizer, count)
-        else:
-            specs = random_requests(tokenizer, count, w.input_len, w.output_len, seed)
+        specs = dataset_requests(dataset, tokenizer, count, seed, say)
         rate = planned["request_rate"] or math.inf
         spec = StageSpec(request_rate=rate, max_concurrency=planned["max_concurrency"], seed=seed,
                          burstiness=w.sweep.burstiness, duration_s=w.stage_duration_s)  # fmt: skip

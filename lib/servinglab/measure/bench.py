@@ -26,7 +26,8 @@ from .intervals import stage_intervals
 from .server_metrics import ServerWindow
 from . import sweep
 from .stage import StagePlan
-from .workload import DirectoryTokenizer, ServerTokenizer, file_requests, random_requests
+from .datasets import Dataset, dataset_requests
+from .workload import DirectoryTokenizer, ServerTokenizer
 
 
 def root_url(base_url: str) -> str:
@@ -70,6 +71,7 @@ def run_bench(
     workers: int | str = "auto",
     say: Any = None,
     allow_plain_http_key: bool = False,
+    dataset: Dataset | None = None,
 ) -> dict[str, Any]:
     """Run one stage and return its result (``vllm bench serve`` key names plus servinglab's extras).
 
@@ -78,16 +80,18 @@ def run_bench(
     ``num_warmups`` come on top of ``num_prompts`` and are left out of every metric. ``workers``: client
     processes (a number, or ``auto``: one per 8 concurrent streams within this machine's cores); ``say``
     gets the rule that chose them. The key goes over plain http:// to another machine only with
-    ``allow_plain_http_key``; no proxy from the environment is used.
+    ``allow_plain_http_key``; no proxy from the environment is used. ``dataset`` says what to send (any of
+    ``vllm bench serve``'s ``--dataset-name`` this tool knows); without it, random prompts of ``input_len``
+    ± ``range_ratio``, or the ``prompts_file`` (a custom JSONL dataset).
     """
     root = root_url(base_url)
     refuse_plain_http_key(f"--base-url {base_url}", root, api_key, allow_plain_http_key, ParamsError,
                           "pass --allow-plain-http-key")  # fmt: skip
     tok = DirectoryTokenizer(tokenizer) if tokenizer else ServerTokenizer(root, model, api_key)
-    if prompts_file:
-        specs = file_requests(prompts_file, output_len, tok, num_prompts + num_warmups)
-    else:
-        specs = random_requests(tok, num_prompts + num_warmups, input_len, output_len, seed, range_ratio)
+    if dataset is None:
+        dataset = Dataset("custom", prompts_file, random_output_len=output_len) if prompts_file else Dataset(
+            random_input_len=input_len, random_output_len=output_len, random_range_ratio=range_ratio)
+    specs = dataset_requests(dataset, tok, num_prompts + num_warmups, seed, say)
     warmups, requests = specs[:num_warmups], specs[num_warmups:]
     target = Target(f"{root}/v1", model, api_key=api_key, ignore_eos=ignore_eos)
     spec = StageSpec(request_rate=request_rate, burstiness=burstiness, max_concurrency=max_concurrency, seed=seed,
@@ -113,6 +117,8 @@ def run_bench(
         "num_warmups": num_warmups,
         "input_len": input_len,
         "output_len": output_len,
+        "dataset_name": dataset.name,
+        "dataset": {k: v for k, v in vars(dataset).items() if v is not None},
         "request_rate": "inf" if math.isinf(request_rate) else request_rate,
         "burstiness": burstiness,
         "max_concurrency": max_concurrency,

@@ -32,7 +32,9 @@ HISTOGRAMS = {
     "e2el": "vllm:e2e_request_latency_seconds",
     "queue": "vllm:request_queue_time_seconds",
 }
-COUNTERS = {"prompt_tokens": "vllm:prompt_tokens", "generation_tokens": "vllm:generation_tokens"}
+COUNTERS = {"prompt_tokens": "vllm:prompt_tokens", "generation_tokens": "vllm:generation_tokens",
+            # Prompt tokens looked up in the prefix cache, and those found (vLLM V1's names, 0.32.0).
+            "prefix_cache_queries": "vllm:prefix_cache_queries", "prefix_cache_hits": "vllm:prefix_cache_hits"}
 # Gauges that count (summed across pods) and gauges that are a share of one pod's capacity (mean and max).
 COUNT_GAUGES = {"running": "vllm:num_requests_running", "waiting": "vllm:num_requests_waiting"}
 RATIO_GAUGES = {"kv_cache_usage": "vllm:kv_cache_usage_perc"}
@@ -143,6 +145,9 @@ def summarize_delta(raw: dict[str, Any]) -> dict[str, Any]:
     for key, name in COUNTERS.items():
         if name in raw:
             out[f"{key}_total"] = raw[name]
+    queries = out.get("prefix_cache_queries_total")
+    if queries:  # no lookup in the stage (or no prefix cache): no rate rather than a made-up 0
+        out["prefix_cache_hit_rate"] = out.get("prefix_cache_hits_total", 0.0) / queries
     for key, name in HISTOGRAMS.items():
         if name not in raw:
             continue

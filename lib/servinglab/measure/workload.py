@@ -1,14 +1,17 @@
-"""What a latency stage sends: prompts of an exact token length, or prompts from a JSONL file.
+"""What a latency stage sends: random prompts of an exact token length (± a range ratio, optionally after
+a prefix shared by all), prompts that repeat a few prefixes, or prompts from a JSONL file.
+:mod:`.datasets` names them as ``vllm bench serve --dataset-name`` does; ShareGPT files are :mod:`.sharegpt`'s.
 
 Prompt lengths are counted in tokens of the *served model's* tokenizer, before the chat template (as
-``vllm bench serve --input-len`` counts them), read from the model directory or asked of the server's
-``/tokenize`` and ``/detokenize``. Everything is drawn from a seeded generator: the same seed gives the
-same prompts.
+``vllm bench serve --random-input-len`` counts them), read from the model directory or asked of the
+server's ``/tokenize`` and ``/detokenize``. Everything is drawn from a seeded generator: the same seed
+gives the same prompts.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +123,26 @@ def exact_length_prompt(tokenizer: Tokenizer, length: int, rng: np.random.Genera
     raise ParamsError(f"could not make a prompt of exactly {length} tokens with this tokenizer")
 
 
+def length_bounds(center: int, range_ratio: float) -> tuple[int, int]:
+    """The lengths vLLM draws from around ``center``: [floor(c·(1−r)), ceil(c·(1+r))], both ends included."""
+    return math.floor(center * (1 - range_ratio)), math.ceil(center * (1 + range_ratio))
+
+
+def prefixed_prompt(tokenizer: Tokenizer, prefix: str, prefix_ids: list[int], length: int, rng: np.random.Generator,
+                    allowed: np.ndarray) -> str:  # fmt: skip
+    """``prefix`` followed by random text of exactly ``length`` tokens, the prefix's tokens kept as they are.
+
+    The prefix must encode to the same ids inside every prompt, or the server's prefix cache would not
+    match it; whole space-led words keep the boundary clean, and a draw that would move it is drawn again.
+    """
+    for _ in range(20):
+        text = prefix + exact_length_prompt(tokenizer, length, rng, allowed)
+        encoded = tokenizer.encode(text)
+        if len(encoded) == len(prefix_ids) + length and encoded[: len(prefix_ids)] == prefix_ids:
+            return text
+    raise ParamsError(f"could not put {length} tokens after the shared prefix without changing its tokens")
+
+
 def random_requests(
     tokenizer: Tokenizer,
     count: int,
@@ -127,22 +150,64 @@ def random_requests(
     output_len: int,
     seed: int,
     range_ratio: float = 0.0,
+    prefix_len: int = 0,
 ) -> list[RequestSpec]:
-    """``count`` random prompts of ``input_len`` tokens each (± ``range_ratio``), asking ``output_len``."""
+    """``count`` random prompts, as ``vllm bench serve --dataset-name random`` builds them.
+
+    Parameters
+    ----------
+    input_len, output_len
+        ``--random-input-len``, ``--random-output-len``: tokens of the random part of each prompt and
+        ``max_tokens``, each drawn per request from :func:`length_bounds` with ``range_ratio``.
+    prefix_len
+        ``--random-prefix-len``: tokens of one random prefix put before every prompt. As in vLLM it comes
+        on top of the random part and the range ratio leaves it alone: a prompt has ``prefix_len`` +
+        its drawn input length tokens.
+    """
     if not 0 <= range_ratio < 1:
         raise ParamsError(f"range_ratio {range_ratio}: must be in [0, 1)")
     rng = np.random.default_rng(seed)
     allowed = np.array(tokenizer.prompt_ids())
-
-    def lengths(center: int) -> np.ndarray:
-        low, high = int(center * (1 - range_ratio)), int(center * (1 + range_ratio))
-        return rng.integers(max(low, 1), max(high, 1) + 1, size=count)
-
-    inputs, outputs = lengths(input_len), lengths(output_len)
+    in_low, in_high = length_bounds(input_len, range_ratio)
+    out_low, out_high = length_bounds(output_len, range_ratio)
+    # vLLM lets the random part be empty when a prefix fills the prompt; a prompt of no token is refused.
+    inputs = rng.integers(max(in_low, 0 if prefix_len else 1), max(in_high, 1) + 1, size=count)
+    outputs = rng.integers(max(out_low, 1), max(out_high, 1) + 1, size=count)
+    prefix = exact_length_prompt(tokenizer, prefix_len, rng, allowed) if prefix_len else ""
+    prefix_ids = tokenizer.encode(prefix) if prefix_len else []
     return [
-        RequestSpec(exact_length_prompt(tokenizer, int(n_in), rng, allowed), int(n_in), int(n_out))
+        RequestSpec(prefixed_prompt(tokenizer, prefix, prefix_ids, int(n_in), rng, allowed), prefix_len + int(n_in),
+                    int(n_out))  # fmt: skip
         for n_in, n_out in zip(inputs, outputs)
     ]
+
+
+def prefix_repetition_requests(
+    tokenizer: Tokenizer, count: int, prefix_len: int, suffix_len: int, num_prefixes: int, output_len: int, seed: int
+) -> list[RequestSpec]:
+    """``vllm bench serve --dataset-name prefix_repetition``: ``num_prefixes`` random prefixes of
+    ``prefix_len`` tokens, each followed by ``count // num_prefixes`` random suffixes of ``suffix_len``
+    tokens, asking ``output_len`` tokens, shuffled.
+
+    vLLM sends only ``num_prefixes × (count // num_prefixes)`` requests; a stage sends exactly ``count``,
+    so the shuffled list is repeated from its start for the remainder.
+    """
+    if count < num_prefixes:
+        raise ParamsError(f"prefix_repetition: {count} requests for {num_prefixes} prefixes; it needs at least one "
+                          "request per prefix")  # fmt: skip
+    rng = np.random.default_rng(seed)
+    allowed = np.array(tokenizer.prompt_ids())
+    specs = []
+    for _ in range(num_prefixes):
+        prefix = exact_length_prompt(tokenizer, prefix_len, rng, allowed)
+        prefix_ids = tokenizer.encode(prefix)
+        specs += [
+            RequestSpec(prefixed_prompt(tokenizer, prefix, prefix_ids, suffix_len, rng, allowed), prefix_len + suffix_len,
+                        output_len)  # fmt: skip
+            for _ in range(count // num_prefixes)
+        ]
+    order = rng.permutation(len(specs))
+    return [specs[int(order[i % len(specs)])] for i in range(count)]
 
 
 def file_requests(
