@@ -560,7 +560,7 @@ class LatencyWorkload(StrictModel):
             raise ValueError("give dataset or prompts_file, not both (prompts_file is dataset: {name: custom, path: ...})")
         prefixes = self.dataset_spec().prefix_repetition_num_prefixes
         smallest = min([max(self.min_prompts, self.prompts_per_concurrency * c) for c in self.concurrency]
-                       + ([self.rate_sweep.num_prompts] if self.rate_sweep.rates else []), default=prefixes)  # fmt: skip
+                       + ([self.sweep.num_prompts] if (self.sweep.rates or self.sweep.saturation_rates) else []), default=prefixes)  # fmt: skip
         if self.dataset is not None and self.dataset.name == "prefix_repetition" and smallest < prefixes:
             raise ValueError(f"dataset.prefix_repetition_num_prefixes: {prefixes} prefixes, but a stage sends only "
                              f"{smallest} requests; each prefix needs at least one")  # fmt: skip
