@@ -163,7 +163,7 @@ def test_the_decision_table_keeps_every_cell_whole():
     page = shown._repr_html_()
     assert html.escape(longest.text) in page and longest.text in repr(shown)
     for name, _ in table.layers:
-        assert f"<th>{name}</th>" in page
+        assert f'<th style="text-align: left">{name}</th>' in page
     assert all(html.escape(cell.badge) in page for _, cells in table.rows for cell in cells)
 
 

@@ -38,16 +38,15 @@ LABEL_COLUMNS = ("layer", "stage", "experiment", "trial")  # what names a row in
 # --- figures -----------------------------------------------------------------------------------------
 
 
-def figure_bundle(figure: Figure) -> tuple[dict[str, str], dict[str, Any]]:
-    """One figure as an output's data and metadata: PNG (when drawn) beside SVG, and its title as text.
+def figure_bundle(figure: Figure) -> dict[str, str]:
+    """One figure as an output's data: PNG (when drawn) beside SVG, and its title as text.
 
     The bundle holds no HTML, which JupyterLab would prefer to both images and, untrusted, strip of the SVG.
     """
     data = {"image/svg+xml": figure.svg, "text/plain": f"<figure: {figure.title}>"}
-    metadata: dict[str, Any] = {}
     if figure.png:
         data["image/png"] = base64.b64encode(figure.png).decode("ascii")
-    return data, metadata
+    return data
 
 
 def caption_html(figure: Figure) -> str:
@@ -68,8 +67,7 @@ class FigureList:
             display({"text/plain": NOTHING_TO_DRAW}, raw=True)
         for figure in self.items:
             display({"text/html": caption_html(figure), "text/plain": f"{figure.title}. {figure.reading}"}, raw=True)
-            data, metadata = figure_bundle(figure)
-            display(data, metadata=metadata, raw=True)
+            display(figure_bundle(figure), raw=True)
 
     def __repr__(self) -> str:
         return "\n".join(f"{f.title}. {f.reading}" for f in self.items) or NOTHING_TO_DRAW
@@ -124,17 +122,23 @@ class ShownTable:
 
     def _repr_html_(self) -> str:
         # to_html keeps every text whole (display.max_colwidth cuts only the text form).
-        parts = [self.shown().to_html(escape=True, na_rep=MISSING, border=0)]
+        parts = [self.shown().to_html(escape=True, na_rep=MISSING, border=0, index=self._named_index())]
         if self.notes:
             items = "".join(f"<li>{html.escape(note)}</li>" for note in self.notes)
             parts.append(f"<p><b>{html.escape(self.name or 'Notes')}</b></p><ul>{items}</ul>")
         return "\n".join(parts)
 
+    def _named_index(self) -> bool:
+        """Whether the rows' index says something (a fact's name), not just 0, 1, 2…"""
+        import pandas as pd
+
+        return not isinstance(self.frame.index, pd.RangeIndex)
+
     def __repr__(self) -> str:
         import pandas as pd
 
         with pd.option_context("display.max_colwidth", None, "display.width", 200):
-            text = self.shown().to_string()
+            text = self.shown().to_string(index=self._named_index())
         if self.notes:
             text += f"\n\n{self.name or 'Notes'}:\n" + "\n".join(f"- {note}" for note in self.notes)
         return text
@@ -196,8 +200,8 @@ class DecisionTable:
 
     def _repr_html_(self) -> str:
         t = self.table
-        groups = "".join(f'<th colspan="{n}">{html.escape(column)}</th>' for column, n in t.groups)
-        layers = "".join(f"<th>{html.escape(name)}</th>" for name, _ in t.layers)
+        groups = "".join(f'<th colspan="{n}" style="text-align: left">{html.escape(column)}</th>' for column, n in t.groups)
+        layers = "".join(f'<th style="text-align: left">{html.escape(name)}</th>' for name, _ in t.layers)
         body = []
         for row, cells in t.rows:
             tds = "".join(
@@ -206,7 +210,7 @@ class DecisionTable:
                 for cell in cells
             )
             body.append(f'<tr><th style="text-align: left; vertical-align: top">{html.escape(row.title)}</th>{tds}</tr>')
-        return (f"<table><thead><tr><th></th>{groups}</tr><tr><th>Dimension</th>{layers}</tr></thead>"
+        return (f'<table><thead><tr><th></th>{groups}</tr><tr><th style="text-align: left">Dimension</th>{layers}</tr></thead>'
                 f"<tbody>{''.join(body)}</tbody></table>")  # fmt: skip
 
     def __repr__(self) -> str:
