@@ -225,12 +225,12 @@ def stages_frame(run_dir: str | os.PathLike):
             "layer": stage["layer"], "stage": stage["stage"], "source": stage.get("source"), "client": stage.get("client"),
             "completed": s.get("completed"), "failed": s.get("failed"),
             "req/s": s.get("request_throughput"), "out tok/s": s.get("output_throughput"),
-            "TTFT p50": s.get("median_ttft_ms"), "TTFT p95": s.get("p95_ttft_ms"),
-            "TPOT p50": s.get("median_tpot_ms"), "ITL p50": s.get("median_itl_ms"), "ITL p95": s.get("p95_itl_ms"),
-            "E2E p50": s.get("median_e2el_ms"), "E2E p95": s.get("p95_e2el_ms"),
-            "server TTFT mean": (stage.get("server") or {}).get("mean_ttft_ms"),
+            "TTFT p50 (ms)": s.get("median_ttft_ms"), "TTFT p95 (ms)": s.get("p95_ttft_ms"),
+            "TPOT p50 (ms)": s.get("median_tpot_ms"), "ITL p50 (ms)": s.get("median_itl_ms"),
+            "ITL p95 (ms)": s.get("p95_itl_ms"), "E2E p50 (ms)": s.get("median_e2el_ms"),
+            "E2E p95 (ms)": s.get("p95_e2el_ms"), "server TTFT mean (ms)": (stage.get("server") or {}).get("mean_ttft_ms"),
             "validity": (stage.get("validity") or {}).get("verdict", "unchecked"),
-            "warnings": "; ".join(s.get("warnings", [])),
+            "warnings": list(s.get("warnings", [])),  # each its own line under the table (report.show)
         })  # fmt: skip
     return pd.DataFrame(rows)
 

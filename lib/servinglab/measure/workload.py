@@ -15,7 +15,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -39,11 +39,31 @@ class Tokenizer(Protocol):
     def prompt_ids(self) -> list[int]: ...
 
 
+def _auto_tokenizer() -> Any:
+    """transformers' AutoTokenizer, imported without a notebook warning.
+
+    transformers imports ``tqdm.auto``, which inside a Jupyter kernel without ipywidgets warns "TqdmWarning:
+    IProgress not found" into the cell's output and falls back to the console bar. That fallback is what
+    servinglab wants (it shows no progress widget), so ``tqdm.auto`` is imported first with that one warning
+    silenced; transformers then finds it imported and nothing is printed.
+    """
+    import warnings
+
+    from tqdm import TqdmWarning
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=TqdmWarning)
+        import tqdm.auto  # noqa: F401 - imported for its side effect, once, before transformers does
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer
+
+
 class DirectoryTokenizer:
     """The tokenizer of a Hugging Face model directory, loaded as vLLM loads it (transformers)."""
 
     def __init__(self, directory: str | os.PathLike) -> None:
-        from transformers import AutoTokenizer
+        AutoTokenizer = _auto_tokenizer()  # noqa: N806 - the class, as transformers names it
 
         if not (Path(directory) / "tokenizer_config.json").is_file() and not (Path(directory) / "tokenizer.json").is_file():
             raise ParamsError(f"--tokenizer {directory}: no tokenizer files in it")

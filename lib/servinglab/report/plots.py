@@ -1,12 +1,21 @@
-"""Figures for the report, as inline SVG text that is the same for the same data."""
+"""Figures for the report, as inline SVG text that is the same for the same data; drawn for a notebook, each
+also carries a PNG of the same drawing (see :mod:`servinglab.report.show`)."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import io
+import os
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .rundata import RunData
+
+if TYPE_CHECKING:
+    from .show import FigureList
 
 PHASE_LABELS = {
     "interpreter_and_import_s": "start Python, import vLLM",
@@ -33,14 +42,12 @@ class Figure:
     title: str
     svg: str
     reading: str  # one sentence that says what the figure shows
+    png: bytes | None = None  # the same drawing as PNG: drawn for notebooks only (the report inlines the SVG)
 
     def __post_init__(self) -> None:
         # Every figure defines its glyphs and clip paths under the same ids; inline in one page, ids must be
         # unique, so each figure's are prefixed with its anchor.
         object.__setattr__(self, "svg", _scope_ids(self.svg, self.anchor))
-
-    def _repr_html_(self) -> str:  # shown as is in a notebook
-        return f"<figure><figcaption><b>{self.title}.</b> {self.reading}</figcaption>{self.svg}</figure>"
 
 
 def _scope_ids(svg: str, prefix: str) -> str:
@@ -59,6 +66,34 @@ def _svg(fig) -> str:
     return text[text.index("<svg") :]
 
 
+# Whether the figures drawn now also get a PNG. Only notebooks need one (an untrusted notebook shows no SVG), and
+# drawing it costs about as much as the SVG, so the report's figures go without.
+_WITH_PNG: contextvars.ContextVar[bool] = contextvars.ContextVar("servinglab_figures_with_png", default=False)
+PNG_DPI = 100  # the figures' sizes in inches are chosen for this: 100 px an inch, as a notebook shows them
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    # No "Software" text chunk: identical data gives identical bytes here too.
+    fig.savefig(buffer, format="png", dpi=PNG_DPI, metadata={"Software": None}, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _figure(anchor: str, title: str, fig, reading: str) -> Figure:  # noqa: ANN001 - a matplotlib Figure
+    """The finished figure: its SVG, and its PNG when drawn for a notebook; closes ``fig``."""
+    png = _png(fig) if _WITH_PNG.get() else None
+    return Figure(anchor, title, _svg(fig), reading, png)
+
+
+@contextlib.contextmanager
+def _drawn_with_png() -> Iterator[None]:
+    token = _WITH_PNG.set(True)
+    try:
+        yield
+    finally:
+        _WITH_PNG.reset(token)
+
+
 def time_to_ready_figure(run: RunData) -> Figure | None:
     """Stacked bars: each fresh start's time to ready, split into its phases (a process's or a pod's)."""
     starts = [(d["layer"], d) for d in run.deployments if d["status"] == "ready" and not d["reused"]]
@@ -75,7 +110,7 @@ def time_to_ready_figure(run: RunData) -> Figure | None:
         f"The slowest start, {longest_layer}, took {longest['time_to_ready_s']:.1f} s to ready; "
         f"{biggest[1]:.1f} s of it was {labels.get(biggest[0], biggest[0])}."
     )
-    return Figure("fig-time-to-ready", "Time to ready by phase", _svg(fig), reading)
+    return _figure("fig-time-to-ready", "Time to ready by phase", fig, reading)
 
 
 def _pyplot():
@@ -123,7 +158,7 @@ def latency_throughput_figure(run: RunData) -> Figure | None:
         f"{best['summary']['output_throughput']:.0f} output tokens/s with a TTFT p50 of "
         f"{best['summary']['median_ttft_ms']:.1f} ms."
     )
-    return Figure("fig-latency-throughput", "Latency against throughput", _svg(fig), reading)
+    return _figure("fig-latency-throughput", "Latency against throughput", fig, reading)
 
 
 def distributions_figure(run: RunData) -> Figure | None:
@@ -157,7 +192,7 @@ def distributions_figure(run: RunData) -> Figure | None:
         f"{max(r['ttft_ms'] for r in requests):.1f} ms; the median gap between tokens was "
         f"{float(np.median(all_itl)) if all_itl else float('nan'):.2f} ms."
     )
-    return Figure("fig-distributions", "TTFT and ITL distributions", _svg(fig), reading)
+    return _figure("fig-distributions", "TTFT and ITL distributions", fig, reading)
 
 
 def _goodput(stage: dict) -> float | None:
@@ -197,7 +232,7 @@ def goodput_figure(run: RunData) -> Figure | None:
         plural = left_out > 1
         reading += (f" {left_out} stage{'s' if plural else ''} recorded no goodput and {'are' if plural else 'is'} "
                     "drawn with throughput only.")  # fmt: skip
-    return Figure("fig-goodput", "Goodput against load", _svg(fig), reading)
+    return _figure("fig-goodput", "Goodput against load", fig, reading)
 
 
 def _measured(run: RunData, experiment: str) -> list[dict]:
@@ -232,7 +267,7 @@ def lifecycle_ready_figure(run: RunData) -> Figure | None:
     for r in trials:
         by_layer.setdefault(r["layer"], []).append(r["measurements"]["time_to_ready_s"])
     reading = "; ".join(f"{layer} took {min(v):.1f}–{max(v):.1f} s over {len(v)} starts" for layer, v in by_layer.items()) + "."
-    return Figure("fig-lifecycle-ready", "Time to ready from nothing, repeated", _svg(fig), reading)
+    return _figure("fig-lifecycle-ready", "Time to ready from nothing, repeated", fig, reading)
 
 
 def update_timeline_figure(run: RunData) -> Figure | None:
@@ -264,7 +299,7 @@ def update_timeline_figure(run: RunData) -> Figure | None:
                      f"with a longest gap of {m['longest_gap_s']:.1f} s")  # fmt: skip
     axes[-1, 0].set_xlabel("seconds since the change began")
     fig.tight_layout()
-    return Figure("fig-update-timeline", "Requests during a model update", _svg(fig), "; ".join(parts) + ".")
+    return _figure("fig-update-timeline", "Requests during a model update", fig, "; ".join(parts) + ".")
 
 
 def cold_start_figure(run: RunData) -> Figure | None:
@@ -279,7 +314,7 @@ def cold_start_figure(run: RunData) -> Figure | None:
     reading = "; ".join(
         f"{r['layer']}: {r['measurements']['cold_start_s']:.1f} s from zero to the first token against a warm TTFT "
         f"of {r['measurements']['warm_ttft_ms_p50']:.0f} ms ({r['measurements']['how']})" for r in colds) + "."  # fmt: skip
-    return Figure("fig-cold-start", "Cold start from zero replicas", _svg(fig), reading)
+    return _figure("fig-cold-start", "Cold start from zero replicas", fig, reading)
 
 
 def canary_figure(run: RunData) -> Figure | None:
@@ -302,7 +337,7 @@ def canary_figure(run: RunData) -> Figure | None:
     reading = "; ".join(
         f"{r['layer']}: {s['observed_percent']:.1f} % observed [{s['ci_low_percent']:.1f}, {s['ci_high_percent']:.1f}] "
         f"for {s['requested_percent']:g} % requested" for r, s in zip(canaries, split)) + "."  # fmt: skip
-    return Figure("fig-canary", "Canary split, requested against observed", _svg(fig), reading)
+    return _figure("fig-canary", "Canary split, requested against observed", fig, reading)
 
 
 def cost_figure(run: RunData) -> Figure | None:
@@ -341,16 +376,30 @@ def cost_figure(run: RunData) -> Figure | None:
         f" (each replica priced at {rows[0]['price_per_replica_hour']:g} {currency} an hour"
         + ("; hollow points missed the p95 latency objectives" if limits else "") + ")."
     )  # fmt: skip
-    return Figure("fig-cost", "Cost per 1,000 requests against load", _svg(fig), reading)
+    return _figure("fig-cost", "Cost per 1,000 requests against load", fig, reading)
 
 
-def lifecycle_figures(run_dir) -> Figures:
-    """The lifecycle figures of a run, for a notebook."""
+def notebook_figures(run_dir: str | os.PathLike, makers: tuple[Callable[[RunData], Figure | None], ...]) -> FigureList:
+    """The figures ``makers`` draw from a run, each as PNG beside SVG, as a notebook shows them.
+
+    Parameters
+    ----------
+    run_dir : path
+        A run directory (``runs/<study>/<run-id>``).
+    makers : tuple of callables
+        Figure functions of this module (``RunData`` → ``Figure`` or None when there is nothing to draw).
+    """
     from .rundata import load_run
+    from .show import FigureList
 
     run = load_run(run_dir)
-    makers = (lifecycle_ready_figure, update_timeline_figure, cold_start_figure, canary_figure)
-    return Figures([f for f in (make(run) for make in makers) if f])
+    with _drawn_with_png():
+        return FigureList([f for f in (make(run) for make in makers) if f is not None])
+
+
+def lifecycle_figures(run_dir: str | os.PathLike) -> FigureList:
+    """The lifecycle figures of a run, for a notebook."""
+    return notebook_figures(run_dir, (lifecycle_ready_figure, update_timeline_figure, cold_start_figure, canary_figure))
 
 
 def telemetry_figure(run: RunData, layer: str) -> Figure | None:
@@ -415,19 +464,6 @@ def figures(run: RunData) -> list[Figure]:
     return [f for f in (make(run) for make in makers) if f is not None]
 
 
-@dataclass(frozen=True)
-class Figures:
-    """Several figures shown one under the other in a notebook."""
-
-    items: list[Figure]
-
-    def _repr_html_(self) -> str:
-        return "".join(f._repr_html_() for f in self.items) or "<p>Nothing measured to draw in this run.</p>"
-
-
-def latency_figures(run_dir) -> Figures:
+def latency_figures(run_dir: str | os.PathLike) -> FigureList:
     """The latency figures of a run, for a notebook."""
-    from .rundata import load_run
-
-    run = load_run(run_dir)
-    return Figures([f for f in (latency_throughput_figure(run), distributions_figure(run), goodput_figure(run)) if f])
+    return notebook_figures(run_dir, (latency_throughput_figure, distributions_figure, goodput_figure))
