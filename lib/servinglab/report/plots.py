@@ -439,7 +439,7 @@ def telemetry_figure(run: RunData, layer: str) -> Figure | None:
     reading = (f"At {top['summary']['request_throughput']:.2f} req/s ({top['stage']}) {layer}'s KV cache peaked at "
                + (f"{kv:.1f} %" if kv is not None else "an unrecorded level")
                + f", with {top['server'].get('max_waiting') or 0:.0f} requests waiting at most.")
-    return Figure(f"fig-telemetry-{_anchor_part(layer)}", f"Server telemetry against load: {layer}", _svg(fig), reading)
+    return _figure(f"fig-telemetry-{_anchor_part(layer)}", f"Server telemetry against load: {layer}", fig, reading)
 
 
 def _scaled(record: dict, key: str, scale: float) -> float | None:
