@@ -15,7 +15,7 @@ from typing import Any
 
 from .. import records
 from ..errors import ParamsError
-from ..config import checked_api_key, read_api_key_file
+from ..config import ConversationWorkload, checked_api_key, read_api_key_file
 from ..platforms.base import MetricsTarget
 from ..platforms.placement import usable_cores
 from .loadgen import StageSpec, Target
@@ -69,6 +69,8 @@ def run_bench(
     workers: int | str = "auto",
     say: Any = None,
     allow_plain_http_key: bool = False,
+    dataset_path: str | None = None,
+    conversation: ConversationWorkload | None = None,
 ) -> dict[str, Any]:
     """Run one stage and return its result (``vllm bench serve`` key names plus servinglab's extras).
 
@@ -77,11 +79,18 @@ def run_bench(
     ``num_warmups`` come on top of ``num_prompts`` and are left out of every metric. ``workers``: client
     processes (a number, or ``auto``: one per 8 concurrent streams within this machine's cores); ``say``
     gets the rule that chose them. The key goes over plain http:// to another machine only with
-    ``allow_plain_http_key``; no proxy from the environment is used.
+    ``allow_plain_http_key``; no proxy from the environment is used. With ``conversation``, the stage is
+    multi-turn sessions from the ShareGPT file ``dataset_path`` (:mod:`servinglab.measure.conversation`).
     """
     root = root_url(base_url)
     refuse_plain_http_key(f"--base-url {base_url}", root, api_key, allow_plain_http_key, ParamsError,
                           "pass --allow-plain-http-key")  # fmt: skip
+    if conversation is not None:
+        from .conversation import bench_conversations
+
+        return bench_conversations(root, model, dataset_path or "", conversation, output_len, seed, request_rate,
+                                   burstiness, max_concurrency, ignore_eos, api_key, slos, records_path, labels,
+                                   duration_s, allow_plain_http_key)  # fmt: skip
     tok = DirectoryTokenizer(tokenizer) if tokenizer else ServerTokenizer(root, model, api_key)
     if prompts_file:
         specs = file_requests(prompts_file, output_len, tok, num_prompts + num_warmups)
