@@ -12,6 +12,7 @@ import pytest
 from streaming_endpoint import StreamingEndpoint
 
 from servinglab import records
+from servinglab.cli import main
 from servinglab.config import ConversationWorkload
 from servinglab.measure.conversation import bench_conversations, plan_sessions, think_time_ms
 from servinglab.measure.schedule import arrival_offsets_s
@@ -150,3 +151,25 @@ def test_a_failed_turn_ends_its_session_and_is_recorded(endpoint, tmp_path):
     assert result["conversations"]["sessions_completed"] == 0 and result["failed"] == 1
     assert not any("never sent" in json.dumps(m) for m, _ in endpoint.conversations)
 
+
+def test_bench_multi_turn_writes_the_conversations_section(endpoint, tmp_path, capsys):
+    path = sharegpt(tmp_path / "sg.json", [3, 3, 3, 3], tag="cli-")
+    out, turns = tmp_path / "r.json", tmp_path / "turns.jsonl"
+    code = main(["bench", "--base-url", endpoint.url, "--model", "m", "--dataset-name", "sharegpt", "--dataset-path",
+                 str(path), "--multi-turn", "--conversation-num", "6", "--conversation-turn-delay-mean", "5",
+                 "--output-len", "4", "--max-concurrency", "3", "--seed", "1", "--out", str(out), "--records", str(turns)])  # fmt: skip
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-2000:]
+    assert "sessions: 6 of 6 completed, 18 turns; TTFT median by turn:" in printed.out
+    result = json.loads(out.read_text())
+    section = result["conversations"]
+    assert result["multi_turn"] and result["completed"] == 18 and result["max_concurrency"] == 3
+    assert section["sessions"] == 6 and section["turns_completed"] == 18 and len(section["per_session"]) == 6
+    assert section["turn_delay_mean_ms"] == 5 and section["median_session_duration_s"] > 0
+    by_turn = section["by_turn"]
+    assert [t["turn"] for t in by_turn] == [0, 1, 2] and all(t["completed"] == 6 for t in by_turn)
+    assert {"mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_prompt_tokens"} <= set(by_turn[0])
+    # The stand-in waits 20 ms per message before the first token: TTFT grows with the history (1, 3, 5 messages).
+    assert by_turn[0]["median_ttft_ms"] < by_turn[2]["median_ttft_ms"]
+    assert by_turn[0]["mean_prompt_tokens"] < by_turn[1]["mean_prompt_tokens"] < by_turn[2]["mean_prompt_tokens"]
+    assert len(turns.read_text().splitlines()) == 18

@@ -41,6 +41,41 @@ def _workers(text: str) -> int | str:
     return int(text)
 
 
+# Each multi-turn flag and the ConversationWorkload field it sets.
+CONVERSATION_FLAGS = {"conversation_num": ("--conversation-num", "num"),
+                      "conversation_max_turns": ("--conversation-max-turns", "max_turns"),
+                      "conversation_turn_delay_mean": ("--conversation-turn-delay-mean", "turn_delay_mean_ms"),
+                      "conversation_turn_delay_stddev": ("--conversation-turn-delay-stddev", "turn_delay_stddev_ms"),
+                      "conversation_turn_delay_ratio": ("--conversation-turn-delay-ratio", "turn_delay_ratio")}  # fmt: skip
+
+
+def _conversation_flags(bench: argparse.ArgumentParser) -> None:
+    """``bench``'s dataset and multi-turn flags: vLLM's dataset names, AIPerf's conversation names."""
+    bench.add_argument("--dataset-name", choices=["random", "sharegpt"], default="random",
+                       help="random prompts (default) or a ShareGPT file (--dataset-path)")  # fmt: skip
+    bench.add_argument("--dataset-path", help="the ShareGPT JSON file, on this machine (nothing is downloaded)")
+    group = bench.add_argument_group(
+        "multi-turn conversations",
+        "With --multi-turn each conversation of the ShareGPT file is a session: its human turns are sent in order, "
+        "each with the history so far (the earlier turns and the answers the server really returned), the next "
+        "once the answer has arrived plus a think time. --max-concurrency counts sessions in flight (with the "
+        "default rate, a closed loop of that many conversations), --request-rate is sessions/s, --output-len is "
+        "each turn's max_tokens, --records gets one line per turn. Options are AIPerf's --conversation-* ones; "
+        "AIPerf's --conversation-turn-mean and --conversation-turn-stddev draw synthetic turn counts, which a "
+        "ShareGPT conversation has already (AIPerf refuses them for file datasets too): --conversation-max-turns "
+        "caps it instead.",
+    )  # fmt: skip
+    group.add_argument("--multi-turn", action="store_true", help="send conversations as sessions (needs --dataset-name sharegpt)")
+    group.add_argument("--conversation-num", type=int, metavar="N",
+                       help="sessions, conversations drawn by --seed (default: each conversation of the file once; "
+                       "reused when it has fewer)")  # fmt: skip
+    group.add_argument("--conversation-max-turns", type=int, metavar="N", help="human turns of a conversation sent at most")
+    group.add_argument("--conversation-turn-delay-mean", type=float, metavar="MS",
+                       help="think time before each next turn, mean of a normal truncated at 0 (default 0: none)")  # fmt: skip
+    group.add_argument("--conversation-turn-delay-stddev", type=float, metavar="MS", help="its standard deviation (default 0)")
+    group.add_argument("--conversation-turn-delay-ratio", type=float, metavar="R", help="every think time times R (default 1)")
+
+
 def version_line() -> str:
     """servinglab's version, with the Python and vLLM versions it runs with (vLLM read, not imported).
 
@@ -118,10 +153,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--base-url", required=True, help="http://host:port (with or without /v1)")
     bench.add_argument("--model", required=True, help="the served model name")
     bench.add_argument("--tokenizer", help="model directory whose tokenizer counts prompt tokens (default: the server's /tokenize)")
-    bench.add_argument("--input-len", type=int, required=True, help="prompt tokens, before the chat template")
+    bench.add_argument("--input-len", type=int, help="prompt tokens, before the chat template (random prompts: required)")
     bench.add_argument("--output-len", type=int, required=True, help="max_tokens of each request")
     bench.add_argument("--range-ratio", type=float, default=0.0, help="lengths drawn uniformly in ±ratio")
-    bench.add_argument("--num-prompts", type=int, required=True)
+    bench.add_argument("--num-prompts", type=int, help="requests (required unless --multi-turn)")
     bench.add_argument("--prompts-file", help="JSONL of {prompt, max_tokens?} instead of random prompts (cycled)")
     bench.add_argument("--duration-s", type=float, help="stop sending after this many seconds")
     bench.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (default inf: all at once)")
@@ -139,6 +174,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="client processes (default auto: one per 8 concurrent streams, within this machine's cores)")
     bench.add_argument("--out", required=True, help="result JSON (vllm bench serve --save-result key names)")
     bench.add_argument("--records", help="per-request records, appended as JSONL as each request ends")
+    _conversation_flags(bench)
 
     # No help=: a sub-command without one is left out of the help's list (help=SUPPRESS would print it).
     worker = sub.add_parser(
@@ -387,9 +423,43 @@ def _output_file(flag: str, path: str | None) -> None:
         raise ParamsError(f"{flag} {path}: its folder {Path(path).parent} does not exist")
 
 
+def _conversation(args) -> Any:
+    """The multi-turn workload the flags ask for (None: single requests); a flag that does not fit is refused."""
+    given = [flag for dest, (flag, _) in CONVERSATION_FLAGS.items() if getattr(args, dest) is not None]
+    if not args.multi_turn:
+        if given:
+            raise ParamsError(f"{given[0]}: only with --multi-turn")
+        if args.dataset_name == "sharegpt":
+            raise ParamsError("--dataset-name sharegpt: this servinglab sends ShareGPT files as conversations; "
+                              "add --multi-turn")  # fmt: skip
+        return None
+    if args.dataset_name != "sharegpt" or not args.dataset_path:
+        raise ParamsError("--multi-turn: needs --dataset-name sharegpt --dataset-path FILE (the conversations)")
+    for flag, clash in (("--num-prompts", args.num_prompts is not None), ("--prompts-file", bool(args.prompts_file)),
+                        ("--num-warmups", args.num_warmups > 0), ("--workers", args.workers not in ("auto", 1))):  # fmt: skip
+        if clash:
+            raise ParamsError(f"{flag}: not with --multi-turn (sessions are counted by --conversation-num and sent "
+                              "from one client process)")  # fmt: skip
+    from pydantic import ValidationError
+
+    from .config import ConversationWorkload
+
+    values = {field: getattr(args, dest) for dest, (_, field) in CONVERSATION_FLAGS.items() if getattr(args, dest) is not None}
+    try:
+        return ConversationWorkload(**values)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        flag = next(f for f, field in CONVERSATION_FLAGS.values() if field == problem["loc"][0])
+        raise ParamsError(f"{flag} {problem['input']}: {problem['msg'].lower()}") from None
+
+
 def _bench(args) -> int:
     _output_file("--out", args.out)
     _output_file("--records", args.records)
+    conversation = _conversation(args)
+    for flag, value in (("--input-len", args.input_len), ("--num-prompts", args.num_prompts)):
+        if conversation is None and value is None:
+            raise ParamsError(f"{flag}: required unless --multi-turn")
     slos = {}
     for item in args.goodput:
         key, _, value = item.partition(":")
@@ -404,30 +474,34 @@ def _bench(args) -> int:
     from .measure.bench import read_api_key
 
     try:
-        result = _run_bench(args, slos, read_api_key(args.api_key_env, args.api_key_file))
+        result = _run_bench(args, slos, read_api_key(args.api_key_env, args.api_key_file), conversation)
     except httpx.HTTPError as exc:  # the endpoint, not servinglab: one line naming it, no traceback
         raise ServinglabError(f"--base-url {args.base_url}: {type(exc).__name__}: {exc}") from None
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"completed {result['completed']}, failed {result['failed']} in {result['duration']:.2f} s; "
           f"TTFT median {result['median_ttft_ms']} ms, TPOT median {result['median_tpot_ms']} ms; "
           f"{result['validity']['verdict']}")  # fmt: skip
+    if "conversations" in result:
+        from .measure.conversation import conversation_line
+
+        print(conversation_line(result["conversations"]))
     for warning in result["warnings"]:
         print(f"warning: {warning}")
     print(args.out)
     return 0
 
 
-def _run_bench(args, slos: dict[str, float], api_key: str | None) -> dict[str, Any]:
+def _run_bench(args, slos: dict[str, float], api_key: str | None, conversation: Any = None) -> dict[str, Any]:
     from .measure.bench import run_bench
 
     return run_bench(
-        args.base_url, args.model, args.input_len, args.output_len, args.num_prompts, seed=args.seed,
+        args.base_url, args.model, args.input_len or 0, args.output_len, args.num_prompts or 0, seed=args.seed,
         tokenizer=args.tokenizer, request_rate=args.request_rate, burstiness=args.burstiness,
         max_concurrency=args.max_concurrency, ignore_eos=args.ignore_eos, num_warmups=args.num_warmups,
         range_ratio=args.range_ratio, api_key=api_key,
         slos=slos or None, records_path=Path(args.records) if args.records else None,
         prompts_file=args.prompts_file, duration_s=args.duration_s, workers=args.workers, say=print,
-        allow_plain_http_key=args.allow_plain_http_key,
+        allow_plain_http_key=args.allow_plain_http_key, dataset_path=args.dataset_path, conversation=conversation,
     )  # fmt: skip
 
 
