@@ -173,3 +173,27 @@ def test_bench_multi_turn_writes_the_conversations_section(endpoint, tmp_path, c
     assert by_turn[0]["median_ttft_ms"] < by_turn[2]["median_ttft_ms"]
     assert by_turn[0]["mean_prompt_tokens"] < by_turn[1]["mean_prompt_tokens"] < by_turn[2]["mean_prompt_tokens"]
     assert len(turns.read_text().splitlines()) == 18
+
+
+def test_a_stopped_run_records_the_turn_in_flight_as_cancelled_and_keeps_the_rest(endpoint, tmp_path):
+    """Stop the sessions while a slow second turn streams: the first turn's record is kept, the second is marked."""
+    import asyncio
+    import threading
+
+    from servinglab.measure.conversation import make_plan, run_sessions_async
+    from servinglab.measure.loadgen import StageSpec, Target
+
+    conversations = [[("user", "echo stop-c0 first"), ("assistant", FILE_ANSWER), ("user", "slow stop-c0 second")]]
+    plan = make_plan("c=1", plan_sessions(conversations, ConversationWorkload(), seed=0), 40, StageSpec(max_concurrency=1))
+    rows, stop = [], threading.Event()
+
+    def sink(record):
+        rows.append(record)
+        if record["turn"] == 0:
+            threading.Timer(0.3, stop.set).start()  # the second turn takes 2 s (50 ms a token)
+
+    outcome = asyncio.run(run_sessions_async(Target(f"{endpoint.url}/v1", "m"), plan, sink, stop))
+    assert outcome.interrupted and [(r["turn"], r["ok"], r.get("error_kind")) for r in rows] == [
+        (0, True, None), (1, False, "cancelled")]  # fmt: skip
+    assert all(not records.CONVERSATION_TURNS.problems(r | {"layer": "bench", "stage": "c=1"}) for r in rows)
+    assert outcome.sessions[0]["ended_by"] == "cancelled" and outcome.sessions[0]["turns_completed"] == 1
