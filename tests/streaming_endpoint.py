@@ -4,6 +4,10 @@ It answers ``POST /v1/chat/completions`` with ``max_tokens`` one-token chunks an
 streams them (usage in every chunk when ``continuous_usage_stats`` is asked), as fast as it can. Modes
 set by the prompt's first word make it misbehave on purpose: ``fail`` answers 500, ``cut`` closes the
 stream half-way, ``roleonly`` sends the role in a chunk of its own first, ``slow`` waits 50 ms a token.
+``echo`` answers with text derived from the whole conversation it was sent (so a test can tell which
+history came with which turn), counts every word of every message as a prompt token, waits 20 ms per
+message before the first token (a longer history, a longer TTFT), and keeps each (messages, answer) it saw
+in ``StreamingEndpoint.conversations``.
 """
 
 from __future__ import annotations
@@ -11,8 +15,11 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import zlib
 
 from aiohttp import web
+
+CONVERSATIONS = web.AppKey("conversations", list)  # echo mode: (messages received, answer sent)
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
@@ -25,23 +32,29 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return web.json_response({"error": "planted failure"}, status=500)
     n = int(body.get("max_completion_tokens") or body.get("max_tokens") or 16)
     continuous = bool((body.get("stream_options") or {}).get("continuous_usage_stats"))
+    prompt_tokens, pieces = 7, ["t"] * n
+    if mode == "echo":
+        prompt_tokens, pieces = _echo(request.app, body["messages"], n)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
 
     def event(choices, tokens):
         data = {"id": "x", "object": "chat.completion.chunk", "model": body["model"], "choices": choices}
         if continuous or not choices:
-            data["usage"] = {"prompt_tokens": 7, "completion_tokens": tokens, "total_tokens": 7 + tokens}
+            data["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": tokens,
+                             "total_tokens": prompt_tokens + tokens}
         return b"data: " + json.dumps(data).encode() + b"\n\n"
 
     if mode == "roleonly":
         await response.write(event([{"index": 0, "delta": {"role": "assistant", "content": ""}}], 0))
         await asyncio.sleep(0.02)
+    if mode == "echo":
+        await asyncio.sleep(0.02 * len(body["messages"]))
     for i in range(n):
         if mode == "cut" and i == n // 2:
             request.transport.close()
             return response
-        delta = {"content": "t"}
+        delta = {"content": pieces[i]}
         if i == 0 and mode != "roleonly":
             delta["role"] = "assistant"
         await response.write(event([{"index": 0, "delta": delta, "finish_reason": None if i < n - 1 else "length"}], i + 1))
@@ -51,6 +64,16 @@ async def chat(request: web.Request) -> web.StreamResponse:
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response
+
+
+def _echo(app: web.Application, messages: list[dict], n: int) -> tuple[int, list[str]]:
+    """(prompt tokens, answer pieces) for a conversation: words of every message; n pieces naming the
+    message count and a checksum of the messages, so no two histories get the same answer."""
+    text = json.dumps(messages, sort_keys=True)
+    tag = f"a{len(messages)}x{zlib.crc32(text.encode()):08x}"
+    pieces = [f"{tag}.{i} " for i in range(n)]
+    app[CONVERSATIONS].append((messages, "".join(pieces)))
+    return sum(len(str(m.get("content", "")).split()) for m in messages), pieces
 
 
 async def prometheus(request: web.Request) -> web.Response:
@@ -70,6 +93,7 @@ class StreamingEndpoint:
     def __init__(self) -> None:
         self.url = ""
         self.healthy = True
+        self.conversations: list[tuple[list[dict], str]] = []  # echo mode: (messages received, answer sent)
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -77,6 +101,7 @@ class StreamingEndpoint:
     def _serve(self) -> None:
         self._loop = asyncio.new_event_loop()
         app = web.Application()
+        app[CONVERSATIONS] = self.conversations
         app.router.add_post("/v1/chat/completions", chat)
         app.router.add_get("/health", self._health)
         app.router.add_get("/api/v1/query_range", prometheus)
@@ -105,6 +130,7 @@ class StreamingEndpoint:
 
 def serve_forever(port: int = 0) -> None:  # for benchmarks in their own process
     app = web.Application()
+    app[CONVERSATIONS] = []
     app.router.add_post("/v1/chat/completions", chat)
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=lambda *a: None, backlog=4096)
 

@@ -33,7 +33,7 @@ def test_create_run_makes_the_layout_and_points_latest(tmp_path):
 
 def test_every_table_is_declared_with_its_file_fields_and_units():
     assert set(records.TABLES) == {"preflight", "deployments", "smoke", "latency_stages", "latency_requests",
-                                   "lifecycle", "lifecycle_requests"}  # fmt: skip
+                                   "lifecycle", "lifecycle_requests", "conversation_turns"}  # fmt: skip
     for table in records.TABLES.values():
         assert table.file == f"data/{table.name}.jsonl" and table.doc
         assert all(f.doc for f in table.fields)

@@ -56,6 +56,38 @@ def _tokens(text: str) -> int:
     return int(text)
 
 
+# Each multi-turn flag and the ConversationWorkload field it sets.
+CONVERSATION_FLAGS = {"conversation_num": ("--conversation-num", "num"),
+                      "conversation_max_turns": ("--conversation-max-turns", "max_turns"),
+                      "conversation_turn_delay_mean": ("--conversation-turn-delay-mean", "turn_delay_mean_ms"),
+                      "conversation_turn_delay_stddev": ("--conversation-turn-delay-stddev", "turn_delay_stddev_ms"),
+                      "conversation_turn_delay_ratio": ("--conversation-turn-delay-ratio", "turn_delay_ratio")}  # fmt: skip
+
+
+def _conversation_flags(bench: argparse.ArgumentParser) -> None:
+    """``bench``'s dataset and multi-turn flags: vLLM's dataset names, AIPerf's conversation names."""
+    group = bench.add_argument_group(
+        "multi-turn conversations",
+        "With --multi-turn each conversation of the ShareGPT file is a session: its human turns are sent in order, "
+        "each with the history so far (the earlier turns and the answers the server really returned), the next "
+        "once the answer has arrived plus a think time. --max-concurrency counts sessions in flight (with the "
+        "default rate, a closed loop of that many conversations), --request-rate is sessions/s, --output-len is "
+        "each turn's max_tokens, --records gets one line per turn. Options are AIPerf's --conversation-* ones; "
+        "AIPerf's --conversation-turn-mean and --conversation-turn-stddev draw synthetic turn counts, which a "
+        "ShareGPT conversation has already (AIPerf refuses them for file datasets too): --conversation-max-turns "
+        "caps it instead.",
+    )  # fmt: skip
+    group.add_argument("--multi-turn", action="store_true", help="send conversations as sessions (needs --dataset-name sharegpt)")
+    group.add_argument("--conversation-num", type=int, metavar="N",
+                       help="sessions, conversations drawn by --seed (default: each conversation of the file once; "
+                       "reused when it has fewer)")  # fmt: skip
+    group.add_argument("--conversation-max-turns", type=int, metavar="N", help="human turns of a conversation sent at most")
+    group.add_argument("--conversation-turn-delay-mean", type=float, metavar="MS",
+                       help="think time before each next turn, mean of a normal truncated at 0 (default 0: none)")  # fmt: skip
+    group.add_argument("--conversation-turn-delay-stddev", type=float, metavar="MS", help="its standard deviation (default 0)")
+    group.add_argument("--conversation-turn-delay-ratio", type=float, metavar="R", help="every think time times R (default 1)")
+
+
 def version_line() -> str:
     """servinglab's version, with the Python and vLLM versions it runs with (vLLM read, not imported).
 
@@ -147,7 +179,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--prefix-repetition-suffix-len", type=_tokens, help="prefix_repetition: tokens after it (default 256)")
     bench.add_argument("--prefix-repetition-num-prefixes", type=_tokens, help="prefix_repetition: distinct prefixes (default 10)")
     bench.add_argument("--prefix-repetition-output-len", type=_tokens, help="prefix_repetition: max_tokens (default 128)")
-    bench.add_argument("--num-prompts", type=int, required=True)
+    bench.add_argument("--num-prompts", type=int, help="requests (required unless --multi-turn)")
     bench.add_argument("--prompts-file", help="the same as --dataset-name custom --dataset-path FILE (cycled)")
     bench.add_argument("--duration-s", type=float, help="stop sending after this many seconds")
     bench.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (default inf: all at once)")
@@ -168,6 +200,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="client processes (default auto: one per 8 concurrent streams, within this machine's cores)")
     bench.add_argument("--out", required=True, help="result JSON (vllm bench serve --save-result key names)")
     bench.add_argument("--records", help="per-request records, appended as JSONL as each request ends")
+    _conversation_flags(bench)
 
     # No help=: a sub-command without one is left out of the help's list (help=SUPPRESS would print it).
     worker = sub.add_parser(
@@ -451,11 +484,41 @@ def _input_file(flag: str, path: str) -> None:
         raise ParamsError(f"{flag} {path}: larger than {MAX_SHAREGPT_BYTES} bytes")
 
 
+def _conversation(args) -> Any:
+    """The multi-turn workload the flags ask for (None: single requests); a flag that does not fit is refused."""
+    given = [flag for dest, (flag, _) in CONVERSATION_FLAGS.items() if getattr(args, dest) is not None]
+    if not args.multi_turn:
+        if given:
+            raise ParamsError(f"{given[0]}: only with --multi-turn")
+        return None
+    if args.dataset_name != "sharegpt" or not args.dataset_path:
+        raise ParamsError("--multi-turn: needs --dataset-name sharegpt --dataset-path FILE (the conversations)")
+    for flag, clash in (("--num-prompts", args.num_prompts is not None), ("--prompts-file", bool(args.prompts_file)),
+                        ("--num-warmups", args.num_warmups > 0), ("--workers", args.workers not in ("auto", 1))):  # fmt: skip
+        if clash:
+            raise ParamsError(f"{flag}: not with --multi-turn (sessions are counted by --conversation-num and sent "
+                              "from one client process)")  # fmt: skip
+    from pydantic import ValidationError
+
+    from .config import ConversationWorkload
+
+    values = {field: getattr(args, dest) for dest, (_, field) in CONVERSATION_FLAGS.items() if getattr(args, dest) is not None}
+    try:
+        return ConversationWorkload(**values)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        flag = next(f for f, field in CONVERSATION_FLAGS.values() if field == problem["loc"][0])
+        raise ParamsError(f"{flag} {problem['input']}: {problem['msg'].lower()}") from None
+
+
 def _bench(args) -> int:
     if args.sweep is not None:
         _sweep_alone(args)
     _output_file("--out", args.out)
     _output_file("--records", args.records)
+    conversation = _conversation(args)
+    if conversation is None and args.num_prompts is None:
+        raise ParamsError("--num-prompts: required unless --multi-turn")
     args.dataset = _bench_dataset(args)
     slos = {}
     for item in args.goodput:
@@ -471,7 +534,7 @@ def _bench(args) -> int:
     from .measure.bench import read_api_key
 
     try:
-        result = _run_bench(args, slos, read_api_key(args.api_key_env, args.api_key_file))
+        result = _run_bench(args, slos, read_api_key(args.api_key_env, args.api_key_file), conversation)
     except httpx.HTTPError as exc:  # the endpoint, not servinglab: one line naming it, no traceback
         raise ServinglabError(f"--base-url {args.base_url}: {type(exc).__name__}: {exc}") from None
     if isinstance(result, list):  # a sweep: each stage's line was said as it ended
@@ -484,6 +547,10 @@ def _bench(args) -> int:
     print(f"completed {result['completed']}, failed {result['failed']} in {result['duration']:.2f} s; "
           f"TTFT median {result['median_ttft_ms']} ms, TPOT median {result['median_tpot_ms']} ms; "
           f"{result['validity']['verdict']}")  # fmt: skip
+    if "conversations" in result:
+        from .measure.conversation import conversation_line
+
+        print(conversation_line(result["conversations"]))
     for warning in result["warnings"]:
         print(f"warning: {warning}")
     print(args.out)
@@ -494,12 +561,15 @@ def _sweep_alone(args) -> None:
     """--sweep sets each stage's rate and concurrency itself: a rate or concurrency given with it is refused."""
     given = [flag for flag, set_ in (("--request-rate", args.request_rate != float("inf")),
                                      ("--max-concurrency", args.max_concurrency is not None)) if set_]  # fmt: skip
+    if args.multi_turn:
+        given.append("--multi-turn")
     if given:
         raise ParamsError(f"--sweep with {' and '.join(given)}: the sweep sets each stage's rate and concurrency; "
                           "give one or the other")  # fmt: skip
 
 
-def _run_bench(args, slos: dict[str, float], api_key: str | None) -> dict[str, Any] | list[dict[str, Any]]:
+def _run_bench(args, slos: dict[str, float], api_key: str | None,
+               conversation: Any = None) -> dict[str, Any] | list[dict[str, Any]]:  # fmt: skip
     from .measure.bench import run_bench, run_bench_sweep
 
     stage = dict(
@@ -509,11 +579,11 @@ def _run_bench(args, slos: dict[str, float], api_key: str | None) -> dict[str, A
         range_ratio=args.random_range_ratio or 0.0, api_key=api_key,
         slos=slos or None, records_path=Path(args.records) if args.records else None,
         duration_s=args.duration_s, workers=args.workers,
-        allow_plain_http_key=args.allow_plain_http_key, dataset=args.dataset,
+        allow_plain_http_key=args.allow_plain_http_key, dataset=args.dataset, conversation=conversation,
     )  # fmt: skip
     if args.sweep is not None:
         return run_bench_sweep(args.sweep, args.num_prompts, seed=args.seed, say=print, **stage)
-    return run_bench(num_prompts=args.num_prompts, seed=args.seed, request_rate=args.request_rate,
+    return run_bench(num_prompts=args.num_prompts or 0, seed=args.seed, request_rate=args.request_rate,
                      max_concurrency=args.max_concurrency, say=print, **stage)  # fmt: skip
 
 

@@ -459,6 +459,28 @@ class InClusterClient(StrictModel):
         return self
 
 
+class ConversationWorkload(StrictModel):
+    """Multi-turn sessions from a ShareGPT file: each conversation's user turns sent in order, each with the
+    server's own earlier answers as history. Named after AIPerf's conversation options (``--conversation-num``,
+    ``--conversation-turn-delay-mean``, ``-stddev``, ``-ratio``); the turns come from the file, as in AIPerf's
+    file datasets, so its ``--conversation-turn-mean``/``-stddev`` have no counterpart but ``max_turns``."""
+
+    num: int | None = Field(
+        None, ge=1, le=MAX_STAGE_REQUESTS,
+        description="sessions to run (AIPerf's --conversation-num), conversations drawn from the file by the seed "
+        "and reused when it has fewer; null: each conversation of the file once",
+    )  # fmt: skip
+    max_turns: int | None = Field(
+        None, ge=1, le=MAX_STAGE_REQUESTS, description="user turns of a conversation sent at most; null: all of them"
+    )
+    turn_delay_mean_ms: float = Field(
+        0.0, ge=0, le=LONGEST_WAIT_S * 1000,
+        description="think time between an answer and the next turn, mean of a normal truncated at 0; 0: none",
+    )  # fmt: skip
+    turn_delay_stddev_ms: float = Field(0.0, ge=0, le=LONGEST_WAIT_S * 1000, description="its standard deviation")
+    turn_delay_ratio: float = Field(1.0, ge=0, le=1000, description="every think time multiplied by this")
+
+
 class LatencyDataset(StrictModel):
     """What each latency stage sends, with ``vllm bench serve``'s flag names (``--random-prefix-len`` →
     ``random_prefix_len``). Values left out take vLLM's defaults; the random lengths default to

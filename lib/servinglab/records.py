@@ -309,8 +309,39 @@ LIFECYCLE_REQUESTS = Table("lifecycle_requests", "One record per request a lifec
     opt("via", str, "the path the request took"),
 ))  # fmt: skip
 
+CONVERSATION_TURNS = Table("conversation_turns", "One record per turn of a multi-turn session (a conversation of a "
+                           "ShareGPT file sent turn by turn with the server's own answers), written as the turn ends.", (
+    PROVENANCE,
+    PARAMS_SEGMENT,
+    LAYER,
+    f("stage", str, "the stage it belongs to: c=<sessions in flight> or rate=<sessions/s>"),
+    opt("stage_id", str, "the measurement of the stage it belongs to"),
+    f("session", int, "its session's position in the stage"),
+    f("conversation", int, "its conversation's index in the ShareGPT file"),
+    f("turn", int, "its position in the session, from 0"),
+    f("turns_planned", int, "user turns the session was to send"),
+    f("messages", int, "chat messages sent: the earlier turns and the server's answers to them, then this turn"),
+    f("think_time_ms", float, "the wait after the previous answer before it was sent", "ms"),
+    f("ok", bool, "it completed with at least one token"),
+    opt("status", int, "HTTP status"),
+    opt("error_kind", str, "why it failed (it ended its session): http_<status>, timeout, disconnect, cancelled, ..."),
+    opt("error", str, "the failure's message, cut to 300 characters"),
+    opt("sent_s", float, "send time from the stage start", "s"),
+    opt("ttft_ms", float, "time to the first token-bearing chunk", "ms"),
+    opt("tpot_ms", float, "(E2E - TTFT) / (output tokens - 1)", "ms"),
+    opt("e2el_ms", float, "time to the last token-bearing chunk", "ms"),
+    opt("token_ms", list, "arrival of every token-bearing chunk after the send", "ms"),
+    opt("chunk_tokens", list, "tokens each of those chunks carried"),
+    opt("output_tokens", int, "the server's usage.completion_tokens"),
+    opt("client_tokens", int, "token-bearing chunks counted by the client"),
+    opt("prompt_tokens", int, "the server's usage.prompt_tokens: the history and this turn, chat template included"),
+    opt("max_tokens", int, "max_tokens asked for"),
+    opt("chunks", int, "server-sent events with data"),
+    opt("model", str, "the name the server answered as"),
+))  # fmt: skip
+
 TABLES: dict[str, Table] = {t.name: t for t in (PREFLIGHT, DEPLOYMENTS, SMOKE, LATENCY_STAGES, LATENCY_REQUESTS,
-                                                LIFECYCLE, LIFECYCLE_REQUESTS)}  # fmt: skip
+                                                LIFECYCLE, LIFECYCLE_REQUESTS, CONVERSATION_TURNS)}  # fmt: skip
 
 RUN_CONTEXT = Table("run", "run.json: the run's context.", (
     f("schema_version", int, "the run directory's format"),

@@ -15,7 +15,7 @@ from typing import Any
 
 from .. import records
 from ..errors import ParamsError
-from ..config import checked_api_key, read_api_key_file
+from ..config import ConversationWorkload, checked_api_key, read_api_key_file
 from ..platforms.base import MetricsTarget
 from ..platforms.placement import usable_cores
 from .loadgen import StageSpec, Target
@@ -72,6 +72,7 @@ def run_bench(
     say: Any = None,
     allow_plain_http_key: bool = False,
     dataset: Dataset | None = None,
+    conversation: ConversationWorkload | None = None,
 ) -> dict[str, Any]:
     """Run one stage and return its result (``vllm bench serve`` key names plus servinglab's extras).
 
@@ -82,11 +83,18 @@ def run_bench(
     gets the rule that chose them. The key goes over plain http:// to another machine only with
     ``allow_plain_http_key``; no proxy from the environment is used. ``dataset`` says what to send (any of
     ``vllm bench serve``'s ``--dataset-name`` this tool knows); without it, random prompts of ``input_len``
-    ± ``range_ratio``, or the ``prompts_file`` (a custom JSONL dataset).
+    ± ``range_ratio``, or the ``prompts_file`` (a custom JSONL dataset). With ``conversation``, the stage is
+    multi-turn sessions from the dataset's ShareGPT file (:mod:`servinglab.measure.conversation`).
     """
     root = root_url(base_url)
     refuse_plain_http_key(f"--base-url {base_url}", root, api_key, allow_plain_http_key, ParamsError,
                           "pass --allow-plain-http-key")  # fmt: skip
+    if conversation is not None:
+        from .conversation import bench_conversations
+
+        return bench_conversations(root, model, (dataset.path if dataset else None) or "", conversation, output_len, seed, request_rate,
+                                   burstiness, max_concurrency, ignore_eos, api_key, slos, records_path, labels,
+                                   duration_s, allow_plain_http_key)  # fmt: skip
     tok = DirectoryTokenizer(tokenizer) if tokenizer else ServerTokenizer(root, model, api_key)
     if dataset is None:
         dataset = Dataset("custom", prompts_file, random_output_len=output_len) if prompts_file else Dataset(

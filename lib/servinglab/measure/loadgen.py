@@ -163,14 +163,20 @@ def _body_chunks(response: httpx2.Response):
     return response.aiter_bytes()
 
 
-async def send_one(client: openai.AsyncOpenAI, target: Target, spec: RequestSpec, t0_ns: int) -> dict[str, Any]:
-    """Send one streaming request and time it; returns its record (never raises for HTTP trouble)."""
+async def send_one(client: openai.AsyncOpenAI, target: Target, spec: RequestSpec, t0_ns: int,
+                   messages: list[dict[str, str]] | None = None, keep_text: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Send one streaming request and time it; returns its record (never raises for HTTP trouble).
+
+    ``messages`` replaces the single user message of ``spec.prompt`` (a conversation's history and its next
+    turn); with ``keep_text`` the record's ``text`` holds the answer's content as it streamed, to be sent back
+    as history.
+    """
     stream_options: dict[str, Any] = {"include_usage": True}
     if target.continuous_usage:
         stream_options["continuous_usage_stats"] = True
     body: dict[str, Any] = {
         "model": target.model,
-        "messages": [{"role": "user", "content": spec.prompt}],
+        "messages": messages if messages is not None else [{"role": "user", "content": spec.prompt}],
         "max_tokens": spec.max_tokens,
         "stream": True,
         "stream_options": stream_options,
@@ -181,6 +187,7 @@ async def send_one(client: openai.AsyncOpenAI, target: Target, spec: RequestSpec
     status: int | None = None
     error_kind = error = None
     done = False
+    text: list[str] | None = [] if keep_text else None
     sent_ns = time.perf_counter_ns()
     clock = TokenClock(sent_ns)
     try:
@@ -209,7 +216,10 @@ async def send_one(client: openai.AsyncOpenAI, target: Target, spec: RequestSpec
                             done = True
                             continue
                         chunks += 1
-                        clock.feed(now, orjson.loads(payload))
+                        chunk = orjson.loads(payload)
+                        clock.feed(now, chunk)
+                        if text is not None:
+                            text.append(_content(chunk))
         finally:
             await response.aclose()
     except (openai.APIError, httpx2.HTTPError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
@@ -227,7 +237,7 @@ async def send_one(client: openai.AsyncOpenAI, target: Target, spec: RequestSpec
     ok = error_kind is None and bool(token_ns)
     if error_kind is None and not token_ns:
         error_kind, error = "no_tokens", "the stream carried no token"
-    return {
+    record = {
         "ok": ok,
         "status": status,
         "error_kind": error_kind,
@@ -246,6 +256,15 @@ async def send_one(client: openai.AsyncOpenAI, target: Target, spec: RequestSpec
         "chunks": chunks,
         "model": clock.model,
     }
+    if text is not None:
+        record["text"] = "".join(text)
+    return record
+
+
+def _content(chunk: dict[str, Any]) -> str:
+    """The answer text a chunk carries (its reasoning, if any, is not part of the answer sent back as history)."""
+    choices = chunk.get("choices")
+    return ((choices[0].get("delta") or {}).get("content") or "") if choices else ""
 
 
 class LoopLagProbe:

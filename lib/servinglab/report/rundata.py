@@ -34,6 +34,7 @@ class RunData:
     lifecycle: list[dict[str, Any]]
     lifecycle_requests: list[dict[str, Any]]
     damaged: list[str] = field(default_factory=list)  # one warning per table with lines that could not be read
+    conversation_turns: list[dict[str, Any]] = field(default_factory=list)  # multi-turn sessions, per turn
 
     @property
     def study(self) -> str:
