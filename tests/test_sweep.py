@@ -24,6 +24,7 @@ from servinglab.measure import sweep
 from servinglab.measure.intervals import stage_intervals
 from servinglab.platforms import Endpoint
 from servinglab.report import advice
+from servinglab.report import load_pattern
 from servinglab.report.rundata import load_run
 from servinglab.report.table import decision_table
 
@@ -277,3 +278,19 @@ def test_the_highest_load_within_the_slos_comes_from_the_sweep(tmp_path):
     assert any(r.startswith("up to the saturation sweep's rate 1 of 2") for r in raw.reasons)
     [load] = [r for r in advice.derive_recommendations(data, table) if r.evidence == "#row-goodput"]
     assert "at the saturation sweep's rate 1 of 2" in load.reading
+    # The run context names the sweep beside the closed loop, its rates as recorded.
+    assert load_pattern(data).startswith("closed loop at concurrency 1, 4, 16; a saturation sweep (a synchronous and "
+                                         "a throughput probe, then 2 Poisson rates from 17.6 to 26.5 req/s)")  # fmt: skip
+
+
+def test_runs_compared_list_a_sweep_s_stages_in_their_order():
+    from servinglab.report.compare import _stage_order
+
+    def stage(name, part, index=None):
+        return {"stage": name, "mode": "sweep", "sweep": {"part": part} | ({"index": index} if index else {})}
+
+    names = ["sweep-rate-10-of-10", "sweep-throughput", "sweep-rate-2-of-10", "sweep-sync", "sweep-rate-1-of-10"]
+    parts = {"sweep-sync": ("synchronous",), "sweep-throughput": ("throughput",)}
+    stages = [stage(n, *parts.get(n, ("rate", int(n.split("-")[2])))) for n in names]
+    assert [s["stage"] for s in sorted(stages, key=_stage_order)] == [
+        "sweep-sync", "sweep-throughput", "sweep-rate-1-of-10", "sweep-rate-2-of-10", "sweep-rate-10-of-10"]

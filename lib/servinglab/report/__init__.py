@@ -106,6 +106,12 @@ def load_pattern(run: RunData) -> str:
         parts.append("closed loop at concurrency " + ", ".join(str(c) for c in sorted(set(closed))))
     if rates:
         parts.append("open loop at " + ", ".join(f"{r:g}" for r in sorted(set(rates))) + " req/s")
+    swept = [s for s in run.latency_stages if s.get("mode") == "sweep"]
+    if swept:
+        paced = sorted(s["request_rate"] for s in swept if isinstance(s.get("request_rate"), int | float))
+        parts.append("a saturation sweep (a synchronous and a throughput probe"
+                     + (f", then {len(paced)} Poisson rates from {paced[0]:.3g} to {paced[-1]:.3g} req/s)" if paced
+                        else ", no rate stage)"))  # fmt: skip
     sources = sorted({s.get("source", "servinglab") for s in run.latency_stages})
     return "; ".join(parts) + f" (measured by {', '.join(sources)})"
 

@@ -464,7 +464,11 @@ def _stage_order(stage: dict[str, Any]) -> tuple:
         return (0, stage.get("max_concurrency") or 0, stage["stage"])
     if mode == "open":
         return (1, float(stage.get("request_rate") or 0), stage["stage"])
-    return (2, 0, stage["stage"])
+    if mode == "sweep":  # the synchronous probe, the throughput probe, then the rates in their order
+        place = stage.get("sweep") or {}
+        part = {"synchronous": 0, "throughput": 1}.get(place.get("part"), 2)
+        return (2, part * 1000 + (place.get("index") or 0), stage["stage"])
+    return (3, 0, stage["stage"])
 
 
 def _load_label(stage: dict[str, Any]) -> str:
