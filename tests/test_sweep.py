@@ -291,6 +291,6 @@ def test_runs_compared_list_a_sweep_s_stages_in_their_order():
 
     names = ["sweep-rate-10-of-10", "sweep-throughput", "sweep-rate-2-of-10", "sweep-sync", "sweep-rate-1-of-10"]
     parts = {"sweep-sync": ("synchronous",), "sweep-throughput": ("throughput",)}
-    stages = [stage(n, *parts.get(n, ("rate", int(n.split("-")[2])))) for n in names]
+    stages = [stage(n, *parts[n]) if n in parts else stage(n, "rate", int(n.split("-")[2])) for n in names]
     assert [s["stage"] for s in sorted(stages, key=_stage_order)] == [
         "sweep-sync", "sweep-throughput", "sweep-rate-1-of-10", "sweep-rate-2-of-10", "sweep-rate-10-of-10"]
