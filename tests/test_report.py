@@ -139,7 +139,9 @@ def test_failed_run_carries_the_reason(tmp_path):
     assert cells["model_lifecycle"]["raw"].text == "deploy failed: layer raw: the vLLM server exited with status 1"
     assert cells["model_lifecycle"]["llm-d"].status == "not-deployed"
     html = report.render_html(run)
-    assert "layer raw failed to deploy" in html and "the run ended as failed" in html
+    assert '<span class="wkind">Deploy failed</span> · 1' in html and "the run ended as failed" in html
+    # The reason's second line (the server's log) is kept beneath its first.
+    assert '<span class="where">raw</span>: layer raw: the vLLM server exited with status 1<pre class="log">  log</pre>' in html
 
 
 def test_advice_is_derived_from_measurements_and_objectives(tmp_path):
