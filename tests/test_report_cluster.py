@@ -265,6 +265,13 @@ def test_full_cluster_report_shows_every_figure():
     for section in ("manifests-table", "model-distances", "lifecycle-table", "cost-table", "idle-cost-table",
                     "control-plane", "recommendations"):  # fmt: skip
         assert f'id="{section}"' in html, section
+    # Long tables below the first screen are folded, their size on the fold; short ones stay open.
+    assert '<details class="fold"><summary>Every trial (28)</summary><div class="scroll"><table id="lifecycle-table">' in html
+    assert '<details class="fold"><summary>Every stage (16)</summary><div class="scroll"><table id="latency-stages">' in html
+    assert '<h2>Manifests: what you write, what the platform creates</h2>\n<p>Recorded' in html
+    toc = html[html.index('<nav class="toc"') : html.index("</nav>")]
+    sections = re.findall(r'<section id="([a-z-]+)"', html)
+    assert re.findall(r'href="#([a-z-]+)"', toc) == ["table"] + [s for s in sections if s not in ("verdict", "table")]
 
 
 # --- on the local platform --------------------------------------------------------------------------
