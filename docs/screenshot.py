@@ -16,8 +16,12 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-VIEWPORT = {"width": 1280, "height": 900}
+if TYPE_CHECKING:
+    from playwright.sync_api import ViewportSize
+
+VIEWPORT: ViewportSize = {"width": 1280, "height": 900}
 MAX_BYTES = 150_000  # a picture in the README, not a download
 PALETTE_COLOURS = 256  # the report's flat colours and anti-aliased text survive this; the file shrinks ~3×
 

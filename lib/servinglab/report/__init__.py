@@ -40,7 +40,8 @@ def run_warnings(run: RunData) -> list[RunWarning]:
     for layer in run.layers:
         for check in run.smoke_of(layer):
             if not check["passed"]:
-                warnings.append(RunWarning("Smoke check failed", f"observed {check['observed']!r}", layer, check["check"]))
+                observed = f"observed {check['observed']!r}"
+                warnings.append(RunWarning("Smoke check failed", observed, layer, check["check"]))
         record = run.last_deployment(layer)
         if record and record["status"] == "ready" and record["reused"] and not run.fresh_starts(layer):
             warnings.append(RunWarning("Reused server", f"reused a server started at {record.get('started_at')}: "

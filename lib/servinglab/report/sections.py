@@ -194,9 +194,11 @@ def stage_warnings(run: RunData) -> list[RunWarning]:
             out.append(RunWarning("Requests failed in a latency stage",
                                f"{summary['failed']} requests failed {summary.get('errors', {})}", **at))  # fmt: skip
         if stage.get("server_alive_after") is False:
-            out.append(RunWarning("Server not answering after a stage", "the server was not answering after the stage", **at))
+            out.append(RunWarning("Server not answering after a stage", "the server was not answering after the stage",
+                                  **at))  # fmt: skip
         if stage.get("interrupted"):
-            out.append(RunWarning("Latency stage interrupted", "interrupted; its measurements up to then are kept", **at))
+            out.append(RunWarning("Latency stage interrupted", "interrupted; its measurements up to then are kept",
+                                  **at))  # fmt: skip
     return out
 
 
