@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed-$(ENGINE)
 # JupyterLab refuses to start as root (a container's usual user) unless told; only root is told.
 LAB_AS_ROOT = $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: setup model report test lab teardown clean
+.PHONY: setup model report test lab teardown clean screenshot
 
 setup: $(STAMP)
 
@@ -41,6 +41,12 @@ lab: setup
 
 teardown: setup
 	$(BIN)/servinglab teardown $(STUDY)
+
+# The README's picture of a report's first screen, from RUN (default: the newest run of the local study).
+RUN ?= $(patsubst %/run.json,%,$(lastword $(sort $(wildcard runs/local/*/run.json))))
+screenshot: setup
+	@test -n "$(RUN)" || { echo "make screenshot: no run under runs/local/ (make report first, or RUN=runs/<study>/<run-id>)" >&2; exit 2; }
+	$(BIN)/python docs/screenshot.py $(RUN) --out docs/report-first-screen.png
 
 clean:
 	rm -rf runs reports/*.html

@@ -139,7 +139,9 @@ def test_failed_run_carries_the_reason(tmp_path):
     assert cells["model_lifecycle"]["raw"].text == "deploy failed: layer raw: the vLLM server exited with status 1"
     assert cells["model_lifecycle"]["llm-d"].status == "not-deployed"
     html = report.render_html(run)
-    assert "layer raw failed to deploy" in html and "the run ended as failed" in html
+    assert '<span class="wkind">Deploy failed</span> · 1' in html and "the run ended as failed" in html
+    # The reason's second line (the server's log) is kept beneath its first.
+    assert '<span class="where">raw</span>: layer raw: the vLLM server exited with status 1<pre class="log">  log</pre>' in html
 
 
 def test_advice_is_derived_from_measurements_and_objectives(tmp_path):
@@ -216,3 +218,33 @@ def test_an_imported_vllm_bench_result_renders_with_the_percentiles_it_saved(tmp
     assert cells["tpot"]["raw"].text == "c=4: 2.3 / n/a ms (unchecked)"
     html = report.render_html(run)
     assert "c=4: 28.0 / n/a ms" in html and report.render_html(run) == html
+
+
+def test_warnings_are_grouped_by_kind_with_the_stages_named_and_whole_reasons(tmp_path):
+    """The same reason on several stages is one entry naming them; a long log stays whole, folded."""
+    run = make_run(tmp_path, "partial")
+    log = "\n".join(f"  engine log line {i}" for i in range(1, 11))
+    records.append(run, records.DEPLOYMENTS, [
+        ready(), unsupported("llm-d", "llm-d"),
+        unsupported("kserve", "kserve") | {"status": "failed", "reason": f"layer kserve: the server exited:\n{log}"},
+    ])  # fmt: skip
+    for c in (1, 2, 4):
+        stage, rows = closed_stage("raw", c, 9.0, 1100.0)
+        stage["server_alive_after"] = c == 1  # the server stopped answering after c=2 and c=4
+        stage["summary"]["warnings"] = ["achieved 1.90 req/s of the 2.00 requested"]
+        records.append(run, records.LATENCY_REQUESTS, rows, provenance="synthetic")
+        records.append(run, records.LATENCY_STAGES, [stage], provenance="synthetic")
+    html = report.render_html(run)
+    listed = html[html.index('<section id="warnings"') : html.index("</section>", html.index('<section id="warnings"'))]
+    assert "Failures and warnings (6)" in html
+    assert '<span class="wkind">Latency stage warned</span> · 3<ul>' in listed
+    assert ('<span class="where">raw (c=1, c=2, c=4)</span> (3): achieved 1.90 req/s of the 2.00 requested'
+            in listed and listed.count("achieved 1.90 req/s") == 1)  # fmt: skip
+    assert '<span class="wkind">Server not answering after a stage</span> · 2<ul>' in listed
+    assert '<span class="where">raw (c=2, c=4)</span> (2): the server was not answering after the stage' in listed
+    # Ten log lines: the first line in view, every other one kept, folded.
+    assert ('<span class="where">kserve</span>: layer kserve: the server exited:<details class="fold"><summary>the rest '
+            "of the reason (10 more lines)</summary>") in listed  # fmt: skip
+    assert all(f"engine log line {i}\n" in listed or f"engine log line {i}<" in listed for i in range(1, 11))
+    # The batch's summary counts the same warnings the page lists.
+    assert len(report.report_warnings(load_run(run))) == 6

@@ -196,34 +196,50 @@ def test_failed_cluster_run_carries_every_reason():
     assert "failed in this run: Scale-to-zero" in advice["raw"].reasons
     assert "kserve-knative: the canary failed" in needs["A traffic-split canary"].reading
     html = report.render_html(RUNS / "cluster-failed")
-    for warning in ("layer llm-d failed to deploy: layers.llm-d: pod qwen-cluster-llm-d-kserve-6b9c8-x2mzq",
-                    "layer raw lifecycle scale_to_zero #1 failed: LayerNotReadyError",
-                    "layer kserve-standard lifecycle model_update #1 interrupted: KeyboardInterrupt: (the layer was restored)",
-                    "notebook 40_lifecycle failed: ServinglabError", "the run ended as failed"):  # fmt: skip
-        assert warning in html, warning
-    # Each failure's whole reason is in the warnings list, its log lines folded under its first line.
-    listed = html[html.index('<ul class="warnings">'):html.index("</ul>", html.index('<ul class="warnings">'))]
-    for first, log in (("layer llm-d failed to deploy: layers.llm-d: pod qwen-cluster-llm-d-kserve-6b9c8-x2mzq container "
+    listed = warnings_section(html)
+    # Grouped by kind, with counts, what each concerns named, and every reason whole.
+    for kind, count in (("Deploy failed", 1), ("Lifecycle experiment failed", 2), ("Lifecycle experiment interrupted", 1),
+                        ("Notebook failed", 1), ("Run status", 1)):  # fmt: skip
+        assert f'<span class="wkind">{kind}</span> · {count}<ul>' in listed, kind
+    assert "Failures and warnings (6)" in html
+    for where, reason in (("llm-d", "layers.llm-d: pod qwen-cluster-llm-d-kserve-6b9c8-x2mzq"),
+                          ("raw (scale_to_zero #1)", "LayerNotReadyError"),
+                          ("kserve-standard (model_update #1)", "KeyboardInterrupt: (the layer was restored)"),
+                          ("40_lifecycle", "ServinglabError"), ("", "the run ended as failed")):  # fmt: skip
+        assert (f'<span class="where">{where}</span>: {reason}' if where else reason) in listed, where
+    # A short log stays in view under its first line; the root cause is on the page, not folded away.
+    for first, log in (("llm-d</span>: layers.llm-d: pod qwen-cluster-llm-d-kserve-6b9c8-x2mzq container "
                         "main: CrashLoopBackOff after 3 restarts; last log lines:",
                         "ValueError: --max-model-len 8192 exceeds the KV cache of this GPU"),
-                       ("layer kserve-knative lifecycle canary #1 failed: LayerNotReadyError: layers.kserve-knative:",
+                       ("kserve-knative (canary #1)</span>: LayerNotReadyError: layers.kserve-knative:",
                         "RuntimeError: engine core initialization failed")):  # fmt: skip
         start = listed.index(first)
-        folded = listed.index("<details><summary>the rest of the reason (1 more line)</summary><pre>", start)
-        assert listed.index(log, start) > folded and listed.index("</li>", start) > listed.index(log, start)
-    assert html.count('class="cell-measured cell-partly-failed"><span class="tag">measured · partly failed · synthetic<') == 1
+        shown = listed.index('<pre class="log">', start)
+        assert shown < listed.index(log, start) < listed.index("</li>", start)
+    assert html.count('<td class="cell-measured cell-partly-failed"><details class="cell"><summary>'
+                      '<span class="tag tone-failed">measured · partly failed · synthetic<') == 1
+
+
+def warnings_section(html: str) -> str:
+    return html[html.index('<section id="warnings"') : html.index("</section>", html.index('<section id="warnings"'))]
 
 
 def test_latency_warnings_reach_the_run_context():
     html = report.render_html(RUNS / "cluster-full")
-    warnings = html[html.index('id="warnings"') : html.index('id="table"')]
+    warnings = warnings_section(html)
     # One line per verdict, the stages named under their layers, with the numbers behind it.
     assert ("client-limited: llm-d (c=32): the client's event loop woke late at p99 by 16.1 ms (limit 5 ms)"
             in warnings.replace("&#39;", "'"))  # fmt: skip
     assert warnings.count("client-limited") == 1 and "the client was the bottleneck" not in warnings
-    # Everything in these runs was made by a script, and the report says so before anything else.
-    top = html[: html.index('id="context"')]
-    assert 'id="provenance"' in top and "Synthetic data: latency stages (16), latency requests" in top
+    # Everything in these runs was made by a script, and the report says so before the table, in one line.
+    top = html[: html.index('id="decision-table"')]
+    assert ('id="provenance-line"><b>Provenance</b> measured here: none · imported: none · synthetic: 16 latency '
+            "stages, 28 lifecycle trials, 2,541 other records — every cell they reach says so") in top
+    assert "<b>Validity</b> valid stages 15 of 16 (client-limited: llm-d c=32)" in top
+    assert "95 % intervals shown for 16 of 16 stages (bootstrap, over 3 repeats)" in top
+    # The detail of what is synthetic stays in the run context.
+    context = html[html.index('<section id="context"') : html.index('<section id="warnings"')]
+    assert 'id="provenance"' in context and "Synthetic data: latency stages (16), latency requests" in context
 
 
 @pytest.mark.parametrize("name", ["cluster-full", "cluster-partial", "cluster-failed"])
@@ -249,6 +265,13 @@ def test_full_cluster_report_shows_every_figure():
     for section in ("manifests-table", "model-distances", "lifecycle-table", "cost-table", "idle-cost-table",
                     "control-plane", "recommendations"):  # fmt: skip
         assert f'id="{section}"' in html, section
+    # Long tables below the first screen are folded, their size on the fold; short ones stay open.
+    assert '<details class="fold"><summary>Every trial (28)</summary><div class="scroll"><table id="lifecycle-table">' in html
+    assert '<details class="fold"><summary>Every stage (16)</summary><div class="scroll"><table id="latency-stages">' in html
+    assert '<h2>Manifests: what you write, what the platform creates</h2>\n<p>Recorded' in html
+    toc = html[html.index('<nav class="toc"') : html.index("</nav>")]
+    sections = re.findall(r'<section id="([a-z-]+)"', html)
+    assert re.findall(r'href="#([a-z-]+)"', toc) == ["table"] + [s for s in sections if s not in ("verdict", "table")]
 
 
 # --- on the local platform --------------------------------------------------------------------------
@@ -418,7 +441,8 @@ def test_a_damaged_line_is_named_in_the_report_never_dropped_silently(tmp_path):
     run = load_run(run_dir)
     assert len(run.latency_requests) == count
     html = report.render_html(run_dir)
-    warnings = html[html.index('id="warnings"') : html.index('id="table"')]
+    warnings = warnings_section(html)
+    assert '<span class="wkind">Damaged records</span> · 1' in warnings
     assert (f"data/latency_requests.jsonl: 2 lines could not be read and are left out (line {count + 1}: not JSON"
             in warnings)  # fmt: skip
     assert f"line {count + 2}: cut short (the last line, written when the run stopped)" in warnings

@@ -19,54 +19,55 @@ from ..records import DATA_DIR, RUN_FILE
 from .advice import derive_advice, derive_recommendations
 from .plots import START_PHASE_LABELS, figures, latency_figures, lifecycle_figures, telemetry_figures
 from .csvexport import CSV_FILES, csv_folder_name, export_csv
+from .headline import all_measured_here, provenance_line, validity_line, verdict_of
 from .rundata import RunData, load_run
 from .runfacts import gpu_text
 from .telemetry import telemetry_section
-from .sections import cost_section, lifecycle_rows, lifecycle_warnings, manifest_section
+from .sections import (RunWarning, cost_section, group_warnings, lifecycle_failures, lifecycle_rows, manifest_section,
+                       stage_warnings)
 from . import consistency
 from ..measure.server_metrics import figure_text
 from .table import (annotation_lines, decision_table, interval_text, provenance_lines, table_frame,
                     validity_lines)
 
 
-def report_warnings(run: RunData) -> list[str]:
-    """Every warning the report lists at its top, in order (damaged lines, failures, validity, consistency…)."""
-    warnings = list(run.damaged)
+def run_warnings(run: RunData) -> list[RunWarning]:
+    """Every failure and warning the report lists (damaged lines, failures, validity, consistency…), each
+    with the kind it is grouped under and its whole reason."""
+    warnings = [RunWarning("Damaged records", line) for line in run.damaged]
     for d in run.deployments:
         if d["status"] == "failed":
             # The whole reason: its first line is the headline, the log lines after it the cause.
-            warnings.append(f"layer {d['layer']} failed to deploy: {(d.get('reason') or 'no reason recorded').strip()}")
+            warnings.append(RunWarning("Deploy failed", (d.get("reason") or "no reason recorded").strip(), d["layer"]))
     for layer in run.layers:
         for check in run.smoke_of(layer):
             if not check["passed"]:
-                warnings.append(f"layer {layer} failed smoke check {check['check']}: observed {check['observed']!r}")
+                observed = f"observed {check['observed']!r}"
+                warnings.append(RunWarning("Smoke check failed", observed, layer, check["check"]))
         record = run.last_deployment(layer)
         if record and record["status"] == "ready" and record["reused"] and not run.fresh_starts(layer):
-            warnings.append(
-                f"layer {layer} reused a server started at {record.get('started_at')}: its time to ready is not from this run"
-            )
-    warnings += validity_lines(run)
-    warnings += consistency.check(run)
-    for stage in run.latency_stages:
-        where = f"layer {stage['layer']} stage {stage['stage']}"
-        for warning in stage["summary"].get("warnings", []):
-            warnings.append(f"{where}: {warning}")
-        if stage["summary"].get("failed"):
-            warnings.append(f"{where}: {stage['summary']['failed']} requests failed {stage['summary'].get('errors', {})}")
-        if stage.get("server_alive_after") is False:
-            warnings.append(f"{where}: the server was not answering after the stage")
-        if stage.get("interrupted"):
-            warnings.append(f"{where}: interrupted; its measurements up to then are kept")
-    warnings += lifecycle_warnings(run)
+            warnings.append(RunWarning("Reused server", f"reused a server started at {record.get('started_at')}: "
+                                       "its time to ready is not from this run", layer))  # fmt: skip
+    warnings += [RunWarning("Not valid", line) for line in validity_lines(run)]
+    warnings += [RunWarning("Records disagree", line) for line in consistency.check(run)]
+    warnings += stage_warnings(run)
+    warnings += lifecycle_failures(run)
     if run.preflight and not run.preflight[-1]["model"].get("vocabulary_covered", True):
-        warnings.append("the tokenizer does not cover the model's vocabulary: streamed chunks may carry empty text")
+        warnings.append(RunWarning("Tokenizer", "the tokenizer does not cover the model's vocabulary: streamed "
+                                   "chunks may carry empty text"))  # fmt: skip
     for nb in run.context.get("notebooks", []):
         if nb.get("status") not in ("ok", "running", "interactive"):
-            warnings.append(f"notebook {nb['name']} {nb.get('status')}: {nb.get('error', '')}".rstrip(": "))
+            warnings.append(RunWarning(f"Notebook {nb.get('status')}", nb.get("error") or "no error recorded",
+                                       subject=nb["name"]))  # fmt: skip
     status = run.context.get("status")
     if status and status not in ("ok", "running", "interactive"):
-        warnings.append(f"the run ended as {status}")
+        warnings.append(RunWarning("Run status", f"the run ended as {status}"))
     return warnings
+
+
+def report_warnings(run: RunData) -> list[str]:
+    """Every warning the report lists, one line each, in order (the batch's summary counts them)."""
+    return [w.line for w in run_warnings(run)]
 
 
 def _server_args(run: RunData) -> str:
@@ -175,6 +176,8 @@ def render_html(run_dir: str | os.PathLike, reports_dir: str | os.PathLike | Non
     env.globals["server_figure"] = figure_text
     env.globals["interval"] = lambda stage, key: interval_text(stage, key).strip()
     csv_files = [f"csv/{csv_folder_name(run)}/{name}" for name in CSV_FILES] if folder is not None else []
+    advice, recommendations = derive_advice(run, table), derive_recommendations(run, table)
+    warnings = run_warnings(run)
     return env.get_template("report.html.j2").render(
         version=__version__,
         ctx=run.context,
@@ -190,12 +193,17 @@ def render_html(run_dir: str | os.PathLike, reports_dir: str | os.PathLike | Non
         client_connections=client_connections(run),
         request_shape=request_shape(run),
         stages=run.latency_stages,
-        warnings=report_warnings(run),
+        warning_groups=group_warnings(warnings),
+        warning_count=len(warnings),
         provenance=provenance_lines(run),
+        provenance_line=provenance_line(run),
+        all_measured_here=all_measured_here(run),
+        validity_line=validity_line(run),
+        verdict=verdict_of(run, advice, recommendations),
         notes=annotation_lines(run),
         table=table,
-        advice=derive_advice(run, table),
-        recommendations=derive_recommendations(run, table),
+        advice=advice,
+        recommendations=recommendations,
         manifests=manifest_section(run),
         lifecycle=lifecycle_rows(run),
         costs=cost_section(run),

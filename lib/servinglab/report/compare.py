@@ -39,7 +39,7 @@ from . import (load_pattern, request_shape, write_if_changed, reports_folder, fi
 from .rundata import RunData, load_run
 from ..measure import intervals
 from .runfacts import accelerator, engine_command_args
-from .sections import lifecycle_rows, lifecycle_warnings
+from .sections import lifecycle_failures, lifecycle_rows
 from .table import requests_text, verdict
 
 # The seed of every bootstrap this page runs: the same run directories give the same page.
@@ -634,7 +634,7 @@ def _warning_groups(runs: list[RunData], latency: dict[str, LayerTable]) -> list
     for i, run in enumerate(runs):
         who = f"run {run_label(i)} ({run.run_id})"
         groups.setdefault("damaged records", []).extend(f"{who}: {d}" for d in run.damaged)
-        failed = lifecycle_warnings(run)  # the single-run report's own lines, whole reasons kept
+        failed = [w.line for w in lifecycle_failures(run)]  # the single-run report's own entries, whole reasons kept
         groups.setdefault("lifecycle experiments failed or interrupted", []).extend(f"{who}: {w}" for w in failed)
     for layer, table in latency.items():
         for kind, text in _point_warnings(runs, layer, table):

@@ -110,18 +110,6 @@ def lifecycle_rows(run: RunData) -> list[dict[str, Any]]:
              "result": trial_sentence(r), "settled": r.get("settled") or ""} for r in run.lifecycle]  # fmt: skip
 
 
-def lifecycle_warnings(run: RunData) -> list[str]:
-    """The experiments that failed or were interrupted, with what was done to the layer after."""
-    out = []
-    for r in run.lifecycle:
-        if r["status"] in ("failed", "interrupted"):
-            first, *rest = (r.get("reason") or "no reason recorded").strip().splitlines() or [""]
-            settled = f" (the layer was {r['settled']})" if r.get("settled") else ""
-            out.append("\n".join([f"layer {r['layer']} lifecycle {r['experiment']} #{r['trial'] + 1} {r['status']}: "
-                                   f"{first}{settled}", *rest]))  # the log lines after it stay, folded in the page
-    return out
-
-
 @dataclass(frozen=True)
 class Costs:
     load_points: list[dict[str, Any]]
@@ -136,3 +124,92 @@ def cost_section(run: RunData) -> Costs:
                      "costs.replica_hourly (any replica, a CPU machine too).")  # fmt: skip
     return Costs(cost.load_point_costs(run.params, run.deployments, run.latency_stages),
                  cost.idle_costs(run.params, run.deployments), None)  # fmt: skip
+
+
+# --- failures and warnings ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunWarning:
+    """One failure or warning of the run, with the group it is listed under and the whole of its reason."""
+
+    kind: str  # the group's heading, shared by every warning of that kind ("Lifecycle experiment failed")
+    reason: str  # the whole reason; the lines after the first (a log) are kept
+    layer: str = ""  # the layer it concerns ("" for the whole run)
+    subject: str = ""  # what of the layer: a stage ("c=32"), a trial ("canary #1"), a check
+
+    @property
+    def line(self) -> str:
+        """The warning as one entry of a flat list (the batch's summary counts these)."""
+        where = " ".join(part for part in (self.layer, self.subject) if part)
+        return f"{where}: {self.reason}" if where else self.reason
+
+
+@dataclass(frozen=True)
+class WarningItem:
+    reason: str
+    where: str  # the layers and subjects that share this reason: "raw (c=16, c=32), kserve (c=8)"
+    count: int
+
+
+@dataclass(frozen=True)
+class WarningGroup:
+    kind: str
+    items: list[WarningItem]
+
+    @property
+    def count(self) -> int:
+        return sum(item.count for item in self.items)
+
+
+def _where(warnings: list[RunWarning]) -> str:
+    """``raw (c=16, c=32), kserve (c=8)``: the subjects named under their layers, in the run's order."""
+    layers: dict[str, list[str]] = {}
+    for w in warnings:
+        layers.setdefault(w.layer, []).extend([w.subject] if w.subject else [])
+    named = [(layer, ", ".join(subjects)) for layer, subjects in layers.items()]
+    return ", ".join(f"{layer} ({subjects})" if layer and subjects else layer or subjects
+                     for layer, subjects in named if layer or subjects)  # fmt: skip
+
+
+def group_warnings(warnings: list[RunWarning]) -> list[WarningGroup]:
+    """The warnings grouped by kind (in the order kinds first appear), and within a kind the ones with the same
+    reason merged into one item that names every stage or trial it concerns."""
+    kinds: dict[str, dict[str, list[RunWarning]]] = {}
+    for w in warnings:
+        kinds.setdefault(w.kind, {}).setdefault(w.reason, []).append(w)
+    return [WarningGroup(kind, [WarningItem(reason, _where(same), len(same)) for reason, same in reasons.items()])
+            for kind, reasons in kinds.items()]  # fmt: skip
+
+
+def stage_warnings(run: RunData) -> list[RunWarning]:
+    """What went wrong in the latency stages: the stage's own warnings, failed requests, a server that stopped
+    answering, an interrupted stage."""
+    out = []
+    for stage in run.latency_stages:
+        at = {"layer": stage["layer"], "subject": stage["stage"]}
+        summary = stage["summary"]
+        out += [RunWarning("Latency stage warned", warning, **at) for warning in summary.get("warnings", [])]
+        if summary.get("failed"):
+            out.append(RunWarning("Requests failed in a latency stage",
+                               f"{summary['failed']} requests failed {summary.get('errors', {})}", **at))  # fmt: skip
+        if stage.get("server_alive_after") is False:
+            out.append(RunWarning("Server not answering after a stage", "the server was not answering after the stage",
+                                  **at))  # fmt: skip
+        if stage.get("interrupted"):
+            out.append(RunWarning("Latency stage interrupted", "interrupted; its measurements up to then are kept",
+                                  **at))  # fmt: skip
+    return out
+
+
+def lifecycle_failures(run: RunData) -> list[RunWarning]:
+    """The experiments that failed or were interrupted, with what was done to the layer after; the log lines
+    of the reason stay, after its first line."""
+    out = []
+    for r in run.lifecycle:
+        if r["status"] in ("failed", "interrupted"):
+            first, *rest = (r.get("reason") or "no reason recorded").strip().splitlines() or [""]
+            settled = f" (the layer was {r['settled']})" if r.get("settled") else ""
+            out.append(RunWarning(f"Lifecycle experiment {r['status']}", "\n".join([f"{first}{settled}", *rest]),
+                               r["layer"], f"{r['experiment']} #{r['trial'] + 1}"))  # fmt: skip
+    return out

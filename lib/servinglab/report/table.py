@@ -55,6 +55,16 @@ class Cell:
             parts.append(self.provenance)
         return " · ".join(parts)
 
+    @property
+    def tone(self) -> str:
+        """The colour of the cell's badge: its worst part, so a measured cell with a failed experiment or an
+        invalid stage does not read as plain green."""
+        if self.status == "failed" or self.partly_failed:
+            return "failed"
+        if self.has_value and self.validity and self.validity != "valid":
+            return "qualified"
+        return self.status
+
 
 @dataclass(frozen=True)
 class Row:
