@@ -560,6 +560,6 @@ def test_every_lifecycle_fact_of_the_run_reports_is_carried(tmp_path):
     assert "during: 58 of 59 requests failed (http_503 58)" in html
     assert "gateway_hop #1" in html
     failures = {g.kind: g.items for g in comparison.warnings}["lifecycle experiments failed or interrupted"]
-    assert failures == ["run B (20261127T000000Z): layer raw lifecycle gateway_hop #1 failed: LayerNotReadyError: "
+    assert failures == ["run B (20261127T000000Z): lifecycle experiment failed: raw gateway_hop #1: LayerNotReadyError: "
                         "CrashLoopBackOff after 3 restarts; last log lines: (the layer was restored)\n"
                         "    RuntimeError: engine core initialization failed"]  # fmt: skip

@@ -634,7 +634,7 @@ def _warning_groups(runs: list[RunData], latency: dict[str, LayerTable]) -> list
     for i, run in enumerate(runs):
         who = f"run {run_label(i)} ({run.run_id})"
         groups.setdefault("damaged records", []).extend(f"{who}: {d}" for d in run.damaged)
-        failed = [w.line for w in lifecycle_failures(run)]  # the single-run report's own entries, whole reasons kept
+        failed = [f"{w.kind.lower()}: {w.line}" for w in lifecycle_failures(run)]  # the single-run report's own entries
         groups.setdefault("lifecycle experiments failed or interrupted", []).extend(f"{who}: {w}" for w in failed)
     for layer, table in latency.items():
         for kind, text in _point_warnings(runs, layer, table):
