@@ -82,7 +82,8 @@ class _KeptIds:
     stages draw from the same ids."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
-        self._tokenizer, self._ids = tokenizer, None
+        self._tokenizer = tokenizer
+        self._ids: list[int] | None = None
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text)
@@ -93,7 +94,7 @@ class _KeptIds:
     def prompt_ids(self) -> list[int]:
         if self._ids is None:
             self._ids = self._tokenizer.prompt_ids()
-        return self._ids
+        return list(self._ids)
 
 
 def tokenizer_for(platform: Platform, endpoint: Endpoint) -> Tokenizer:
