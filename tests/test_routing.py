@@ -83,7 +83,7 @@ def test_two_replicas_per_layer_on_the_emulated_cluster(serving, tmp_path):
 
     cells = decision_table(load_run(run)).cells()["routing"]
     assert cells["raw"].status == "not-run" and "port-forward" in cells["raw"].text
-    assert "bypasses the layer's routing" in cells["raw"].text
+    assert "bypasses the layer's routing: measuring it needs a path through it: in-cluster, its Service" in cells["raw"].text
     cell = cells["llm-d"]
     assert cell.status == "measured" and cell.trials == 24, cell
     assert all(f"{pod} 6" in cell.text for pod in llmd["server"]["requests_per_pod"]), cell.text

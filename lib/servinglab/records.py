@@ -226,7 +226,8 @@ LATENCY_STAGES = Table("latency_stages", "One record per latency stage: what was
         "per_pod: the same per pod; requests_per_pod: requests each pod finished"),
     opt("routing", dict, "a routing stage's workload and path: workload (shared-prefix or no-prefix), prefix_len, "
         "num_prefixes, input_len, output_len (tokens), path (gateway, in-cluster, port-forward, direct), via, "
-        "routed_by (the layer's routing on that path; null: the path bypasses it), replicas (the study's), pods "
+        "routed_by (the layer's routing on that path; null: the path bypasses it), routing_paths (every path that "
+        "carries the layer's routing, with its words), replicas (the study's), pods "
         "(serving when the stage began)"),
     opt("gpu", dict, "GPU telemetry over the stage's window, from Prometheus"),
     opt("client_pods", list, "each in-cluster load pod's outcome"),

@@ -72,6 +72,7 @@ def routing_facts(study: Study, endpoint: Endpoint, workload: str, pods: int) ->
         "path": path,
         "via": via,
         "routed_by": kind.routing(study, endpoint.layer).get(path),
+        "routing_paths": kind.routing(study, endpoint.layer),
         "replicas": kind.serving_replicas(layer),
         "pods": pods,
     }

@@ -789,8 +789,11 @@ def _routing(run: RunData, layer: str, kind: str) -> Cell:
         return Cell("not-run", why, evidence="#latency")
     facts = shared["routing"]
     if not facts.get("routed_by"):
-        return Cell("not-run", f"the requests went {facts['via']}, which bypasses the layer's routing: measuring it "
-                    f"needs {ROUTING_NEEDS}", evidence="#latency")  # fmt: skip
+        paths = facts.get("routing_paths") or {}
+        needs = ("a path through it: " + "; ".join(f"{path}, {words}" for path, words in paths.items())
+                 if paths else ROUTING_NEEDS)  # fmt: skip
+        return Cell("not-run", f"the requests went through {facts['via']}, which bypasses the layer's routing: "
+                    f"measuring it needs {needs}", evidence="#latency")  # fmt: skip
     shown = [s for s in (shared, unshared) if s is not None]
     text = _routing_measured(shared, unshared)
     if facts["pods"] < 2:
