@@ -116,3 +116,27 @@ def test_on_the_local_platform_the_row_says_what_routing_needs(tmp_path):
     assert "on this one process, prefix-cache hit rate 62.0 % with shared prefixes, 1.0 % without" in raw.text
     # The routing stages stay out of the sweep's rows.
     assert "no-prefix" not in decision_table(load_run(run)).cells()["ttft"]["raw"].text
+
+
+@pytest.mark.engine
+@pytest.mark.timeout(600)
+def test_a_real_engine_finds_the_shared_prefixes_in_its_cache(engine, tmp_path):
+    """The session's vLLM (CPU build, blocks of 128 tokens): a 256-token shared prefix is found in the cache by
+    every request after the first, and the unshared stage finds nothing; the local row says what routing needs."""
+    from servinglab.config import RoutingWorkload
+
+    study = engine.study.model_copy(deep=True)
+    study.workloads.routing = RoutingWorkload(prefix_len=256, input_len=32, output_len=4, concurrency=2, num_prompts=8)
+    run = records.create_run(tmp_path / "runs", study.study, run_context(study) | {"status": "running"})
+    records.append(run, records.DEPLOYMENTS, [engine.deployment.to_record()])
+    shared, unshared = reversed(routing.run_layer_routing(study, engine.platform, engine.platform.endpoint("raw"), run))
+    assert (shared["routing"]["workload"], shared["routing"]["path"], shared["routing"]["routed_by"]) == (
+        "shared-prefix", "direct", None)
+    assert shared["server"]["requests_per_pod"] == {"raw": 8} and shared["summary"]["completed"] == 8
+    prompt_tokens = shared["server"]["prompt_tokens_total"] / 8  # with the chat template
+    # Every request after the first finds at least the prefix's two whole blocks.
+    assert shared["server"]["prefix_cache_hits_total"] >= 7 * 256
+    assert shared["server"]["prefix_cache_hit_rate"] >= 0.8 * (7 / 8) * 256 / prompt_tokens
+    assert unshared["server"]["prefix_cache_hit_rate"] < 0.05
+    cell = decision_table(load_run(run)).cells()["routing"]["raw"]
+    assert cell.status == "needs-platform" and "on this one process, prefix-cache hit rate" in cell.text
