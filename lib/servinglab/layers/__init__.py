@@ -182,7 +182,7 @@ class LayerKind:
     def routing(self, study: Study, layer_name: str) -> dict[str, str]:
         """How the layer spreads requests over its replicas, by the path a client takes to it (``gateway``,
         ``in-cluster``): the words for it. A path it does not list bypasses the layer's routing (a
-        port-forward reaches one pod). None by default."""
+        port-forward reaches one pod). Nothing by default: no path carries any routing of its own."""
         return {}
 
     # --- cost -------------------------------------------------------------------------------------------
