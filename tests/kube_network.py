@@ -8,7 +8,10 @@ cluster's gateway in front of them, and direct connections that stand in for a p
   ``continuous_usage_stats`` and ``[DONE]``, or whole), ``/metrics``. Its ``model`` field is the first
   value of the engine container's last ``--served-model-name`` (vLLM answers with its first served
   name); a request for a model it does not serve gets vLLM's 404. Pods whose engine runs with
-  ``--ssl-certfile`` (llm-d's workload) serve TLS with a self-signed certificate.
+  ``--ssl-certfile`` (llm-d's workload) serve TLS with a self-signed certificate. ``/tokenize`` and
+  ``/detokenize`` use one token per word; ``/metrics`` counts prefix-cache queries and hits in prompt words,
+  a hit per whole block of ``BLOCK_WORDS`` from the prompt's start that the pod saw before. Nothing routes
+  by prefix: the gateway spreads requests in turn, whatever they share.
 - The gateway (``gateway_address``, what a study sets as ``platform.gateway_address``) routes by the
   Host header (the ``status.url`` host the controller writes) to the top object's ready pods, splits
   traffic by the current percentages (a seeded random draw per request, as Istio's weighted clusters
@@ -53,6 +56,8 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length",
 WORDS = ("the", "model", "answers", "with", "a", "few", "plain", "words", "and", "then", "stops")
 BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
 HISTOGRAMS = ("vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds", "vllm:e2e_request_latency_seconds")
+# Prompt words a cached block holds: a pod counts prefix-cache hits per whole block from the prompt's start.
+BLOCK_WORDS = 16
 
 
 # --- what a pod runs ---------------------------------------------------------------------------------
@@ -152,7 +157,8 @@ class PodServer:
         self.version = m.group(1) if (m := re.match(r"v?(\d+\.\d+(\.\d+)?)", tag)) else "0.0.0"
         self.port = 0
         self.running = 0
-        self.totals = Counter()  # request_success, prompt_tokens, generation_tokens
+        self.totals = Counter()  # request_success, prompt_tokens, generation_tokens, prefix_cache_queries, _hits
+        self.cached_blocks: set[int] = set()  # the chained hashes of the prompt blocks this pod has seen
         self.histograms = {name: [0] * len(BUCKETS_S) + [0.0, 0] for name in HISTOGRAMS}  # buckets…, sum, count
         self._open: set[asyncio.Transport] = set()  # connections with a request being answered
 
@@ -167,6 +173,8 @@ class PodServer:
         app.router.add_post("/v1/completions", self._generate)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/version", self._version)
+        app.router.add_post("/tokenize", self._tokenize)
+        app.router.add_post("/detokenize", self._detokenize)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.network.tls if self.tls else None)
@@ -206,6 +214,24 @@ class PodServer:
             {"id": n, "object": "model", "created": int(time.time()), "owned_by": "vllm", "root": names[0],
              "parent": None, "max_model_len": self.max_model_len} for n in names]})  # fmt: skip
 
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        tokens = self.network.tokenize((await request.json()).get("prompt", ""))
+        return web.json_response({"tokens": tokens, "count": len(tokens), "max_model_len": self.max_model_len})
+
+    async def _detokenize(self, request: web.Request) -> web.Response:
+        return web.json_response({"prompt": self.network.detokenize((await request.json()).get("tokens", []))})
+
+    def _look_up_prefix(self, words: list[str]) -> int:
+        """Prompt words found in this pod's cache: whole blocks from the start, each block's hash chained to
+        the ones before it (as vLLM's are), up to the first block not cached; then every block is cached."""
+        hits, chain, found = 0, 0, True
+        for start in range(0, len(words) - BLOCK_WORDS + 1, BLOCK_WORDS):
+            chain = hash((chain, *words[start:start + BLOCK_WORDS]))
+            found = found and chain in self.cached_blocks
+            hits += BLOCK_WORDS if found else 0
+            self.cached_blocks.add(chain)
+        return hits
+
     async def _metrics(self, request: web.Request) -> web.Response:
         label = f'model_name="{self.served[0] if self.served else "/mnt/models"}"'
         lines = [
@@ -217,6 +243,11 @@ class PodServer:
             f"vllm:generation_tokens_total{{{label}}} {self.totals['generation_tokens']}",
             "# TYPE vllm:request_success_total counter",
             f'vllm:request_success_total{{finished_reason="length",{label}}} {self.totals["request_success"]}',
+            "# TYPE vllm:prefix_cache_queries_total counter",
+            f"vllm:prefix_cache_queries_total{{{label}}} {self.totals['prefix_cache_queries']}",
+            "# TYPE vllm:prefix_cache_hits_total counter",
+            f"vllm:prefix_cache_hits_total{{{label}}} {self.totals['prefix_cache_hits']}",
+            "# TYPE vllm:num_preemptions_total counter", f"vllm:num_preemptions_total{{{label}}} 0",
         ]  # fmt: skip
         for name, values in self.histograms.items():
             lines.append(f"# TYPE {name} histogram")
@@ -235,6 +266,7 @@ class PodServer:
         n = int(body.get("max_completion_tokens") or body.get("max_tokens") or 16)
         prompt = json.dumps(body.get("messages") if chat else body.get("prompt"))
         prompt_tokens = max(1, len(prompt.split()))
+        self.totals.update(prefix_cache_queries=prompt_tokens, prefix_cache_hits=self._look_up_prefix(prompt.split()))
         model, delay = self.model(body), self.network.token_delay_s
         self.network.count(self, model)
         base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model,
@@ -332,6 +364,7 @@ class Network:
         self.requests_by_model: Counter = Counter()  # the model the answers named → count
         self.requests_by_pod: Counter = Counter()
         self.gateway_answers: Counter = Counter()  # (host, HTTP status) → count, as the gateway answered
+        self.vocabulary: dict[str, int] = {}  # the tokenizer's words, grown as texts are tokenized
         self.gateway_address = ""
         self.tls = _tls_context()
         self._rng = random.Random(seed)
@@ -401,6 +434,14 @@ class Network:
 
         if self._loop.is_running():
             asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
+
+    def tokenize(self, text: str) -> list[int]:
+        """The emulated model's tokenizer, shared by every pod: one token per whitespace-separated word."""
+        return [self.vocabulary.setdefault(word, len(self.vocabulary)) for word in text.split()]
+
+    def detokenize(self, ids: list[int]) -> str:
+        words = {i: w for w, i in self.vocabulary.items()}
+        return "".join(f" {words.get(i, '?')}" for i in ids)
 
     def count(self, server: PodServer, model: str) -> None:
         self.requests_seen[server.revision] += 1

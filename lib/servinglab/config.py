@@ -670,10 +670,34 @@ class LifecycleWorkload(StrictModel):
         return Model._normalise_engine_args(args)
 
 
+class RoutingWorkload(StrictModel):
+    """The routing experiment: per layer, one closed-loop stage whose prompts start with shared prefixes and
+    one of the same lengths without, so the prefix-cache hit rate, the requests each replica served and the
+    TTFT can be set side by side. Random tokens, counted as ``vllm bench serve --random-prefix-len`` counts
+    them: a prompt is ``prefix_len + input_len`` tokens."""
+
+    prefix_len: int = Field(
+        512, ge=1, le=MAX_TOKENS,
+        description="tokens every prompt of a group starts with (vLLM's CPU build caches in blocks of 128 tokens, "
+        "GPUs in blocks of 16: a prefix shorter than a block is never a hit)",
+    )
+    num_prefixes: int = Field(
+        1, ge=1, le=MAX_STAGE_REQUESTS, description="distinct shared prefixes; prompt i starts with prefix i mod this"
+    )
+    input_len: int = Field(128, ge=1, le=MAX_TOKENS, description="random tokens after the prefix, new in every prompt")
+    output_len: int = Field(32, ge=1, le=MAX_TOKENS)
+    concurrency: int = Field(8, ge=1, le=MAX_CONCURRENCY, description="requests in flight in both stages")
+    num_prompts: int = Field(64, ge=1, le=MAX_STAGE_REQUESTS, description="requests in each of the two stages")
+    seed: int = Field(1234, ge=0, le=MAX_SEED, description="prompts of the shared stage; the other stage takes seed + 1")
+
+
 class Workloads(StrictModel):
     smoke: SmokeWorkload = Field(default_factory=SmokeWorkload)
     latency: LatencyWorkload = Field(default_factory=LatencyWorkload)
     lifecycle: LifecycleWorkload = Field(default_factory=LifecycleWorkload)
+    routing: RoutingWorkload | None = Field(
+        None, description="the routing experiment of 30_latency (shared prefixes against none); empty: not run"
+    )
 
 
 class Costs(StrictModel):

@@ -207,7 +207,8 @@ LATENCY_STAGES = Table("latency_stages", "One record per latency stage: what was
     LAYER,
     f("stage", str, "c=<concurrency> (closed loop) or rate=<req/s> (open loop)"),
     opt("stage_id", str, "this measurement of the stage, named by each of its request records"),
-    f("mode", str, "closed, open, or sweep (a stage of a saturation sweep)"),
+    f("mode", str, "closed or open (the sweeps), sweep (a stage of a saturation sweep), or routing (the routing "
+      "experiment's stages: closed loop at max_concurrency, not part of the sweeps)"),
     f("source", str, "the tool that measured it: servinglab, or vllm bench serve (imported)"),
     opt("sweep", dict, "a saturation sweep's stage: part (synchronous, throughput, rate); a rate's index, count, "
         "and the range it was spaced in (between_req_s, from the stages named in between_stages)"),
@@ -221,7 +222,15 @@ LATENCY_STAGES = Table("latency_stages", "One record per latency stage: what was
     opt("interrupted", bool, "stopped before its requests were all sent"),
     opt("server_alive_after", bool, "the server answered /health after the stage"),
     f("summary", dict, "client-side metrics under vllm bench serve's names (ms, req/s, tok/s) and client health"),
-    opt("server", dict, "the server's /metrics over the stage, merged over every pod (ms)"),
+    opt("server", dict, "the server's /metrics over the stage, merged over every pod: histograms' counts, means and "
+        "percentiles (ms), token and request totals, prefix_cache_queries_total and prefix_cache_hits_total (tokens), "
+        "prefix_cache_hit_rate (0-1), preemptions_total, gauges (running, waiting: requests; kv_cache_usage: 0-1); "
+        "per_pod: the same per pod; requests_per_pod: requests each pod finished"),
+    opt("routing", dict, "a routing stage's workload and path: workload (shared-prefix or no-prefix), prefix_len, "
+        "num_prefixes, input_len, output_len (tokens), path (gateway, in-cluster, port-forward, direct), via, "
+        "routed_by (the layer's routing on that path; null: the path bypasses it), routing_paths (every path that "
+        "carries the layer's routing, with its words), replicas (the study's), pods "
+        "(serving when the stage began)"),
     opt("gpu", dict, "GPU telemetry over the stage's window, from Prometheus"),
     opt("client_pods", list, "each in-cluster load pod's outcome"),
     opt("client_start_at_unix", float, "the in-cluster pods' common start", AT_UNIX),

@@ -177,6 +177,14 @@ class LayerKind:
             return Mechanism("teardown, then deploy from nothing")
         return Refusal(f"{self.title} has no means for {experiment.replace('_', ' ')}", "layer")
 
+    # --- routing ----------------------------------------------------------------------------------------
+
+    def routing(self, study: Study, layer_name: str) -> dict[str, str]:
+        """How the layer spreads requests over its replicas, by the path a client takes to it (``gateway``,
+        ``in-cluster``): the words for it. A path it does not list bypasses the layer's routing (a
+        port-forward reaches one pod). Nothing by default: no path carries any routing of its own."""
+        return {}
+
     # --- cost -------------------------------------------------------------------------------------------
 
     def serving_replicas(self, layer: LayerConfig) -> int:

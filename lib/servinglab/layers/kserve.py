@@ -187,6 +187,7 @@ class KServe(LayerKind):
         "control": "A controller, cert-manager and KServe's opinionated defaults.",
         "prereqs": "cert-manager, the KServe controller, a network controller.",
         "confirmed": "Ready; /v1/models and chat (200) answer as on raw vLLM.",
+        "routing": "No claim on the source page: fronted by the same gateway as the routing layer, blind to prefixes.",
     }
 
     def render(self, study: Study, layer_name: str, canary: Any = None) -> list[dict[str, Any]]:
@@ -203,6 +204,13 @@ class KServe(LayerKind):
         if c.options(study, layer_name, KServeLayer).mode == "Knative":
             return list(KNATIVE_PEERS)
         return c.gateway_peers(study)
+
+    def routing(self, study: Study, layer_name: str) -> dict[str, str]:
+        if c.options(study, layer_name, KServeLayer).mode == "Knative":
+            gateway = "Knative's ingress and activator, which spread requests over the revision's pods"
+        else:
+            gateway = "the gateway's HTTPRoute to the predictor Service, which spreads connections over the pods"
+        return {"gateway": gateway, "in-cluster": "the predictor Service (kube-proxy picks a pod per connection)"}
 
     def in_cluster_url(self, study: Study, layer_name: str) -> str:
         return f"http://{c.object_name(study, layer_name)}-predictor.{c.cluster_settings(study).namespace}.svc.cluster.local/v1"

@@ -105,6 +105,7 @@ class Llmd(LayerKind):
         "control": "KServe's controller plus the inference gateway and scheduler.",
         "prereqs": "KServe's LLMInferenceService controller and the Gateway API inference extension.",
         "confirmed": "No claim on the source page.",
+        "routing": "KV-aware routing: the scheduler sends a request to the replica that holds its prefix.",
     }
 
     def render(self, study: Study, layer_name: str, canary: Any = None) -> list[dict[str, Any]]:
@@ -127,6 +128,13 @@ class Llmd(LayerKind):
                 "app.kubernetes.io/name": c.object_name(study, layer_name),
                 "app.kubernetes.io/part-of": "llminferenceservice"}))  # fmt: skip
         return peers
+
+    def routing(self, study: Study, layer_name: str) -> dict[str, str]:
+        # The workload Service (the in-cluster URL) reaches the pods without the scheduler: only the gateway
+        # path carries llm-d's routing.
+        if c.options(study, layer_name, LlmdLayer).scheduler:
+            return {"gateway": "the gateway through llm-d's inference scheduler (prefix-cache aware)"}
+        return {"gateway": "the gateway's route to the workload, without a scheduler (scheduler: false)"}
 
     def in_cluster_url(self, study: Study, layer_name: str) -> str:
         name, namespace = c.object_name(study, layer_name), c.cluster_settings(study).namespace

@@ -149,6 +149,7 @@ class RawVllm(LayerKind):
         "control": "Total control, fewest moving parts.",
         "prereqs": "Nothing beyond the cluster.",
         "confirmed": "Serves /v1/models and chat (200) with a vLLM system_fingerprint.",
+        "routing": "No claim on the source page: its Service spreads connections over the pods, blind to prefixes.",
     }
 
     def render(self, study: Study, layer_name: str, canary: Any = None) -> list[dict[str, Any]]:
@@ -162,6 +163,10 @@ class RawVllm(LayerKind):
 
     def in_cluster_url(self, study: Study, layer_name: str) -> str:
         return f"http://{c.object_name(study, layer_name)}.{c.cluster_settings(study).namespace}.svc.cluster.local:{c.ENGINE_PORT}/v1"
+
+    def routing(self, study: Study, layer_name: str) -> dict[str, str]:
+        # No gateway: only a client inside the cluster goes through the Service that spreads the load.
+        return {"in-cluster": "its Service (kube-proxy picks a pod per connection)"}
 
     def mechanism(self, study: Study, layer_name: str, experiment: str) -> Mechanism | Refusal:
         on_cluster = study.platform.kind == "kubernetes"

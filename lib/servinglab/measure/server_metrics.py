@@ -1,6 +1,10 @@
 """The server's own view of a stage: ``/metrics`` of every engine process of the layer before and after,
 gauges sampled during, GPU telemetry over the stage's window.
 
+Besides latency histograms and token counters, the scheduler's view: prefix-cache queries and hits (in
+tokens, so their ratio is the share of prompt tokens served from the cache), requests finished and
+preempted, KV-cache usage, requests running and waiting, queue time.
+
 A layer may run several pods (replicas, or pods behind llm-d's scheduler): each is scraped, and the
 layer's figures are merged from them. Counters and histograms are deltas over the stage, summed across
 pods (histograms bucket by bucket). Count gauges (requests running and waiting) are summed across pods at
@@ -35,6 +39,8 @@ HISTOGRAMS = {
 COUNTERS = {"prompt_tokens": "vllm:prompt_tokens", "generation_tokens": "vllm:generation_tokens",
             # Prompt tokens looked up in the prefix cache, and those found (vLLM V1's names, 0.32.0).
             "prefix_cache_queries": "vllm:prefix_cache_queries", "prefix_cache_hits": "vllm:prefix_cache_hits"}
+# The scheduler's counters: requests it finished (every finish reason) and requests it preempted to free KV cache.
+COUNTERS |= {"requests": "vllm:request_success", "preemptions": "vllm:num_preemptions"}
 # Gauges that count (summed across pods) and gauges that are a share of one pod's capacity (mean and max).
 COUNT_GAUGES = {"running": "vllm:num_requests_running", "waiting": "vllm:num_requests_waiting"}
 RATIO_GAUGES = {"kv_cache_usage": "vllm:kv_cache_usage_perc"}
@@ -163,6 +169,19 @@ def summarize_delta(raw: dict[str, Any]) -> dict[str, Any]:
                     how, value = found
                     out[f"p{q * 100:g}_{key}_ms" + ("" if how == "value" else f"_{how}")] = value * 1000
     return out
+
+
+def requests_served(summary: dict[str, Any]) -> int | None:
+    """Requests one pod finished over a stage, from its summarized delta: vLLM's ``request_success`` counter,
+    else the count of its E2E histogram (an engine without the counter); None when it exposes neither.
+
+    Which replica served a request is known only to the server: the client sees one address (a gateway, a
+    Service), so this is how the load's spread over the pods is measured.
+    """
+    for key in ("requests_total", "e2el_count"):
+        if summary.get(key) is not None:
+            return int(round(summary[key]))
+    return None
 
 
 def figure_text(server: dict[str, Any] | None, key: str) -> str:
@@ -361,6 +380,7 @@ class ServerWindow:
             sampler.ticks = self.ticks
             server |= sampler.summary()
             server["per_pod"] = {name: summarize_delta(d) for name, d in per_pod.items()}
+            server["requests_per_pod"] = {name: requests_served(pod) for name, pod in server["per_pod"].items()}
             if self.missing:
                 server["unavailable_pods"] = sorted(self.missing)
             self.fields["server"] = server

@@ -752,6 +752,94 @@ def _cost(run: RunData, layer: str, kind: str) -> Cell:
     return Cell("measured", text, trials=priced, evidence="#cost", validity="valid", provenance=provenance_of(stages))
 
 
+# --- routing with shared prefixes -------------------------------------------------------------------
+
+ROUTING_NEEDS = ("two or more replicas of the layer and its own routing in the requests' path (platform.endpoint: "
+                 "gateway, or the in-cluster load client)")  # fmt: skip
+
+
+def routing_stages(run: RunData, layer: str) -> dict[str, dict[str, Any]]:
+    """The layer's last routing stage of each workload (``shared-prefix``, ``no-prefix``) that completed any."""
+    found: dict[str, dict[str, Any]] = {}
+    for s in run.latency_stages:
+        if s["layer"] == layer and s.get("mode") == "routing" and s["summary"].get("completed"):
+            found[(s.get("routing") or {}).get("workload", "")] = s
+    return found
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f} %"
+
+
+def _pods_text(server: dict[str, Any]) -> str:
+    """``pod-a 40 (hit rate 91.2 %), pod-b 24 (88.0 %)``: requests each pod finished and its hit rate."""
+    per_pod = server.get("per_pod") or {}
+    parts = []
+    for pod, served in (server.get("requests_per_pod") or {}).items():
+        rate = (per_pod.get(pod) or {}).get("prefix_cache_hit_rate")
+        parts.append(f"{pod} {served if served is not None else '?'}" + (f" ({_percent(rate)} hits)" if rate is not None else ""))
+    return ", ".join(parts) or "no pod's /metrics could be read"
+
+
+def _ttft_text(stage: dict[str, Any]) -> str:
+    value = stage["summary"].get("median_ttft_ms")
+    return "–" if value is None else f"{millis(value)}{interval_text(stage, 'median_ttft_ms')}"
+
+
+def _routing_measured(shared: dict[str, Any], unshared: dict[str, Any] | None) -> str:
+    facts, server = shared["routing"], shared.get("server") or {}
+    prefixes = facts["num_prefixes"]
+    text = (f"{shared['summary']['completed']} requests, {prefixes} shared {facts['prefix_len']}-token "
+            f"prefix{'es' if prefixes != 1 else ''} + {facts['input_len']} tokens each, c={shared['max_concurrency']}, "
+            f"through {facts['routed_by']}: prefix-cache hit rate {_percent(server.get('prefix_cache_hit_rate'))}; "
+            f"requests per pod: {_pods_text(server)}; TTFT p50 {_ttft_text(shared)}")  # fmt: skip
+    if unshared is not None:
+        other = unshared.get("server") or {}
+        text += (f" against {_ttft_text(unshared)} without shared prefixes (hit rate "
+                 f"{_percent(other.get('prefix_cache_hit_rate'))}; per pod: {_pods_text(other)})")  # fmt: skip
+    else:
+        text += "; the stage without shared prefixes did not complete"
+    if server.get("preemptions_total"):
+        text += f"; {server['preemptions_total']:.0f} preemptions"
+    return text
+
+
+def _routing(run: RunData, layer: str, kind: str) -> Cell:
+    gate = _deployment_gate(run, layer)
+    if gate and gate.status != "needs-platform":
+        return gate
+    found = routing_stages(run, layer)
+    shared, unshared = found.get("shared-prefix"), found.get("no-prefix")
+    if not _on_cluster(run):
+        text = f"routing between replicas needs platform: kubernetes, with {ROUTING_NEEDS}"
+        if shared is not None:  # one process measured: its cache, not any routing
+            text += (f"; on this one process, prefix-cache hit rate "
+                     f"{_percent((shared.get('server') or {}).get('prefix_cache_hit_rate'))} with shared prefixes")  # fmt: skip
+            if unshared is not None:
+                text += f", {_percent((unshared.get('server') or {}).get('prefix_cache_hit_rate'))} without"
+        return Cell("needs-platform", text, evidence="#latency")
+    if gate:
+        return gate
+    if shared is None:
+        why = ("the routing experiment did not run (30_latency runs it when the study sets workloads.routing)"
+               if not found else "its shared-prefix stage did not complete")  # fmt: skip
+        return Cell("not-run", why, evidence="#latency")
+    facts = shared["routing"]
+    if not facts.get("routed_by"):
+        paths = facts.get("routing_paths") or {}
+        needs = ("a path through it: " + "; ".join(f"{path}, {words}" for path, words in paths.items())
+                 if paths else ROUTING_NEEDS)  # fmt: skip
+        return Cell("not-run", f"the requests went through {facts['via']}, which bypasses the layer's routing: "
+                    f"measuring it needs {needs}", evidence="#latency")  # fmt: skip
+    shown = [s for s in (shared, unshared) if s is not None]
+    text = _routing_measured(shared, unshared)
+    if facts["pods"] < 2:
+        text = (f"one pod served (the study runs {facts['replicas']} replica{'s' if facts['replicas'] != 1 else ''}): "
+                f"no routing choice to make; {text}")  # fmt: skip
+    return Cell("measured", text, trials=sum(s["summary"]["completed"] for s in shown), evidence="#latency",
+                validity=worst_verdict(shown), provenance=provenance_of(shown))  # fmt: skip
+
+
 ROWS: list[Row] = [
     Row("what_you_write", "What you write", _what_you_write),
     Row("model_lifecycle", "Model lifecycle", _lifecycle),
@@ -767,6 +855,7 @@ ROWS: list[Row] = [
     Row("e2e", "E2E p50 / p95", _percentiles("e2el")),
     Row("goodput", "Highest load within the SLOs", _goodput),
     Row("gateway", "Gateway overhead", _gateway),
+    Row("routing", "Routing with shared prefixes", _routing),
     Row("cost", "Cost", _cost),
 ]
 PERFORMANCE_ROWS = ("ttft", "tpot", "e2e", "goodput", "gateway", "cost")
