@@ -27,12 +27,25 @@ from ..measure.client import ENGINE_PROCESSES, run_local, workers_for
 from ..measure.loadgen import StageSpec, Target
 from ..measure.server_metrics import ServerWindow
 from ..measure.stage import MergedStage, StagePlan, stage_record
-from ..measure.workload import DirectoryTokenizer, ServerTokenizer, Tokenizer, shared_prefix_prompts
+from ..measure.workload import (DirectoryTokenizer, RequestSpec, ServerTokenizer, Tokenizer, prefix_repetition_requests,
+                                random_requests)
 from ..platforms import Endpoint, Platform, placement
 from .latency import this_machine
 
 SHARED, UNSHARED = "shared-prefix", "no-prefix"
 MODE = "routing"  # the stages' mode: kept apart from the sweeps' closed and open stages
+
+
+def routing_prompts(tokenizer: Tokenizer, r: Any, seed: int, shared: bool) -> list[RequestSpec]:
+    """The routing stages' prompts, built as ``vllm bench serve`` builds its datasets: one shared prefix is the
+    random dataset with ``--random-prefix-len``, several are ``prefix_repetition``; without sharing, random
+    prompts of the same total length."""
+    if not shared:
+        return random_requests(tokenizer, r.num_prompts, r.prefix_len + r.input_len, r.output_len, seed)
+    if r.num_prefixes == 1:
+        return random_requests(tokenizer, r.num_prompts, r.input_len, r.output_len, seed, prefix_len=r.prefix_len)
+    return prefix_repetition_requests(tokenizer, r.num_prompts, r.prefix_len, r.input_len, r.num_prefixes,
+                                      r.output_len, seed)  # fmt: skip
 
 
 def planned_stages(study: Study) -> list[dict[str, Any]]:
@@ -123,8 +136,7 @@ def run_layer_routing(
     out = []
     for planned in planned_stages(study):
         workload, seed = planned.pop("workload"), planned.pop("seed")
-        specs = shared_prefix_prompts(tokenizer, r.num_prompts, r.prefix_len, r.input_len, r.output_len, seed,
-                                      r.num_prefixes if workload == SHARED else 0)  # fmt: skip
+        specs = routing_prompts(tokenizer, r, seed, shared=workload == SHARED)
         spec = StageSpec(request_rate=math.inf, max_concurrency=r.concurrency, seed=seed)
         plan = StagePlan.make(planned["stage"], specs, [], spec)
         window = ServerWindow(platform.metrics_targets(endpoint.layer), endpoint, study.telemetry)

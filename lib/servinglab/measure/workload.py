@@ -257,36 +257,3 @@ def file_requests(
     if count is not None:
         specs = [specs[i % len(specs)] for i in range(count)]
     return specs
-
-
-def shared_prefix_prompts(
-    tokenizer: Tokenizer,
-    count: int,
-    prefix_len: int,
-    input_len: int,
-    output_len: int,
-    seed: int,
-    num_prefixes: int = 1,
-) -> list[RequestSpec]:
-    """``count`` random prompts, prompt i starting with shared prefix ``i mod num_prefixes`` of ``prefix_len``
-    tokens and going on with ``input_len`` random tokens of its own, asking ``output_len``.
-
-    Counted as ``vllm bench serve --random-prefix-len`` counts it: a prompt is ``prefix_len + input_len``
-    tokens (its recorded length is the joined text encoded again, which may differ by a token where the two
-    parts meet). ``num_prefixes=0`` shares nothing: every prompt is ``prefix_len + input_len`` random tokens
-    of its own, the same lengths for comparison.
-    """
-    if num_prefixes < 0:
-        raise ParamsError(f"num_prefixes {num_prefixes}: must not be negative")
-    rng = np.random.default_rng(seed)
-    allowed = np.array(tokenizer.prompt_ids())
-    prefixes = [exact_length_prompt(tokenizer, prefix_len, rng, allowed) for _ in range(num_prefixes)]
-    specs = []
-    for i in range(count):
-        if prefixes:
-            # Space-led word tokens on both sides: the join keeps every token of the prefix as it was.
-            prompt = prefixes[i % len(prefixes)] + exact_length_prompt(tokenizer, input_len, rng, allowed)
-        else:
-            prompt = exact_length_prompt(tokenizer, prefix_len + input_len, rng, allowed)
-        specs.append(RequestSpec(prompt, len(tokenizer.encode(prompt)), output_len))
-    return specs
