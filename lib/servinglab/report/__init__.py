@@ -17,6 +17,7 @@ from ..config import Paths, engine_argv
 from ..errors import ParamsError, RunDirError
 from ..records import DATA_DIR, RUN_FILE
 from .advice import derive_advice, derive_recommendations
+from .conversations import session_tables
 from .plots import START_PHASE_LABELS, figures, latency_figures, lifecycle_figures, telemetry_figures
 from .csvexport import CSV_FILES, csv_folder_name, export_csv
 from .rundata import RunData, load_run
@@ -184,6 +185,7 @@ def render_html(run_dir: str | os.PathLike, reports_dir: str | os.PathLike | Non
         client_connections=client_connections(run),
         request_shape=request_shape(run),
         stages=run.latency_stages,
+        conversations=session_tables(run.latency_stages),
         warnings=report_warnings(run),
         provenance=provenance_lines(run),
         notes=annotation_lines(run),
