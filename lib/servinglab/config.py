@@ -499,11 +499,24 @@ class LatencyDataset(StrictModel):
     prefix_repetition_suffix_len: int | None = Field(None, ge=0, le=MAX_TOKENS, description="vLLM's default 256")
     prefix_repetition_num_prefixes: int | None = Field(None, ge=1, le=MAX_STAGE_REQUESTS, description="default 10")
     prefix_repetition_output_len: int | None = Field(None, ge=1, le=MAX_TOKENS, description="vLLM's default 128")
+    conversation: ConversationWorkload | None = Field(
+        None, description="sharegpt only: send each conversation as a multi-turn session (servinglab bench "
+        "--multi-turn); each closed-loop stage's concurrency is then sessions in flight, and every turn's max_tokens "
+        "is sharegpt_output_len, or output_len when that is not given"
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _needs_a_file(self) -> LatencyDataset:
         if self.name in ("sharegpt", "custom") and not self.path:
             raise ValueError(f"path: required with name {self.name} (a local file)")
+        return self
+
+    @model_validator(mode="after")
+    def _conversations_are_sharegpt(self) -> LatencyDataset:
+        # The sessions are a ShareGPT file's conversations: no other dataset has turns to send in order.
+        if self.conversation is not None and self.name != "sharegpt":
+            raise ValueError(f"conversation: only with name: sharegpt (the sessions are a ShareGPT file's "
+                             f"conversations), not with name: {self.name}")  # fmt: skip
         return self
 
 
@@ -577,6 +590,25 @@ class LatencyWorkload(StrictModel):
         return levels
 
     @model_validator(mode="after")
+    def _sessions_in_closed_loops(self) -> LatencyWorkload:
+        # Multi-turn sessions are measured in the closed-loop stages only: an open loop's rate and a saturation
+        # sweep's probes count requests/s, which a session of several turns is not; warmups would be single
+        # requests; and the in-cluster Job sends single requests.
+        if self.dataset is None or self.dataset.conversation is None:
+            return self
+        clashes = [(self.sweep.rates, "sweep.rates: must be empty"),
+                   (self.sweep.saturation_rates, "sweep.saturation_rates: must be 0"),
+                   (self.num_warmups, "num_warmups: must be 0"),
+                   (self.client != "local", "client: must be local (the sessions are sent from this machine)")]  # fmt: skip
+        for clash, problem in clashes:
+            if clash:
+                raise ValueError(f"dataset.conversation: multi-turn sessions run in the closed-loop stages only "
+                                 f"(concurrency: sessions in flight), so {problem}")  # fmt: skip
+        if not self.concurrency:
+            raise ValueError("dataset.conversation: concurrency: empty, so no stage would send the sessions")
+        return self
+
+    @model_validator(mode="after")
     def _one_dataset(self) -> LatencyWorkload:
         if self.dataset is not None and self.prompts_file:
             raise ValueError("give dataset or prompts_file, not both (prompts_file is dataset: {name: custom, path: ...})")
@@ -596,7 +628,8 @@ class LatencyWorkload(StrictModel):
         if self.dataset is None:
             legacy = {"name": "custom", "path": str(resolve(self.prompts_file))} if self.prompts_file else {}
             return Dataset(**legacy, random_input_len=self.input_len, random_output_len=self.output_len)
-        given = {k: v for k, v in self.dataset.model_dump().items() if v is not None}
+        # The conversation says how the file is sent (sessions), not what a single request is.
+        given = {k: v for k, v in self.dataset.model_dump(exclude={"conversation"}).items() if v is not None}
         given.setdefault("random_input_len", self.input_len)
         given.setdefault("random_output_len", self.output_len)
         if self.dataset.path:
@@ -1366,8 +1399,18 @@ def _check_dataset_file(study: Study, sources: list[tuple[str, dict[str, Any]]])
         raise ParamsError(f"{origin}: workloads.latency.dataset.path: {path}: larger than {MAX_SHAREGPT_BYTES} bytes")
     try:
         check_file(study.workloads.latency.dataset_spec(study.resolve_path))
+        if dataset.conversation is not None:
+            _check_sessions(path)
     except ParamsError as exc:
         raise ParamsError(f"{origin}: workloads.latency.dataset.path: {exc}") from None
+
+
+def _check_sessions(path: Path) -> None:
+    """A conversation dataset must have a session to send now, not when its first stage starts."""
+    from .measure.sharegpt import USER_ROLES, read_conversations
+
+    if not any(role in USER_ROLES for turns in read_conversations(path) for role, _ in turns):
+        raise ParamsError(f"{path}: no conversation has a human turn to send")
 
 
 def _check_files(study: Study, sources: list[tuple[str, dict[str, Any]]]) -> None:

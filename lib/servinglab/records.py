@@ -245,6 +245,8 @@ LATENCY_STAGES = Table("latency_stages", "One record per latency stage: what was
     opt("client_workers_rule", str, "why that many"),
     opt("client_cpus", list, "the cores the client ran on"),
     opt("stopped_sweep", bool, "the sweep stopped after this stage, which was not valid"),
+    opt("conversations", dict, "multi-turn sessions (a conversation dataset): sessions planned, started and completed, "
+        "session duration (s), TTFT mean, median and p99 by turn index (by_turn); the summary is over every turn"),
 ))  # fmt: skip
 
 LATENCY_REQUESTS = Table("latency_requests", "One record per request of a latency stage, written as it ends.", (
@@ -347,6 +349,7 @@ CONVERSATION_TURNS = Table("conversation_turns", "One record per turn of a multi
     opt("max_tokens", int, "max_tokens asked for"),
     opt("chunks", int, "server-sent events with data"),
     opt("model", str, "the name the server answered as"),
+    opt("repeat", int, "which repeat of its stage (a study's stage)"),
 ))  # fmt: skip
 
 TABLES: dict[str, Table] = {t.name: t for t in (PREFLIGHT, DEPLOYMENTS, SMOKE, LATENCY_STAGES, LATENCY_REQUESTS,

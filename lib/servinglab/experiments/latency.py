@@ -17,15 +17,20 @@ import math
 import os
 import socket
 import uuid
+from dataclasses import replace
 from typing import Any, Callable
 
 from .. import records
-from ..config import Study
+from ..config import ConversationWorkload, Study
 from ..measure.client import ENGINE_PROCESSES, run_local, workers_for
 from ..measure.loadgen import StageSpec, Target
 from ..measure.server_metrics import ServerWindow, figure_text
 from ..measure import sweep
 from ..measure.stage import MergedStage, StagePlan, stage_record
+from ..measure.client_metrics import summarize
+from ..measure.conversation import (ConversationPlan, SessionsOutcome, conversation_line, conversations_section,
+                                    make_plan, plan_sessions, run_sessions)  # fmt: skip
+from ..measure.sharegpt import read_conversations
 from ..measure.datasets import dataset_requests
 from ..measure.workload import DirectoryTokenizer, ServerTokenizer
 from ..platforms import Endpoint, Platform, placement
@@ -113,6 +118,8 @@ def run_layer_sweep(
     higher after a stage that was not valid, unless ``workloads.latency.past_validity`` says to go on.
     """
     w = study.workloads.latency
+    if w.dataset is not None and w.dataset.conversation is not None:
+        return run_layer_sessions(study, platform, endpoint, run_dir, modes, say)
     in_cluster = w.client == "in-cluster" and platform.name == "kubernetes"
     if platform.name == "local":
         tokenizer = DirectoryTokenizer(platform.model_dir()[0])
@@ -194,6 +201,100 @@ def run_layer_sweep(
         if record["server_alive_after"] is False and w.on_server_death == "stop":
             break
     return out
+
+
+# Why a stage of sessions has one client process, in its record.
+SESSIONS_WORKERS_RULE = "1 worker: a session's turns follow each other, so its sessions share one event loop"
+
+
+def run_layer_sessions(
+    study: Study, platform: Platform, endpoint: Endpoint, run_dir: str | os.PathLike, modes: tuple[str, ...] = ("closed", "open"),
+    say: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Every closed-loop stage against one layer as multi-turn sessions (``workloads.latency.dataset.conversation``);
+    returns the stage records.
+
+    A stage of concurrency c keeps c sessions in flight, each a conversation of the ShareGPT file sent turn by
+    turn with the server's own answers (:mod:`servinglab.measure.conversation`). Each turn's record goes to
+    ``data/conversation_turns.jsonl`` as it ends; the stage's record to ``data/latency_stages.jsonl``, its
+    summary over every turn under ``vllm bench serve``'s names, as ``servinglab bench --multi-turn`` gives it,
+    and a ``conversations`` field with TTFT by turn index and the sessions' durations. The study's checks allow
+    no open-loop stage here, so only the closed part of 30_latency sends anything.
+    """
+    if "closed" not in modes:
+        return []
+    w = study.workloads.latency
+    conversations = read_conversations(study.resolve_path(w.dataset.path))
+    out: list[dict[str, Any]] = []
+    for index, planned in enumerate(planned_stages(study)):
+        # Seeded per stage, as a stage of single requests is, so its sessions do not depend on earlier stages.
+        record = _session_stage(study, platform, endpoint, run_dir, planned, conversations, w.seed + index)
+        verdict = record["validity"]["verdict"]
+        if verdict != "valid" and not w.past_validity:
+            record["stopped_sweep"] = True  # more sessions in flight would only be less valid
+        records.append(run_dir, records.LATENCY_STAGES, [record])
+        out.append(record)
+        if say is not None:
+            say(f"{stage_line(record)}; {conversation_line(record['conversations'])}")
+        if record.get("stopped_sweep") or (record["server_alive_after"] is False and w.on_server_death == "stop"):
+            break
+    return out
+
+
+def _session_stage(study: Study, platform: Platform, endpoint: Endpoint, run_dir: str | os.PathLike,
+                   planned: dict[str, Any], conversations: list[Any], seed: int) -> dict[str, Any]:  # fmt: skip
+    """One closed-loop stage of sessions, measured ``repeats`` times inside one server window; its stage record."""
+    w = study.workloads.latency
+    workload = w.dataset.conversation
+    sessions = plan_sessions(conversations, workload, seed, w.dataset.path)
+    spec = StageSpec(request_rate=math.inf, max_concurrency=planned["max_concurrency"], seed=seed,
+                     duration_s=w.stage_duration_s)  # fmt: skip
+    plan = make_plan(planned["stage"], sessions, w.dataset.sharegpt_output_len or w.output_len, spec)
+    target = Target(endpoint.base_url, endpoint.served_name, endpoint.api_key, w.request_timeout_s, w.ignore_eos,
+                    headers=tuple(endpoint.headers.items()), verify_tls=endpoint.verify_tls,
+                    proxy=endpoint.proxy)  # fmt: skip
+    cpus = platform.client_cpus(endpoint.layer)
+    window = ServerWindow(platform.metrics_targets(endpoint.layer), endpoint, study.telemetry)
+    stage_id = uuid.uuid4().hex[:12]  # ties the turn records to this measurement of the stage
+    outcomes: list[SessionsOutcome] = []
+    for repeat in range(w.repeats):
+        writer = records.Writer.to_run(run_dir, records.CONVERSATION_TURNS, {
+            "layer": endpoint.layer, "stage": plan.name, "stage_id": stage_id, "repeat": repeat,
+            "provenance": "measured"})  # fmt: skip
+        with writer, placement.client_on(cpus), window:
+            outcomes.append(run_sessions(target, plan, writer))
+        if outcomes[-1].interrupted:
+            break
+    slos = study.slos.goodput.limits() or None
+    planned = planned | {"num_prompts": sum(len(s.user_turns) for s in sessions)}  # turns, as the summary counts
+    return stage_record(planned, endpoint.layer, seed, this_machine(), [_merged(o, slos) for o in outcomes], window,
+                        slos, stage_id=stage_id, client_workers=1, client_cpus=list(cpus) if cpus else None,
+                        client_workers_rule=SESSIONS_WORKERS_RULE,
+                        conversations=_sessions_section(plan, outcomes, w.dataset.path, workload))  # fmt: skip
+
+
+def _merged(outcome: SessionsOutcome, slos: dict[str, float] | None) -> MergedStage:
+    """One repeat of sessions as the stage machinery takes a repeat: summarized per turn as ``servinglab bench
+    --multi-turn`` does (no send window or achieved rate: they would compare turns with sessions/s; how late each
+    session started stands for the schedule lag)."""
+    summary = summarize(outcome.records, outcome.duration_s, slos, None, None, outcome.session_lag_ms,
+                        outcome.loop_lag_ms)  # fmt: skip
+    return MergedStage(outcome.records, summary, outcome.started_unix_s, outcome.duration_s, outcome.interrupted,
+                       0.0, list(outcome.session_lag_ms), list(outcome.loop_lag_ms))  # fmt: skip
+
+
+def _sessions_section(plan: ConversationPlan, outcomes: list[SessionsOutcome], source: str,
+                      workload: ConversationWorkload) -> dict[str, Any]:  # fmt: skip
+    """The stage record's ``conversations`` field over every repeat: each repeat sends the same sessions again,
+    so they are all counted, each session tagged with its repeat."""
+    every = SessionsOutcome(
+        sum(o.duration_s for o in outcomes), outcomes[0].started_unix_s,
+        [s | {"repeat": i} for i, o in enumerate(outcomes) for s in o.sessions],
+        [v for o in outcomes for v in o.session_lag_ms], [v for o in outcomes for v in o.loop_lag_ms],
+        any(o.interrupted for o in outcomes), [r for o in outcomes for r in o.records],
+    )  # fmt: skip
+    section = conversations_section(replace(plan, sessions=plan.sessions * len(outcomes)), every, source, workload)
+    return section | {"repeats": len(outcomes)}
 
 
 def stage_line(record: dict[str, Any]) -> str:

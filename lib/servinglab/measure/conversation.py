@@ -36,10 +36,7 @@ from .client_metrics import summarize, tpot_ms, validity
 from .loadgen import NS, LoopLagProbe, StageSpec, Target, make_client, run_in_thread, send_one
 from .schedule import arrival_offsets_s
 from .server_metrics import ServerWindow
-from .sharegpt import read_conversations
-
-# The turns a session sends: ShareGPT files name the user "human"; files written as chat name it "user".
-USER_ROLES = ("human", "user")
+from .sharegpt import USER_ROLES, read_conversations
 from .workload import RequestSpec
 
 # A normal truncated at 0 is drawn again until it lands there; past this many draws its mean is taken.

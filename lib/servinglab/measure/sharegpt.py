@@ -24,6 +24,8 @@ MAX_SHAREGPT_BYTES = 1024**3
 MIN_TOKENS = 4
 MAX_PROMPT_TOKENS = 1024
 MAX_TOTAL_TOKENS = 2048
+# The turns a session sends: ShareGPT files name the user "human"; files written as chat name it "user".
+USER_ROLES = ("human", "user")
 
 Conversation = list[tuple[str, str]]
 

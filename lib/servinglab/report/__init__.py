@@ -17,6 +17,7 @@ from ..config import Paths, engine_argv
 from ..errors import ParamsError, RunDirError
 from ..records import DATA_DIR, RUN_FILE
 from .advice import derive_advice, derive_recommendations
+from .conversations import session_tables
 from .plots import START_PHASE_LABELS, figures, latency_figures, lifecycle_figures, telemetry_figures
 from .csvexport import CSV_FILES, csv_folder_name, export_csv
 from .headline import all_measured_here, provenance_line, validity_line, verdict_of
@@ -195,6 +196,7 @@ def render_html(run_dir: str | os.PathLike, reports_dir: str | os.PathLike | Non
         stages=run.latency_stages,
         warning_groups=group_warnings(warnings),
         warning_count=len(warnings),
+        conversations=session_tables(run.latency_stages),
         provenance=provenance_lines(run),
         provenance_line=provenance_line(run),
         all_measured_here=all_measured_here(run),

@@ -74,8 +74,8 @@ class RunData:
         return [r for r in self.lifecycle if r["layer"] == layer and r["experiment"] == experiment]
 
     def stage_requests(self) -> list[tuple[dict[str, Any], list[dict[str, Any]] | None]]:
-        """Every latency stage with the request records it was computed from (warm-ups left out), or None
-        when it has none (an import, or records that cannot be told apart).
+        """Every latency stage with the request records it was computed from (warm-ups left out; a stage of
+        sessions, its turn records), or None when it has none (an import, or records that cannot be told apart).
 
         A stage record names its measurement (``stage_id``) and so does each of its requests. A run that
         did not record one has its records matched by layer and stage name; a stage measured twice in it (a
@@ -83,7 +83,9 @@ class RunData:
         """
         by_id: dict[str, list[dict[str, Any]]] = {}
         by_key: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        for record in self.latency_requests:
+        # A stage of multi-turn sessions is computed from its turns, each naming the stage's measurement.
+        turns = [t for t in self.conversation_turns if t.get("stage_id")]
+        for record in self.latency_requests + turns:
             if record.get("warmup"):
                 continue
             if record.get("stage_id"):
