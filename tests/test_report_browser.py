@@ -256,7 +256,7 @@ def test_comparison_renders_at_phone_width(browser, tmp_path):
     page.wait_for_load_state("load")
 
     assert page.locator("#run-context tr.differs").count() == 2  # engine version and fingerprint
-    ttft = page.locator('#latency-table-raw tr[data-load="c=1"][data-metric="median_ttft_ms"]')
+    ttft = page.locator('#latency-table-raw tr[data-metric="median_ttft_ms"] td[data-load="c=1"]')
     assert ttft.is_visible() and "+10.0 %" in ttft.inner_text()
     box = page.locator("#fig-compare-latency-throughput svg").bounding_box()
     assert box and 200 < box["width"] <= 390 and box["height"] > 50
