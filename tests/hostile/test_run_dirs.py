@@ -227,7 +227,7 @@ def test_damaged_lines_are_counted_and_reported_never_dropped(run, tmp_path, cap
     page = (out / "ci-20261126T000000Z.html").read_text()
     assert "data/deployments.jsonl: 1 line could not be read and is left out (line 1: status: missing)" in page
     assert "data/smoke.jsonl: 1 line could not be read and is left out (line 1: not UTF-8)" in page
-    assert "layer raw failed to deploy" in page
+    assert "Deploy failed" in page and "no reason recorded" in page  # the failed deployment is listed, without a reason
     assert cli.main(["export", "llmd-benchmark", str(run), "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert f"warning: {run}/data/deployments.jsonl: 1 line could not be read" in err
