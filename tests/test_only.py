@@ -111,3 +111,61 @@ def test_only_deploys_what_the_notebook_needs_and_stops_only_that(tmp_path, monk
             assert [o["metadata"]["name"] for o in left] == ["emulated-kserve"]
             assert kube.list("serving.kserve.io/v1alpha2", "LLMInferenceService", "servinglab", {MANAGED_BY: "servinglab"}) == []
             study_run.platform.teardown()
+
+
+def _stages(run: Path, segment: int, ttft_ms: float, concurrencies: tuple[int, ...]) -> None:
+    """Closed-loop stages recorded under a params segment, as 30_latency records them there."""
+    from synthetic import closed_stage
+
+    with records.writing_under_segment(segment):
+        for c in concurrencies:
+            stage, rows = closed_stage("raw", c, ttft_ms, 1000.0 * c)
+            stage_id = f"segment{segment}-c{c}"  # each measurement its own, as a real sweep's uuid is
+            records.append(run, records.LATENCY_REQUESTS, [r | {"stage_id": stage_id} for r in rows], provenance="synthetic")
+            records.append(run, records.LATENCY_STAGES, [stage | {"stage_id": stage_id}], provenance="synthetic")
+
+
+def test_stages_measured_with_other_parameters_are_kept_apart_in_the_report(tmp_path):
+    """A run of two invocations (the batch, then ``--only 30_latency --set workloads.latency.input_len=512``
+    into it) and a third that changed nothing: the report's tables, figures and verdicts read the stages of
+    the run's own parameters, and the second invocation's stages appear apart, labelled with the change."""
+    from servinglab import report
+    from servinglab.api import run_context
+    from servinglab.config import load_study
+    from servinglab.report.rundata import load_run
+    from servinglab.report.table import decision_table
+
+    def freeze(run: Path, sets: list[str]) -> int:
+        study = load_study(PARAMS / "ci.yaml", sets)
+        return records.freeze_params(run, {"study_file": str(study.source_file), "sources": study.sources,
+                                           "overrides": sets, "only": None, "params": study.resolved()})[0]  # fmt: skip
+
+    def make(root: Path, later: bool) -> Path:
+        study = load_study(PARAMS / "ci.yaml")
+        run = records.create_run(root, "ci", run_context(study) | {"status": "ok"})
+        _stages(run, freeze(run, []), 10.0, (1, 4))
+        if later:
+            _stages(run, freeze(run, ["workloads.latency.input_len=512"]), 500.0, (1, 4))
+            _stages(run, freeze(run, []), 12.0, (16,))  # --only 30_latency again, parameters unchanged
+        return run
+
+    run_dir = make(tmp_path / "two", later=True)
+    run = load_run(run_dir)
+    assert [(s["stage"], s["params_segment"]) for s in run.latency_stages] == [("c=1", 1), ("c=4", 1), ("c=16", 3)]
+    assert [(g.segment, g.changes, [s["stage"] for s in g.stages]) for g in run.stages_apart] == [
+        (2, ["workloads.latency.input_len=512"], ["c=1", "c=4"])]
+    assert run.stages_apart[0].label == "params segment 2: workloads.latency.input_len=512"
+    assert {r["stage_id"] for r in run.latency_requests} == {"segment1-c1", "segment1-c4", "segment3-c16"}
+
+    # The verdicts are those of the run's own parameters: the same as with segment 2 never measured.
+    alone = make(tmp_path / "one", later=False)
+    _stages(alone, freeze(alone, []), 12.0, (16,))
+    assert [[c.text for c in cells] for _, cells in decision_table(run).rows] == \
+        [[c.text for c in cells] for _, cells in decision_table(load_run(alone)).rows]  # fmt: skip
+
+    html = report.render_html(run_dir)
+    main_table = html.split('id="latency-stages"', 1)[1].split("</table>", 1)[0]
+    assert main_table.count("<tr><td>raw</td>") == 3
+    assert "Measured with other parameters: params segment 2: workloads.latency.input_len=512" in html
+    apart = html.split('id="latency-stages-segment-2"', 1)[1].split("</table>", 1)[0]
+    assert apart.count("<tr><td>raw</td>") == 2 and "500.0" in apart

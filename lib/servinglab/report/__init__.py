@@ -181,6 +181,7 @@ def render_html(run_dir: str | os.PathLike, reports_dir: str | os.PathLike | Non
         client_connections=client_connections(run),
         request_shape=request_shape(run),
         stages=run.latency_stages,
+        stages_apart=run.stages_apart,
         warnings=report_warnings(run),
         provenance=provenance_lines(run),
         notes=annotation_lines(run),
