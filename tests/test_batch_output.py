@@ -38,10 +38,10 @@ TESTS = Path(__file__).resolve().parent
 # experiments of two layers the local platform cannot host (each trial is recorded, refused): real stage
 # and trial records, written in the kernel, with no engine to start.
 _STAGES = (f"import sys\nsys.path.insert(0, {str(TESTS)!r})\nfrom streaming_endpoint import StreamingEndpoint\n"
-           "from servinglab import progress\nfrom servinglab.experiments import latency\n"
-           "from servinglab.platforms import Endpoint\nwith StreamingEndpoint() as served:\n"
+           "from servinglab.experiments import latency\nfrom servinglab.platforms import Endpoint\n"
+           "with StreamingEndpoint() as served:\n"
            "    latency.run_layer_sweep(study_run.study, study_run.platform, Endpoint('raw', served.url + '/v1', 'm'),\n"
-           "                            study_run.run_dir, say=progress.say)")  # fmt: skip
+           "                            study_run.run_dir)")  # fmt: skip
 _TRIALS = ("from servinglab.experiments import lifecycle\n"
            "lifecycle.run_lifecycle(study_run.study, study_run.platform, study_run.run_dir, ['kserve', 'llm-d'],\n"
            "                        ['time_to_ready', 'canary'])")  # fmt: skip

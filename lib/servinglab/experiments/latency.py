@@ -51,7 +51,7 @@ def this_machine() -> str:
 
 def run_layer_sweep(
     study: Study, platform: Platform, endpoint: Endpoint, run_dir: str | os.PathLike, modes: tuple[str, ...] = ("closed", "open"),
-    say: Callable[[str], None] | None = None,
+    say: Callable[[str], None] | None = progress.say,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Every planned stage of the given modes against one layer, each measured ``repeats`` times; returns the
     stage records.
