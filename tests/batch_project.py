@@ -60,6 +60,11 @@ def make_project(folder: Path, description: str = "as started") -> Path:
     return path
 
 
+def add_notebook(folder: Path, name: str, code: str) -> None:
+    """One more notebook in the project: it opens the study, then runs ``code``."""
+    nbformat.write(_notebook([_OPEN, code]), folder / "notebooks" / f"{name}.ipynb")
+
+
 def cli_env() -> dict[str, str]:
     """The environment for the CLI: the study file as written, without the test session's override file."""
     env = dict(os.environ)

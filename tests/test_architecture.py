@@ -165,6 +165,7 @@ def test_the_report_imports_no_measuring_code_and_no_renderer(forbidden):
 def test_the_folder_list_reads_as_the_flow():
     top = sorted(p.name for p in PACKAGE.iterdir() if p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").exists()))
     assert top == ["__init__.py", "api.py", "cli.py", "config.py", "cost.py", "data", "errors.py", "experiments", "layers",
-                   "measure", "modelbuild.py", "platforms", "records.py", "report", "runlock.py", "runner.py", "studyfile.py"]  # fmt: skip
+                   "measure", "modelbuild.py", "platforms", "progress.py", "records.py", "report", "runlock.py", "runner.py",
+                   "studyfile.py"]  # fmt: skip
     assert (PACKAGE / "experiments" / "lifecycle" / "canary.py").is_file()  # where is canary measured
     assert (PACKAGE / "measure" / "loadgen.py").is_file()  # where are chunks timed

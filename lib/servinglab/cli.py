@@ -132,7 +132,8 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="execute the study's notebooks with papermill, then tear down")
     _study_args(run)
-    run.add_argument("--only", metavar="NOTEBOOK", help="execute one notebook (e.g. 20_smoke) into --run-dir")
+    run.add_argument("--only", metavar="NOTEBOOK", help="execute one notebook (e.g. 20_smoke) into --run-dir; the layers "
+                     "it measures are deployed when not running, and only those it started are stopped at its end")
     run.add_argument("--run-dir", help="an existing run directory to add to (with --only)")
     run.add_argument("--keep-servers", action="store_true", help="leave the servers running at the end")
     run.add_argument("--no-progress", action="store_true", help="no per-cell progress bar (shown only when standard error is a terminal)")

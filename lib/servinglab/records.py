@@ -582,6 +582,19 @@ def write_under_segment(number: int) -> None:
     _SEGMENT["number"] = number
 
 
+@contextlib.contextmanager
+def writing_under_segment(number: int) -> Iterator[None]:
+    """Stamp ``params_segment`` on the records this process writes inside the block only: the batch runner,
+    which deploys for one ``--only`` notebook and goes back to writing under no segment."""
+    previous = dict(_SEGMENT)
+    _SEGMENT["number"] = number
+    try:
+        yield
+    finally:
+        _SEGMENT.clear()
+        _SEGMENT.update(previous)
+
+
 def _stamps(provenance: str) -> dict[str, Any]:
     """What a record says of itself unless it says otherwise: its provenance and params segment."""
     return {"provenance": provenance} | ({"params_segment": _SEGMENT["number"]} if _SEGMENT else {})

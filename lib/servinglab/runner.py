@@ -29,6 +29,7 @@ from typing import Callable
 
 from . import records
 from .api import run_context
+from .progress import Relay, log_path
 from .config import Study, load_study
 from .errors import ParamsError, RunDirError, RunnerError
 from .platforms import get_platform
@@ -221,7 +222,9 @@ def run_study(
     overrides : list of str
         ``dotted.key=value`` items (``--set``), frozen with the study into the run's params segment.
     only : str, optional
-        Execute just this notebook (needs ``run_dir``: an existing run to add to).
+        Execute just this notebook (needs ``run_dir``: an existing run to add to). A notebook that measures
+        running layers (``needs_running_layers`` in its metadata) gets them deployed first where they do not
+        run with the study's spec; at the end only what this invocation started is stopped.
     run_dir : path, optional
         An existing run directory; a new ``runs/<study>/<run-id>`` is made when empty.
     keep_servers : bool
@@ -229,7 +232,8 @@ def run_study(
     progress : bool
         Show papermill's per-cell progress bar.
     say : callable
-        Where progress lines go.
+        Where progress lines go: the runner's own, and one per phase of a long step that the notebooks'
+        library code reports (:mod:`servinglab.progress`), relayed as they happen.
 
     Raises
     ------
@@ -257,22 +261,21 @@ def run_study(
         records.update_context(run_path, status="running", ended_at=None, runner=lock.holder.to_dict())
         status, stopped = "failed", []
         failure: str | None = "the batch stopped on an error"
-        try:
-            status, failure = _run_notebooks(study, notebooks, run_path, (segment, segment_file), overrides,
-                                             progress, stop, say)  # fmt: skip
-        finally:
+        with Relay(log_path(run_path), say) as relay:
+            tell = _in_order(relay, say)
             try:
-                if keep_servers or study.run.teardown == "never":
-                    say(f"servers left running; stop them with: servinglab teardown {study.source_file}")
-                else:
-                    stopped = platform.teardown()
-                    for line in stopped:
-                        say(f"teardown: {line}")
+                if only:
+                    _deploy_for_alone(study, platform, notebooks[0], run_path, segment, tell)
+                status, failure = _run_notebooks(study, notebooks, run_path, (segment, segment_file), overrides,
+                                                 progress, stop, tell)  # fmt: skip
             finally:
-                if stop.requested and status == "ok":
-                    status = "interrupted"  # Ctrl-C during teardown: it ran to its end all the same
-                with contextlib.suppress(RunDirError):
-                    records.update_context(run_path, status=status, ended_at=records.utc_now())
+                try:
+                    stopped = _teardown(study, platform, run_path, segment if only else None, keep_servers, tell)
+                finally:
+                    if stop.requested and status == "ok":
+                        status = "interrupted"  # Ctrl-C during teardown: it ran to its end all the same
+                    with contextlib.suppress(RunDirError):
+                        records.update_context(run_path, status=status, ended_at=records.utc_now())
 
         report = study.reports_dir / f"{study.study}-{run_path.name}.html"
         if report.is_file():
@@ -287,6 +290,76 @@ def run_study(
     if status == "failed":
         raise RunnerError(failure)
     return result
+
+
+def _in_order(relay: Relay, say: Callable[[str], None]) -> Callable[[str], None]:
+    """The runner's own ``say``, which first passes on the progress lines written before it: a notebook's
+    last stage comes before the line that says the notebook is done."""
+
+    def tell(line: str) -> None:
+        relay.flush()
+        say(line)
+
+    return tell
+
+
+def needs_running_layers(notebook: Path) -> bool:
+    """Whether a notebook measures layers that must already run (``servinglab.needs_running_layers`` in its
+    metadata: 20_smoke, 30_latency, 40_lifecycle); the batch's 10_deploy started them before it."""
+    import nbformat
+
+    metadata = nbformat.read(str(notebook), as_version=4).metadata
+    return bool((metadata.get("servinglab") or {}).get("needs_running_layers"))
+
+
+def _deploy_for_alone(study: Study, platform, notebook: Path, run_path: Path, segment: int,
+                      say: Callable[[str], None]) -> None:  # fmt: skip
+    """Ensure the layers a notebook executed on its own (``--only``) measures: those of its ``layers``
+    parameter (all of the study's when it has none) that the platform hosts. A layer running with the
+    study's spec is reused; the records say which were started, under this invocation's params segment."""
+    from .experiments import deploy
+
+    if not needs_running_layers(notebook):
+        return
+    wanted = study.run.parameters.get(notebook.stem, {}).get("layers") or None
+    names = [name for name in study.select_layers(wanted) if not platform.unsupported_reason(name)]
+    if not names:
+        return
+    say(f"{notebook.stem} measures running layers: ensuring {', '.join(names)}")
+    with records.writing_under_segment(segment):
+        outcomes = deploy.deploy_layers(study, platform, run_path, names)
+    for outcome in outcomes:
+        say(f"{outcome['layer']}: {'reused, already running with this spec' if outcome['reused'] else outcome['status']}")
+    deploy.assert_deployed(outcomes)
+
+
+def started_in_segment(run_path: Path, segment: int) -> list[str]:
+    """The layers that one invocation (its params segment) started rather than reused, by its deployment
+    records: what an ``--only`` invocation stops at its end."""
+    rows = records.read(run_path, records.DEPLOYMENTS).rows
+    return sorted({r["layer"] for r in rows if r.get("params_segment") == segment and r["status"] == "ready"
+                   and not r["reused"]})  # fmt: skip
+
+
+def _teardown(study: Study, platform, run_path: Path, segment: int | None, keep_servers: bool,
+              say: Callable[[str], None]) -> list[str]:  # fmt: skip
+    """Stop the study's servers at the end: all of them after a batch; after an ``--only`` invocation
+    (``segment``) only those it started, so a server someone else started goes on serving."""
+    if keep_servers or study.run.teardown == "never":
+        say(f"servers left running; stop them with: servinglab teardown {study.source_file}")
+        return []
+    if segment is None:
+        stopped = platform.teardown()
+    else:
+        started = started_in_segment(run_path, segment)
+        # An empty list would mean every layer to the platform.
+        stopped = platform.teardown(started) if started else []
+        running = [row["layer"] for row in platform.status() if row["layer"] not in started]
+        if running:
+            say(f"left running (not started by this invocation): {', '.join(sorted(set(running)))}")
+    for line in stopped:
+        say(f"teardown: {line}")
+    return stopped
 
 
 def _say_summary(run_path: Path, report: Path | None, say: Callable[[str], None]) -> None:

@@ -20,13 +20,13 @@ import uuid
 from dataclasses import replace
 from typing import Any, Callable
 
-from .. import records
+from .. import progress, records
 from ..config import ConversationWorkload, Study
 from ..measure.client import ENGINE_PROCESSES, run_local, workers_for
 from ..measure.loadgen import StageSpec, Target
 from ..measure.server_metrics import ServerWindow, figure_text
 from ..measure import sweep
-from ..measure.stage import MergedStage, StagePlan, stage_record
+from ..measure.stage import MergedStage, StagePlan, stage_end_line, stage_record
 from ..measure.client_metrics import summarize
 from ..measure.conversation import (ConversationPlan, SessionsOutcome, conversation_line, conversations_section,
                                     make_plan, plan_sessions, run_sessions)  # fmt: skip
@@ -108,7 +108,7 @@ def this_machine() -> str:
 
 def run_layer_sweep(
     study: Study, platform: Platform, endpoint: Endpoint, run_dir: str | os.PathLike, modes: tuple[str, ...] = ("closed", "open"),
-    say: Callable[[str], None] | None = None,
+    say: Callable[[str], None] | None = progress.say,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Every planned stage of the given modes against one layer, each measured ``repeats`` times; returns the
     stage records.
@@ -299,15 +299,7 @@ def _sessions_section(plan: ConversationPlan, outcomes: list[SessionsOutcome], s
 
 def stage_line(record: dict[str, Any]) -> str:
     """One line for a stage as it ends: its headline numbers and its validity."""
-    s = record["summary"]
-    verdict = record["validity"]["verdict"]
-
-    def ms(key: str) -> str:
-        return "–" if s.get(key) is None else f"{s[key]:.1f}"
-
-    line = (f"{record['layer']} {record['stage']}: {s['completed']} done, {s['failed']} failed, "
-            f"{s['request_throughput']:.2f} req/s, TTFT p50 {ms('median_ttft_ms')} ms, TPOT p50 {ms('median_tpot_ms')} ms, "
-            f"E2E p50 {ms('median_e2el_ms')} ms; {verdict}")  # fmt: skip
+    line = stage_end_line(record)
     if record.get("sweep") and record.get("request_rate"):
         line += f" (requested {record['request_rate']:.3g} req/s)"
     if record.get("stopped_sweep"):
@@ -343,12 +335,12 @@ def run_sweep(
     layers: list[str] | None = None,
     modes: tuple[str, ...] = ("closed", "open"),
     deploy_missing: bool = False,
-    say: Callable[[str], None] | None = print,
+    say: Callable[[str], None] | None = progress.say,
 ) -> list[dict[str, Any]]:
     """The sweep against every layer the platform hosts (all of the study's when ``layers`` is empty).
 
     ``deploy_missing`` deploys a layer that is not running (a notebook run on its own); ``say`` gets one line
-    per stage as it ends.
+    per stage as it ends (by default the batch's output, or under the cell outside a batch).
     """
     from .deploy import running_endpoints
 

@@ -330,6 +330,37 @@ def stage_record(
     return record
 
 
+def stage_end_line(record: dict[str, Any]) -> str:
+    """One line for a stage as it ends: its layer and name, its headline numbers and its validity.
+
+    Parameters
+    ----------
+    record : dict
+        The stage's row of ``data/latency_stages.jsonl`` (:func:`stage_record`).
+
+    Returns
+    -------
+    str
+        e.g. ``stage raw c=4: 3.21 req/s, TTFT mean 45.2 ms, TPOT mean 12.1 ms, 6 done, 0 failed; invalid:
+        too-few-samples (6 requests, limit 20)``.
+    """
+    s = record["summary"]
+
+    def mean_ms(key: str) -> str:
+        return "–" if s.get(key) is None else f"{s[key]:.1f} ms"
+
+    throughput = s.get("request_throughput")
+    rate = "–" if throughput is None else f"{throughput:.2f}"
+    checked = record.get("validity") or {}
+    verdict = checked.get("verdict", "unchecked")
+    if verdict not in ("valid", "unchecked"):
+        first = next((r for r in checked.get("reasons", []) if r.get("verdict") == verdict), {})
+        unit = f" {first['unit']}" if first.get("unit") else ""
+        verdict = f"invalid: {verdict}" + (f" ({first['value']}{unit}, limit {first['limit']})" if first else "")
+    return (f"stage {record['layer']} {record['stage']}: {rate} req/s, TTFT mean {mean_ms('mean_ttft_ms')}, "
+            f"TPOT mean {mean_ms('mean_tpot_ms')}, {s.get('completed', 0)} done, {s.get('failed', 0)} failed; {verdict}")  # fmt: skip
+
+
 def plan_to_dict(plan: StagePlan) -> dict[str, Any]:
     """The plan as JSON-ready data (for a worker process or a pod)."""
     spec = plan.spec

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
-from .. import layers
+from .. import layers, progress
 from ..config import KubernetesPlatform as KubernetesSettings
 from ..config import Study
 from ..errors import PlatformError, UnsupportedLayerError
@@ -486,6 +486,9 @@ class KubernetesPlatform:
                     # Events and pods come through separate watches: keep every pull, match pods at the end.
                     involved = obj.get("involvedObject") or {}
                     if involved.get("kind") == "Pod" and obj.get("reason") == "Pulled" and involved.get("name"):
+                        if involved["name"] in pods and not pulled.keys() & pods.keys():
+                            progress.say(f"{layer_name}: engine start: image pulled after "
+                                         f"{progress.elapsed(event.seen - applied)}")  # fmt: skip
                         pulled.setdefault(involved["name"], event.seen)
                     continue
                 if kind == "Pod":
@@ -493,10 +496,10 @@ class KubernetesPlatform:
                         continue  # a pod of the previous spec, or one going away: not this rollout's
                     pods[obj["metadata"]["name"]] = obj
                     if conditions(obj).get("PodScheduled", {}).get("status") == "True":
-                        marks.setdefault("scheduled", event.seen)
+                        _mark_once(marks, "scheduled", event.seen, layer_name)
                     statuses = (obj.get("status") or {}).get("containerStatuses") or []
                     if statuses and all("running" in (s.get("state") or {}) for s in statuses):
-                        marks.setdefault("started", event.seen)
+                        _mark_once(marks, "started", event.seen, layer_name)
                     failure = self.pod_failure(obj, unschedulable_since, event.seen)
                     last_state = f"pod {obj['metadata']['name']} phase {(obj.get('status') or {}).get('phase', '?')}"
                     if failure:
@@ -509,6 +512,7 @@ class KubernetesPlatform:
                     last_state = f"{top['kind']} conditions {json.dumps({k: v.get('status') for k, v in conditions(obj).items()})}"
                     if self._ready(obj):
                         marks["ready"] = event.seen
+                        progress.say(f"{layer_name}: engine start: Ready after {progress.elapsed(event.seen - applied)}")
                         ours = [t for pod, t in pulled.items() if pod in pods]
                         if ours:
                             marks["image_pulled"] = min(ours)
@@ -837,6 +841,13 @@ class PodTimeline:
             for mark, at in marks.items():
                 out[mark] = min(out.get(mark, at), at)
         return {mark: out[mark] for mark in self.MARKS if mark in out}
+
+
+def _mark_once(marks: dict[str, float], mark: str, seen: float, layer_name: str) -> None:
+    """Keep the first time a layer's start reached ``mark``, and tell the batch then."""
+    if mark not in marks:
+        marks[mark] = seen
+        progress.say(f"{layer_name}: engine start: pod {mark} after {progress.elapsed(seen - marks['applied'])}")
 
 
 def _api_message(exc: ApiException) -> str:

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import psutil
 
-from .. import layers, modelbuild
+from .. import layers, modelbuild, progress
 from ..config import LocalPlatform as LocalSettings
 from ..config import Study, engine_argv
 from ..errors import PlatformError, ServerStartError, UnsupportedLayerError
@@ -44,6 +44,11 @@ OWNER_ENV = "SERVINGLAB_SERVER_OWNER"
 PHASE_MARKERS = [
     ("interpreter_and_import_s", re.compile(r"non-default args")),
     ("engine_init_s", re.compile(r"init engine .* took")),
+]
+# What a person watching a start is told, from the same log (the phases recorded stay PHASE_MARKERS').
+START_LINE_MARKERS = [
+    ("weights loaded", re.compile(r"Loading weights took|Model loading took")),
+    ("compiled and warmed up", re.compile(r"init engine .* took")),
 ]
 
 
@@ -360,6 +365,7 @@ class LocalPlatform:
         )
         # Registered before waiting, so a teardown from elsewhere finds a server that is still starting.
         self.registry.save(entry)
+        progress.say(f"{layer_name}: engine start: process started (pid {proc.pid}, port {port})")
         try:
             self._wait_ready(entry, proc, t0, log_start)
         except BaseException:
@@ -381,6 +387,9 @@ class LocalPlatform:
         last_mark = 0.0
         log_offset = log_start  # the log may hold earlier starts of the same layer
         health_at = None
+        # Only a start made here is told phase by phase; waiting for another's start is not this one's.
+        told = iter(START_LINE_MARKERS if proc is not None else [])
+        telling = next(told, None)
         root = entry.base_url.removesuffix("/v1")
         with self._http() as http:
             while True:
@@ -396,6 +405,9 @@ class LocalPlatform:
                     phases[pending[0]] = round(now - last_mark, 3)
                     last_mark = now
                     pending = next(marks, None)
+                while telling and telling[1].search(chunk):
+                    progress.say(f"{entry.layer}: engine start: {telling[0]} after {progress.elapsed(now)}")
+                    telling = next(told, None)
                 exited = proc.poll() if proc else (None if process_alive(entry.pid, entry.create_time) else -1)
                 if exited is not None:
                     raise ServerStartError(
@@ -425,6 +437,7 @@ class LocalPlatform:
             entry.time_to_ready_s = round(time.monotonic() - t0, 3)
             entry.phases_s = phases
             self._place(entry)
+            progress.say(f"{entry.layer}: engine start: ready after {progress.elapsed(entry.time_to_ready_s)}")
         entry.state = "ready"
         entry.ready_at = utc_now()
         self.registry.save(entry)

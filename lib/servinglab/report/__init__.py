@@ -197,6 +197,7 @@ def render_html(run_dir: str | os.PathLike, reports_dir: str | os.PathLike | Non
         warning_groups=group_warnings(warnings),
         warning_count=len(warnings),
         conversations=session_tables(run.latency_stages),
+        stages_apart=run.stages_apart,
         provenance=provenance_lines(run),
         provenance_line=provenance_line(run),
         all_measured_here=all_measured_here(run),

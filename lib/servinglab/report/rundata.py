@@ -1,8 +1,16 @@
 """A run directory read back for the report: its context, its tables and its recorded manifests, through
-``servinglab.records`` and nothing else. Nothing here asks today's code what the run would have done."""
+``servinglab.records`` and nothing else. Nothing here asks today's code what the run would have done.
+
+Latency stages measured under parameters other than the run's own (``servinglab run --only 30_latency
+--run-dir RUN --set ...`` adds a params segment whose study differs from run.json's) are set apart
+(:func:`split_stages_by_segment`): the report's tables, figures and verdicts read the stages measured with
+the run's parameters, and shows the others separately, each group labelled with what was changed. To judge
+by other parameters, make a run with them.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -17,9 +25,26 @@ from ..errors import RunDirError
 RUN_ID_PATTERN = r"\d{8}T\d{6}Z(?:-\d+)?"
 # The parts of the recorded study the report reads as mappings (each only when present: an older run may
 # lack some); the values inside them are shown as they were recorded.
+# A group's label names at most this many changed parameters, then how many more.
+CHANGES_IN_LABEL = 4
 PARAMS_MAPPINGS = ("platform", "model", "model.source", "model.engine_args", "layers", "compare_models",
                    "workloads", "workloads.smoke", "workloads.latency", "workloads.lifecycle", "slos",
                    "slos.goodput", "costs", "telemetry", "auth", "run", "paths")  # fmt: skip
+
+
+@dataclass
+class SegmentStages:
+    """Latency stages measured under another params segment than the run's own parameters."""
+
+    segment: int  # the params/<n>.json they were recorded under
+    changes: list[str]  # "dotted.key=value" for each parameter that differs from run.json's
+    stages: list[dict[str, Any]]
+
+    @property
+    def label(self) -> str:
+        shown = ", ".join(self.changes[:CHANGES_IN_LABEL])
+        more = len(self.changes) - CHANGES_IN_LABEL
+        return f"params segment {self.segment}: {shown}" + (f" and {more} more" if more > 0 else "")
 
 
 @dataclass
@@ -35,6 +60,8 @@ class RunData:
     lifecycle_requests: list[dict[str, Any]]
     damaged: list[str] = field(default_factory=list)  # one warning per table with lines that could not be read
     conversation_turns: list[dict[str, Any]] = field(default_factory=list)  # multi-turn sessions, per turn
+    # Stages measured with other parameters than the run's, by segment; not in latency_stages (see the top).
+    stages_apart: list[SegmentStages] = field(default_factory=list)
 
     @property
     def study(self) -> str:
@@ -189,8 +216,71 @@ def load_run(run_dir: str | os.PathLike) -> RunData:
         raise RunDirError(f"{run_dir / records.RUN_FILE}: " + "; ".join(problems))
     tables = {name: records.read(run_dir, table) for name, table in records.TABLES.items()}
     damaged = [w for t in tables.values() if (w := t.warning())]
-    return RunData(run_dir=run_dir, context=context, damaged=damaged,
-                   **{name: _with_absent(read) for name, read in tables.items()})  # fmt: skip
+    rows = {name: _with_absent(read) for name, read in tables.items()}
+    rows["latency_stages"], apart = split_stages_by_segment(run_dir, context["params"], rows["latency_stages"])
+    apart_ids = {st["stage_id"] for group in apart for st in group.stages if st.get("stage_id")}
+    rows["latency_requests"] = [r for r in rows["latency_requests"] if r.get("stage_id") not in apart_ids]
+    return RunData(run_dir=run_dir, context=context, damaged=damaged, stages_apart=apart, **rows)
+
+
+def params_changes(base: Any, other: Any, prefix: str = "") -> list[str]:
+    """Each parameter whose value differs between two resolved studies, as ``dotted.key=value`` (the value as
+    JSON; ``(absent)`` where one side lacks it), in key order."""
+    if isinstance(base, dict) and isinstance(other, dict):
+        found = []
+        for key in sorted(set(base) | set(other), key=str):
+            if key not in other:
+                found.append(f"{prefix}{key}=(absent)")
+            elif key not in base:
+                found.append(f"{prefix}{key}={json.dumps(other[key], sort_keys=True, default=str)}")
+            else:
+                found += params_changes(base[key], other[key], f"{prefix}{key}.")
+        return found
+    if base == other:
+        return []
+    return [f"{prefix.rstrip('.')}={json.dumps(other, sort_keys=True, default=str)}"]
+
+
+def _segment_changes(run_dir: Path, segment: int, params: dict[str, Any]) -> list[str]:
+    try:
+        frozen = records.read_params_segment(records.params_segment_path(run_dir, segment))
+    except RunDirError:
+        # Unreadable: nothing says its stages were measured with the run's parameters.
+        return [f"{records.PARAMS_DIR}/{segment}.json unreadable"]
+    return params_changes(params, frozen["params"])
+
+
+def split_stages_by_segment(
+    run_dir: str | os.PathLike, params: dict[str, Any], stages: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[SegmentStages]]:
+    """The stages measured with the run's parameters, and the others grouped by their params segment.
+
+    Parameters
+    ----------
+    run_dir : path
+        The run directory (its ``params/<n>.json`` are read).
+    params : dict
+        The run's parameters (run.json's ``params``: the study the run was made for).
+    stages : list of dict
+        The run's latency stage records, in the order they were written.
+
+    Returns
+    -------
+    tuple
+        The stages of the run's parameters (a stage recorded under no segment, or under one whose study is
+        the run's, counts as one of them), and one :class:`SegmentStages` per other segment, by number.
+    """
+    changes: dict[int, list[str]] = {}
+    own, apart = [], {}
+    for stage in stages:
+        segment = stage.get("params_segment")
+        if segment is not None and segment not in changes:
+            changes[segment] = _segment_changes(Path(run_dir), segment, params)
+        if segment is None or not changes[segment]:
+            own.append(stage)
+        else:
+            apart.setdefault(segment, []).append(stage)
+    return own, [SegmentStages(n, changes[n], apart[n]) for n in sorted(apart)]
 
 
 def _with_absent(read: records.TableRead) -> list[dict[str, Any]]:

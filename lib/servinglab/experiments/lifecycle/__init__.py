@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ... import layers, records
+from ... import layers, progress, records
 from ...config import Study
 from ...errors import PlatformError, ServinglabError
 from ...platforms import Platform
@@ -33,6 +33,18 @@ EXPERIMENTS: dict[str, Callable[[Trial], dict[str, Any]]] = {
     "scale_to_zero": scale_to_zero.run,
     "gateway_hop": gateway_hop.run,
 }
+
+# Each experiment's headline figure, for the line the batch prints as a trial ends: (label, path into its
+# measurements, unit).
+HEADLINE_FIGURES: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "time_to_ready": ("time to ready", ("time_to_ready_s",), "s"),
+    "model_update": ("change to ready", ("change_to_ready_s",), "s"),
+    "canary": ("answers from the canary", ("split", "observed_percent"), "%"),
+    "scale_to_zero": ("cold start", ("cold_start_s",), "s"),
+    "gateway_hop": ("gateway TTFT overhead", ("overhead_ttft_ms", "median_difference"), "ms"),
+}
+# A failure's reason is cut to this in the line (the record and the report keep all of it).
+REASON_IN_LINE_CHARS = 100
 
 __all__ = ["EXPERIMENTS", "assert_measured", "run_lifecycle", "plan_frame", "outcomes_frame", "time_to_ready_frame",
            "settle"]  # fmt: skip
@@ -100,9 +112,40 @@ def run_lifecycle(
                 refused = refusal(study, platform, layer_name, name)
                 if refused:
                     out.append(_record(trial, "unsupported", started, reason=refused.reason, refused_by=refused.by))
+                    progress.say(trial_end_line(out[-1], 1, trial))
                     break
                 out.append(_run_one(trial, started, deploy_missing))
+                progress.say(trial_end_line(out[-1], repeats, trial))
     return out
+
+
+def trial_end_line(record: dict[str, Any], trials: int, trial: Trial) -> str:
+    """One line for a trial as it ends: experiment, layer, trial n of m, its headline figure or why it has
+    none, and how many of its requests failed.
+
+    Parameters
+    ----------
+    record : dict
+        The trial's record of ``data/lifecycle.jsonl``.
+    trials : int
+        How many trials of the experiment the layer gets.
+    trial : Trial
+        The trial that ran (it counted its requests).
+    """
+    head = f"lifecycle {record['experiment']} on {record['layer']}, trial {record['trial'] + 1} of {trials}: "
+    if record["status"] != "measured":
+        reason = " ".join(str(record.get("reason") or "no reason recorded").split())
+        cut = reason if len(reason) <= REASON_IN_LINE_CHARS else reason[: REASON_IN_LINE_CHARS - 1] + "…"
+        head += f"{record['status']}: {cut}"
+    else:
+        label, path, unit = HEADLINE_FIGURES.get(record["experiment"], ("", (), ""))
+        value: Any = record["measurements"]
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        head += "measured" + (f", {label} {value:.1f} {unit}" if isinstance(value, (int, float)) and path else "")
+    if trial.requests_sent:
+        head += f"; {trial.requests_failed} of {trial.requests_sent} requests failed"
+    return head
 
 
 def _run_one(trial: Trial, started: float, deploy_missing: bool) -> dict[str, Any]:

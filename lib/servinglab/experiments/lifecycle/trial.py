@@ -36,6 +36,9 @@ class Trial:
     experiment: str
     trial: int = 0
     _requests: records.Writer | None = field(default=None, init=False, repr=False, compare=False)
+    # What the trial's requests came to, for the line the batch prints when it ends.
+    requests_sent: int = field(default=0, init=False, compare=False)
+    requests_failed: int = field(default=0, init=False, compare=False)
 
     @property
     def settings(self) -> LifecycleWorkload:
@@ -78,6 +81,8 @@ class Trial:
             raise ServinglabError(f"{self.experiment} on layer {self.layer} sent a request outside its trial's "
                                   "recording")  # fmt: skip
         self._requests.put(record)
+        self.requests_sent += 1
+        self.requests_failed += 0 if record.get("ok") else 1
 
     def tags(self, **extra: Any) -> dict[str, Any]:
         return {"layer": self.layer, "experiment": self.experiment, "trial": self.trial, **extra}
