@@ -136,7 +136,7 @@ def test_each_stage_keeps_its_sessions_in_flight_and_records_every_turn(swept):
             assert all(r["ok"] for r in its) and [r["think_time_ms"] for r in its[1:]] == [30.0] * (len(its) - 1)
         assert stage["num_prompts"] == len(mine) == stage["summary"]["completed"]
         assert stage["max_concurrency"] == stage["conversations"]["max_concurrency_sessions"]
-    assert len(lines) == 2 and lines[0].startswith("raw c=1: ") and "TTFT median by turn" in lines[0]
+    assert len(lines) == 2 and lines[0].startswith("stage raw c=1: ") and "TTFT median by turn" in lines[0]
 
 
 def test_the_stage_record_is_over_every_turn_with_ttft_by_turn_index(swept):

@@ -183,7 +183,7 @@ def test_the_sweep_finds_its_rates_and_records_every_stage(saturating, steady_cl
         ("sweep-sync", "sweep", "synchronous"), ("sweep-throughput", "sweep", "throughput"),
         ("sweep-rate-1-of-2", "sweep", "rate"), ("sweep-rate-2-of-2", "sweep", "rate")]  # fmt: skip
     assert all(s["summary"]["completed"] == 24 and "uncertainty" in s for s in written)
-    assert len(lines) == 4 and "(requested " in lines[2] and lines[0].startswith("raw sweep-sync: 24 done")
+    assert len(lines) == 4 and "(requested " in lines[2] and lines[0].startswith("stage raw sweep-sync: ") and "24 done" in lines[0]
 
 
 def test_the_closed_part_of_the_notebook_runs_no_sweep_stage(tmp_path, monkeypatch):
