@@ -66,6 +66,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.engine)
 
 
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Nothing but the page: no background requests of Chromium's own, so a test can count what a page asks for.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]  # fmt: skip
+
+
+def launch_chromium(playwright):  # noqa: ANN001 - Playwright's sync API object
+    """Debian's headless Chromium, as every browser test opens it."""
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for a test module's pages."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        launched = launch_chromium(p)
+        yield launched
+        launched.close()
+
+
 @pytest.fixture(scope="session")
 def session_dir() -> Path:
     return _WORKSPACE / "session"

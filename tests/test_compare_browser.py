@@ -4,33 +4,18 @@ scrolls sideways, every fold opens, and nothing is fetched."""
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
+from conftest import CHROMIUM
 from test_report_compare import add_lifecycle, sweep_run
 
 from servinglab.report.compare import publish_comparison
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if not CHROMIUM and not os.environ.get("CI"):
     pytest.skip("Debian's chromium is not installed (CI installs it)", allow_module_level=True)
 
 WORSE_BACKGROUND = "rgb(252, 232, 230)"  # the page's --worse-bg: a change beyond the noise, for the worse
 NO_BACKGROUND = "rgba(0, 0, 0, 0)"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run", "--disable-quic"],
-        )  # fmt: skip
-        yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")

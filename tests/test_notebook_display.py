@@ -21,12 +21,11 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import PARAMS, REPO
+from conftest import CHROMIUM, PARAMS, REPO, launch_chromium
 
 from servinglab.report import show
 
 FIXTURE_RUN = REPO / "tests" / "fixtures" / "report-runs" / "cluster-full"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -264,11 +263,7 @@ def test_jupyterlab_shows_the_figures_of_an_unsigned_executed_notebook(jupyter_l
     assert jupyter_lab["token"] not in " ".join(map(str, jupyter_lab["argv"]))
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run", "--disable-quic"],
-        )  # fmt: skip
+        browser = launch_chromium(p)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.goto(f"{jupyter_lab['base']}/lab/tree/{executed.name}?token={jupyter_lab['token']}")

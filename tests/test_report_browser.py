@@ -12,12 +12,12 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
+from conftest import CHROMIUM
 from test_report import make_run
 
 from servinglab import report
 from servinglab.report.table import ROWS
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if not CHROMIUM and not os.environ.get("CI"):
     pytest.skip("Debian's chromium is not installed (CI installs it)", allow_module_level=True)
 
@@ -26,20 +26,6 @@ MEASURED_BACKGROUND = (0xE6, 0xF4, 0xEA)  # the colour of a measured cell
 DESKTOP, PHONE = {"width": 1280, "height": 900}, {"width": 390, "height": 844}
 FIRST_SCREEN_PX = 900
 CLUSTER_LAYERS = ["raw", "kserve-standard", "kserve-knative", "llm-d"]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run", "--disable-quic"],
-        )  # fmt: skip
-        yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")
