@@ -33,7 +33,7 @@ from ..config import ConversationWorkload
 from ..errors import ParamsError
 from ..platforms.base import MetricsTarget
 from .client_metrics import summarize, tpot_ms, validity
-from .loadgen import NS, LoopLagProbe, StageSpec, Target, make_client, run_in_thread, send_one
+from .loadgen import NS, LoopLagProbe, StageSpec, Target, gather_until_stopped, make_client, run_in_thread, send_one
 from .schedule import arrival_offsets_s
 from .server_metrics import ServerWindow
 from .sharegpt import USER_ROLES, read_conversations
@@ -167,19 +167,9 @@ async def run_sessions_async(target: Target, plan: ConversationPlan, sink: Calla
 
     probe.start()
     tasks = [asyncio.ensure_future(start(s, at)) for s, at in zip(plan.sessions, plan.offsets_s)]
-
-    async def watch() -> None:
-        while stop is not None and not stop.is_set():
-            await asyncio.sleep(0.05)
-        for task in tasks:
-            task.cancel()
-
-    watcher = asyncio.ensure_future(watch()) if stop is not None else None
     try:
-        results = await asyncio.gather(*tasks, return_exceptions=True)
+        results = await gather_until_stopped(tasks, stop)
     finally:
-        if watcher:
-            watcher.cancel()
         await probe.stop()
         await client.close()
     interrupted = any(isinstance(r, asyncio.CancelledError) for r in results) or bool(stop is not None and stop.is_set())

@@ -163,6 +163,24 @@ def _body_chunks(response: httpx2.Response):
     return response.aiter_bytes()
 
 
+async def gather_until_stopped(tasks: list[asyncio.Future], stop: threading.Event | None) -> list[Any]:
+    """Every task's result (an exception or ``CancelledError`` as its result), the tasks cancelled as soon as
+    ``stop`` is set: how a stage or a set of sessions ends early on Ctrl-C or a deadline."""
+
+    async def watch(event: threading.Event) -> None:
+        while not event.is_set():
+            await asyncio.sleep(0.05)
+        for task in tasks:
+            task.cancel()
+
+    watcher = asyncio.ensure_future(watch(stop)) if stop is not None else None
+    try:
+        return await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        if watcher:
+            watcher.cancel()
+
+
 async def send_one(client: openai.AsyncOpenAI, target: Target, spec: RequestSpec, t0_ns: int,
                    messages: list[dict[str, str]] | None = None, keep_text: bool = False) -> dict[str, Any]:  # fmt: skip
     """Send one streaming request and time it; returns its record (never raises for HTTP trouble).
@@ -403,16 +421,8 @@ async def run_stage_async(
             sink(record | {"index": i, "warmup": False, "scheduled_s": at_s, "schedule_lag_ms": round(lag_ms, 4)})
 
         tasks = [asyncio.ensure_future(fire(i, s, float(at))) for i, (s, at) in enumerate(zip(requests, offsets))]
-
-        async def watch() -> None:
-            while stop is not None and not stop.is_set():
-                await asyncio.sleep(0.05)
-            for task in tasks:
-                task.cancel()
-
-        watcher = asyncio.ensure_future(watch()) if stop is not None else None
         try:
-            results = await asyncio.gather(*tasks, return_exceptions=True)
+            results = await gather_until_stopped(tasks, stop)
             interrupted = any(isinstance(r, asyncio.CancelledError) for r in results)
         except asyncio.CancelledError:
             for task in tasks:
@@ -420,8 +430,6 @@ async def run_stage_async(
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
         finally:
-            if watcher:
-                watcher.cancel()
             await probe.stop()
             gc.unfreeze()
         return StageOutcome(
