@@ -45,7 +45,7 @@ def serving(cluster, monkeypatch):
 def cluster_study(serving: EmulatedServing, *overrides: str):
     return load_study(EXAMPLE, [
         "platform.ready_timeout_s=20", "platform.endpoint=gateway", f"platform.gateway_address={serving.gateway_address}",
-        "workloads.lifecycle.repeats=2", "workloads.lifecycle.baseline_s=1.5", "workloads.lifecycle.steady_rate=25",
+        "workloads.lifecycle.repeats=2", "workloads.lifecycle.baseline_s=1.5", "workloads.lifecycle.steady_rate=25", "workloads.lifecycle.max_tokens=8",
         "workloads.lifecycle.canary_requests=300", "workloads.lifecycle.hop_requests=25",
         "workloads.lifecycle.warm_requests=3", "workloads.lifecycle.scale_to_zero_timeout_s=20", *overrides])  # fmt: skip
 
